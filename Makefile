@@ -1,0 +1,30 @@
+# Every target uses the virtual environment at .venv (made by `make install`).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+
+.PHONY: install demo test test-slow clean-outputs
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: with the default pin pip takes the CPU build (no CUDA wheels).
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH)"
+	$(BIN)/python -c "import diffusion_lab, diffusers, transformers, pytorch_lightning, hydra, wandb, torchmetrics"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: train the default pixel DDPM on scikit-learn digits, sample, export.
+demo: $(STAMP)
+	$(BIN)/python -m diffusion_lab.train experiment=ddpm_digits
+
+## The default test suite (CPU, ~10 min on 2 cores).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests

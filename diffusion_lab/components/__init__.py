@@ -1,0 +1,3 @@
+from diffusion_lab.components.schedulers import build_scheduler
+
+__all__ = ["build_scheduler"]

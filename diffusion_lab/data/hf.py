@@ -1,0 +1,82 @@
+"""Loading Hugging Face data sets with errors a person can act on."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Sequence
+
+from diffusion_lab.utils.errors import DataError
+
+_BUILDER_BY_SUFFIX = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+def _expand(data_files: str | Sequence[str]) -> list[Path]:
+    patterns = [data_files] if isinstance(data_files, str) else list(data_files)
+    out: list[Path] = []
+    for pattern in patterns:
+        p = Path(pattern).expanduser()
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.is_file())
+        else:
+            out += [Path(q) for q in sorted(glob.glob(str(p), recursive=True))]
+    return out
+
+
+def check_parquet_files(files: list[Path]) -> None:
+    """Parquet files start and end with the magic bytes ``PAR1``. A failed download often saves
+    an HTML error page under a ``.parquet`` name; catch that before ``datasets`` gives a cryptic
+    ArrowInvalid."""
+    for f in files:
+        if f.suffix != ".parquet":
+            continue
+        with open(f, "rb") as fh:
+            head = fh.read(4)
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - 4))
+            tail = fh.read(4)
+        if head != b"PAR1" or tail != b"PAR1":
+            sniff = head.decode("latin-1")
+            hint = " It looks like an HTML/text page (a failed or rate-limited download)." if sniff.strip().startswith("<") or sniff.isprintable() else ""
+            raise DataError(
+                f"{f} is not a parquet file (it does not start and end with 'PAR1'; {size} bytes).{hint} "
+                f"Delete this cached copy (and the data set's folder in the Hugging Face cache, "
+                f"~/.cache/huggingface/datasets and hub) and download it again, or point data.dataset.data_files at good files."
+            )
+
+
+def load_hf_dataset(name: str | None, data_files, builder: str | None, split: str, cache_dir: str | None = None):
+    import datasets
+
+    if not name and not data_files:
+        raise DataError("data=hf needs data.dataset.name (a hub data set, e.g. nelorth/oxford-flowers) or data.dataset.data_files (local parquet/arrow files or an image folder).")
+    if data_files:
+        files = _expand(data_files)
+        if not files:
+            raise DataError(f"data.dataset.data_files={data_files!r} matches no files. Check the path or glob.")
+        check_parquet_files(files)
+        if builder is None:
+            suffixes = {f.suffix for f in files}
+            builder = _BUILDER_BY_SUFFIX.get(suffixes.pop()) if len(suffixes) == 1 else "imagefolder"
+            builder = builder or "imagefolder"
+        kwargs = {"data_dir": str(data_files)} if builder == "imagefolder" and Path(str(data_files)).is_dir() else {"data_files": [str(f) for f in files]}
+        try:
+            return datasets.load_dataset(builder, split=split, cache_dir=cache_dir, **kwargs)
+        except Exception as e:
+            raise DataError(f"could not load data.dataset.data_files={data_files!r} with builder {builder!r}: {type(e).__name__}: {e}") from e
+    try:
+        return datasets.load_dataset(name, split=split, cache_dir=cache_dir)
+    except Exception as e:
+        text = f"{type(e).__name__}: {e}"
+        if "parquet" in text.lower() or "ArrowInvalid" in text:
+            raise DataError(
+                f"loading data set {name!r} failed while reading its parquet files ({text}). A cached file is "
+                f"probably corrupt (an HTML error page saved by a failed download). Delete the data set from the "
+                f"Hugging Face cache (~/.cache/huggingface/hub/datasets--{name.replace('/', '--')} and "
+                f"~/.cache/huggingface/datasets) and download again."
+            ) from e
+        raise DataError(
+            f"could not load data set {name!r} ({text}). Without network access, download it elsewhere and point "
+            f"data.dataset.data_files at the local parquet/arrow files (or use data=image_folder data.root=DIR)."
+        ) from e

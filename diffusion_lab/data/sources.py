@@ -1,0 +1,206 @@
+"""Data sets. Each item is a dict: ``pixel_values`` ``[C, H, W]`` in [-1, 1], and where known
+``label`` (int) and ``caption`` (str)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from diffusion_lab.data.transforms import ImageTransform
+from diffusion_lab.utils.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's bundled handwritten digits (1,797 8x8 images, 16 grey levels), resized to
+    the transform's resolution. Real data that needs no download. Captions follow
+    ``caption_template`` (``{name}`` = "seven", ``{digit}`` = 7)."""
+
+    def __init__(self, transform: ImageTransform, caption_template: str = "a handwritten digit {name}", invert: bool = False) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = (digits.images / 16.0 * 255.0).round().astype(np.uint8)
+        if invert:
+            images = 255 - images
+        self.images = images
+        self.labels = digits.target.astype(np.int64)
+        self.transform = transform
+        self.caption_template = caption_template
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def caption(self, label: int) -> str:
+        return self.caption_template.format(name=DIGIT_NAMES[label], digit=label)
+
+    def __getitem__(self, i: int) -> dict:
+        label = int(self.labels[i])
+        return {
+            "pixel_values": self.transform(Image.fromarray(self.images[i], "L")),
+            "label": label,
+            "caption": self.caption(label),
+        }
+
+
+def _read_metadata(root: Path, caption_column: str) -> dict[str, str] | None:
+    """Captions from diffusers' imagefolder ``metadata.jsonl``/``metadata.csv`` (``file_name`` +
+    caption column), or None when there is no metadata file."""
+    for name in ("metadata.jsonl", "metadata.csv"):
+        path = root / name
+        if not path.exists():
+            continue
+        if name.endswith(".jsonl"):
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        else:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        columns = sorted({k for r in rows for k in r})
+        if "file_name" not in columns or caption_column not in columns:
+            missing = "file_name" if "file_name" not in columns else caption_column
+            raise DataError(
+                f"{path} has no column {missing!r} (columns found: {columns}). The imagefolder convention "
+                f"needs 'file_name' plus the caption column; set data.caption_column to one of {columns} "
+                f"or rename the column in the file."
+            )
+        return {str(r["file_name"]): str(r[caption_column]) for r in rows}
+    return None
+
+
+class ImageFolderDataset(Dataset):
+    """Every image under ``root`` (recursive). Captions, when ``caption_column`` is set, come
+    from ``metadata.jsonl``/``metadata.csv`` (diffusers imagefolder) or else from a ``.txt`` file
+    beside each image (kohya). ``on_bad_image``: ``fail`` (default, names the file) or ``skip``."""
+
+    def __init__(
+        self,
+        root: str,
+        transform: ImageTransform,
+        caption_column: str | None = None,
+        on_bad_image: Literal["fail", "skip"] = "fail",
+        validate: bool = True,
+    ) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise DataError(
+                f"data.root={str(root)!r} is not a directory. Point data.root at a folder of images "
+                f"(searched recursively for {', '.join(IMAGE_EXTENSIONS)})."
+            )
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise DataError(
+                f"data.root={str(self.root)!r} contains no images (looked recursively for "
+                f"{', '.join(IMAGE_EXTENSIONS)}). Check the path, or copy images into it."
+            )
+        self.transform = transform
+        self.skipped: list[Path] = []
+        if validate:
+            files = self._check_images(files, on_bad_image)
+        self.files = files
+        self.captions: list[str] | None = None
+        if caption_column:
+            self.captions = self._captions(caption_column)
+
+    def _check_images(self, files: list[Path], on_bad_image: str) -> list[Path]:
+        good = []
+        for path in files:
+            try:
+                with Image.open(path) as im:
+                    im.load()
+                good.append(path)
+            except Exception as e:  # PIL raises many types for truncated/garbage files
+                if on_bad_image != "skip":
+                    raise DataError(
+                        f"cannot read image {path}: {type(e).__name__}: {e}. The file is truncated or not an "
+                        f"image. Delete or replace it, or set data.dataset.on_bad_image=skip to skip unreadable files."
+                    ) from e
+                self.skipped.append(path)
+        if self.skipped:
+            import warnings
+
+            warnings.warn(f"skipped {len(self.skipped)} unreadable image(s) under {self.root} (first: {self.skipped[0]})", stacklevel=2)
+        if not good:
+            raise DataError(f"no readable images under data.root={str(self.root)!r} ({len(self.skipped)} unreadable).")
+        return good
+
+    def _captions(self, caption_column: str) -> list[str]:
+        meta = _read_metadata(self.root, caption_column)
+        captions = []
+        for path in self.files:
+            rel = path.relative_to(self.root).as_posix()
+            if meta is not None:
+                if rel not in meta and path.name not in meta:
+                    raise DataError(f"{rel} has no row in {self.root}/metadata.* (file_name column); add one or remove the image.")
+                captions.append(meta.get(rel, meta.get(path.name)))
+                continue
+            txt = path.with_suffix(".txt")
+            if not txt.exists():
+                found = sorted(p.name for p in self.root.iterdir() if p.suffix in (".jsonl", ".csv", ".json"))
+                raise DataError(
+                    f"no caption for {path}: looked for {self.root}/metadata.jsonl, {self.root}/metadata.csv "
+                    f"(diffusers imagefolder) and {txt.name} beside the image (kohya). Found metadata-like files: "
+                    f"{found or 'none'}. Rename your metadata file to metadata.jsonl/metadata.csv, add .txt captions, "
+                    f"or set data.caption_column=null to train without captions."
+                )
+            captions.append(txt.read_text().strip())
+        return captions
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        with Image.open(self.files[i]) as im:
+            item = {"pixel_values": self.transform(im)}
+        if self.captions is not None:
+            item["caption"] = self.captions[i]
+        return item
+
+
+class HFImageDataset(Dataset):
+    """A Hugging Face data set by hub name (``nelorth/oxford-flowers``) or local files
+    (``data_files`` with ``builder`` = parquet / arrow / imagefolder)."""
+
+    def __init__(
+        self,
+        transform: ImageTransform,
+        name: str | None = None,
+        data_files: str | Sequence[str] | None = None,
+        builder: str | None = None,
+        split: str = "train",
+        image_column: str = "image",
+        caption_column: str | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        from diffusion_lab.data.hf import load_hf_dataset
+
+        self.ds = load_hf_dataset(name=name, data_files=data_files, builder=builder, split=split, cache_dir=cache_dir)
+        columns = list(self.ds.column_names)
+        for key, col in (("data.dataset.image_column", image_column), ("data.dataset.caption_column", caption_column)):
+            if col is not None and col not in columns:
+                raise DataError(f"{key}={col!r} is not a column of the data set {name or data_files} (columns: {columns}); set {key} to one of them.")
+        self.transform = transform
+        self.image_column = image_column
+        self.caption_column = caption_column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.ds[i]
+        image = row[self.image_column]
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image))
+        item = {"pixel_values": self.transform(image)}
+        if self.caption_column:
+            item["caption"] = str(row[self.caption_column])
+        return item

@@ -1,0 +1,4 @@
+from diffusion_lab.modules.diffusion_module import DiffusionModule
+from diffusion_lab.modules.pixel import PixelDiffusion
+
+__all__ = ["DiffusionModule", "PixelDiffusion"]

@@ -1,0 +1,66 @@
+"""Train a diffusion model.
+
+    python -m diffusion_lab.train                               # pixel DDPM on digits
+    python -m diffusion_lab.train experiment=ddpm_flowers       # the lecture recipe (GPU + data)
+    python -m diffusion_lab.train scheduler=ddim logger=csv trainer.max_steps=200
+    python -m diffusion_lab.train -m model.optimizer.lr=1e-4,3e-4   # a sweep
+
+Seed, build data, model, callbacks, loggers, trainer; fit; the export callback writes the
+pipeline. Returns ``cfg.optimized_metric`` for sweepers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import diffusion_lab  # noqa: F401  (registers config resolvers)
+from diffusion_lab.utils.instantiate import instantiate_callbacks, instantiate_loggers
+from diffusion_lab.utils.run import finish_loggers, friendly_errors, save_config
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> tuple[float | None, dict]:
+    """Run one training job; returns (optimized metric or None, objects built)."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data.datamodule)
+    model = instantiate(cfg.model)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    save_config(cfg, trainer)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except BaseException:
+        finish_loggers(loggers, failed=True)  # a failed run must not break the next run of a sweep
+        raise
+    finish_loggers(loggers)
+    metric = trainer.callback_metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
+    return (float(metric) if metric is not None else None), {"trainer": trainer, "model": model, "datamodule": datamodule}
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    with friendly_errors():
+        metric, objects = train(cfg)
+    trainer = objects["trainer"]
+    if trainer.is_global_zero:
+        print(f"\nrun dir: {cfg.paths.output_dir}")
+        for cb in trainer.callbacks:
+            if getattr(cb, "last_path", None):
+                print(f"samples: {cb.last_path}")
+            if getattr(cb, "exported_to", None):
+                print(f"exported: {cb.exported_to}")
+        if metric is not None:
+            print(f"{cfg.optimized_metric}: {metric:.5f}")
+    return metric
+
+
+if __name__ == "__main__":
+    main()

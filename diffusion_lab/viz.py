@@ -1,0 +1,56 @@
+"""Pictures: sample grids and forward-noising strips (PIL images, saved as PNG)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from diffusers.utils import make_image_grid
+from PIL import Image, ImageDraw
+
+from diffusion_lab.data.transforms import to_pil
+
+
+def image_grid(images: torch.Tensor, rows: int | None = None, upscale_to: int = 64) -> Image.Image:
+    """``[N, C, H, W]`` in [-1, 1] -> one grid image (``make_image_grid``); tiny images are
+    upscaled (nearest) to ``upscale_to`` px so a 16 px digit is visible."""
+    pils = to_pil(images)
+    n = len(pils)
+    rows = rows or max(1, int(math.sqrt(n)))
+    cols = math.ceil(n / rows)
+    pils += [Image.new(pils[0].mode, pils[0].size)] * (rows * cols - n)
+    if pils[0].width < upscale_to:
+        pils = [p.resize((upscale_to, upscale_to), Image.NEAREST) for p in pils]
+    return make_image_grid(pils, rows=rows, cols=cols)
+
+
+@torch.no_grad()
+def noising_strip(x0: torch.Tensor, scheduler, timesteps: Sequence[int], seed: int = 0, cell: int = 64, decode=None) -> Image.Image:
+    """Forward process q(x_t | x_0) for each image (rows) at each ``t`` (columns), labelled.
+
+    Uses the scheduler's own ``add_noise`` with one fixed noise draw per image, so a row shows
+    the same noise growing as t grows. ``x0``: ``[N, C, H, W]``, images in [-1, 1] or, for a
+    latent model, latents with ``decode`` mapping them to images (the noise is added in latent
+    space, where the model sees it).
+    """
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=g)
+    decode = decode or (lambda x: x)
+    cols = []
+    for t in timesteps:
+        tt = torch.full((x0.shape[0],), int(t), dtype=torch.long)
+        cols.append(decode(scheduler.add_noise(x0.float(), noise, tt)).clamp(-1, 1))
+    # [T, N, ...] -> row-major over images: image i, all t
+    ordered = torch.stack(cols, 1).flatten(0, 1)
+    pils = [p.convert("RGB").resize((cell, cell), Image.NEAREST) for p in to_pil(ordered)]
+    grid = make_image_grid(pils, rows=x0.shape[0], cols=len(timesteps))
+    header = 16
+    canvas = Image.new("RGB", (grid.width, grid.height + header), "white")
+    canvas.paste(grid, (0, header))
+    draw = ImageDraw.Draw(canvas)
+    alphas = scheduler.alphas_cumprod
+    for j, t in enumerate(timesteps):
+        a = float(alphas[int(t)])
+        draw.text((j * cell + 2, 2), f"t={int(t)} snr={a / (1 - a):.2g}", fill="black")
+    return canvas
