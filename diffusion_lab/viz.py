@@ -26,7 +26,7 @@ def image_grid(images: torch.Tensor, rows: int | None = None, upscale_to: int = 
 
 
 @torch.no_grad()
-def noising_strip(x0: torch.Tensor, scheduler, timesteps: Sequence[int], seed: int = 0, cell: int = 64, decode=None) -> Image.Image:
+def noising_strip(x0: torch.Tensor, scheduler, timesteps: Sequence[int], seed: int = 0, cell: int = 80, decode=None) -> Image.Image:
     """Forward process q(x_t | x_0) for each image (rows) at each ``t`` (columns), labelled.
 
     Uses the scheduler's own ``add_noise`` with one fixed noise draw per image, so a row shows
@@ -45,12 +45,13 @@ def noising_strip(x0: torch.Tensor, scheduler, timesteps: Sequence[int], seed: i
     ordered = torch.stack(cols, 1).flatten(0, 1)
     pils = [p.convert("RGB").resize((cell, cell), Image.NEAREST) for p in to_pil(ordered)]
     grid = make_image_grid(pils, rows=x0.shape[0], cols=len(timesteps))
-    header = 16
+    header = 28
     canvas = Image.new("RGB", (grid.width, grid.height + header), "white")
     canvas.paste(grid, (0, header))
     draw = ImageDraw.Draw(canvas)
     alphas = scheduler.alphas_cumprod
     for j, t in enumerate(timesteps):
         a = float(alphas[int(t)])
-        draw.text((j * cell + 2, 2), f"t={int(t)} snr={a / (1 - a):.2g}", fill="black")
+        draw.text((j * cell + 4, 2), f"t={int(t)}", fill="black")
+        draw.text((j * cell + 4, 14), f"SNR={a / (1 - a):.2g}", fill="black")
     return canvas

@@ -1,0 +1,35 @@
+"""Rebuild a trained module from a Lightning checkpoint written by ``diffusion_lab.train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from diffusion_lab.utils.errors import ConfigError
+
+
+def load_module(ckpt_path: str, use_ema: bool = True, map_location: str = "cpu"):
+    """The ``DiffusionModule`` saved in ``ckpt_path``: built from the resolved config stored in the
+    checkpoint, weights loaded, and (``use_ema``) the EMA weights copied into the UNet."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist. Checkpoints are written to <run dir>/checkpoints/ (last.ckpt).")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    config = ckpt.get("diffusion_lab_config")
+    if config is None:
+        raise ConfigError(f"{ckpt_path} has no 'diffusion_lab_config': it was not written by diffusion_lab.train. Use pipeline=<folder> instead.")
+    cfg = OmegaConf.create(config)
+    module = instantiate(cfg.model)
+    module.load_state_dict(ckpt["state_dict"])
+    if use_ema:
+        ema_state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("EMACallback")), None)
+        if ema_state and ema_state.get("shadow_params"):
+            params = [p for p in module.base_unet.parameters() if p.requires_grad]
+            with torch.no_grad():
+                for p, s in zip(params, ema_state["shadow_params"]):
+                    p.copy_(s)
+    module.run_config = config
+    return module.eval()
