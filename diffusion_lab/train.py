@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import diffusion_lab  # noqa: F401  (registers config resolvers)
 from diffusion_lab.utils.instantiate import instantiate_callbacks, instantiate_loggers
-from diffusion_lab.utils.run import finish_loggers, friendly_errors, save_config
+from diffusion_lab.utils.run import friendly_errors, job_scope, optimized_metric, save_config, seed_rank
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +34,13 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    save_config(cfg, trainer)
-    try:
+    seed_rank(cfg.seed, trainer.global_rank)  # same init everywhere (above), different noise per rank
+    # W&B finished even on failure; under DDP each job of a sweep is its own process group
+    with job_scope(trainer, loggers):
+        save_config(cfg, trainer)
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    except BaseException:
-        finish_loggers(loggers, failed=True)  # a failed run must not break the next run of a sweep
-        raise
-    finish_loggers(loggers)
-    metric = trainer.callback_metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
-    return (float(metric) if metric is not None else None), {"trainer": trainer, "model": model, "datamodule": datamodule}
+        metric = optimized_metric(cfg, trainer)
+    return metric, {"trainer": trainer, "model": model, "datamodule": datamodule}
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

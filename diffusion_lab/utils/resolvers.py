@@ -14,12 +14,26 @@ def _wandb_mode() -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def _run_naming(name: str):
+    """Resolver that defers to ``diffusion_lab.utils.run`` (imported late: it pulls in Lightning)."""
+
+    def resolve(*args):
+        from diffusion_lab.utils import run
+
+        return getattr(run, name)(*args)
+
+    return resolve
+
+
 def register_resolvers() -> None:
     resolvers = {
         # integer division, e.g. latent size = ${div:${data.resolution},${vae.downsample_factor}}
         "div": lambda a, b: int(a) // int(b),
         "mul": lambda a, b: a * b,
         "wandb_mode": _wandb_mode,
+        # W&B run name from the swept overrides / W&B group = the sweep (see utils/run.py)
+        "run_name": _run_naming("run_name"),
+        "sweep_group": _run_naming("sweep_group"),
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

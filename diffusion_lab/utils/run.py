@@ -1,15 +1,41 @@
-"""Run plumbing shared by the entry points: config saving, logger finishing, readable errors."""
+"""Run plumbing shared by the entry points: config saving, run naming, logger finishing, the
+Hydra x Lightning-DDP handshake, readable errors."""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from omegaconf import DictConfig, OmegaConf
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.utilities import rank_zero_only
 
-from diffusion_lab.utils.errors import DiffusionLabError
+from diffusion_lab.utils.errors import ConfigError, DiffusionLabError
+
+log = logging.getLogger(__name__)
+
+# What Lightning's subprocess launcher writes into os.environ of the process that launches the
+# others. Left behind after a job, ``LOCAL_RANK`` makes the next job of a multirun believe it was
+# started by torchrun (so it never launches its children and waits for them forever).
+_LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+# Hydra flags whose value is the next argv token.
+_FLAGS_WITH_VALUE = {"-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir", "--experimental-rerun"}
+
+
+def _hydra_cfg() -> DictConfig | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def _is_multirun(hc: DictConfig | None) -> bool:
+    from hydra.types import RunMode
+
+    return hc is not None and hc.mode == RunMode.MULTIRUN
 
 
 @rank_zero_only
@@ -24,6 +50,135 @@ def save_config(cfg: DictConfig, trainer=None) -> None:
             logger.log_hyperparams(container)
 
 
+def seed_rank(seed: int, rank: int) -> None:
+    """Reseed torch/numpy/random with ``seed + rank`` so DDP ranks draw different noise and
+    timesteps (with one seed every rank would diffuse its images with the *same* noise). Unlike
+    ``seed_everything`` this leaves ``PL_GLOBAL_SEED`` alone: the distributed sampler must keep
+    one seed on all ranks or the ranks' shards overlap."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+# ---- names ----------------------------------------------------------------------------------
+def _swept_keys(hc: DictConfig) -> list[str]:
+    """Keys the sweep varies: ``hydra.sweeper.params`` plus command-line sweeps (``lr=1e-4,3e-4``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = list((OmegaConf.select(hc, "sweeper.params") or {}).keys())
+    cli = [a for a in _cli_overrides(sys.argv[1:]) if "=" in a]
+    try:
+        keys += [o.get_key_element() for o in OverridesParser.create().parse_overrides(cli) if o.is_sweep_override()]
+    except Exception:  # argv is not Hydra's (e.g. a submitit worker): fall back to sweeper params
+        pass
+    return list(dict.fromkeys(k.lstrip("+~") for k in keys))
+
+
+def _short(key: str, keys: list[str]) -> str:
+    """``scheduler.prediction_type`` -> ``prediction_type`` unless two swept keys end the same way."""
+    tail = lambda k: k.replace("/", ".").split(".")[-1]  # noqa: E731
+    return tail(key) if sum(tail(k) == tail(key) for k in keys) == 1 else key
+
+
+def run_name(default: str) -> str:
+    """W&B run name. In a multirun: ``#<job> key=value ...`` over the swept overrides (all of the
+    job's overrides when the sweep's keys cannot be told); otherwise ``default``."""
+    hc = _hydra_cfg()
+    if not _is_multirun(hc):
+        return default
+    overrides = [o for o in hc.overrides.task if "=" in o]
+    swept = _swept_keys(hc)
+    chosen = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or overrides
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in chosen]
+    parts = [f"{_short(k, keys)}={o.split('=', 1)[1]}" for k, o in zip(keys, chosen)]
+    return " ".join([f"#{hc.job.num}", *parts])
+
+
+def sweep_group(task_name: str) -> str | None:
+    """W&B group shared by every run of one multirun: ``<task_name>-<sweep folder name>``
+    (the folder is timestamped, so relaunching a sweep starts a new group). None for single runs."""
+    hc = _hydra_cfg()
+    if not _is_multirun(hc):
+        return None
+    return f"{task_name}-{Path(str(hc.sweep.dir)).name}"
+
+
+# ---- one job = one process group ----------------------------------------------------------
+def _cli_overrides(argv: list[str]) -> list[str]:
+    """The positional ``key=value`` tokens of a Hydra command line (flags and their values dropped)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a.startswith("-"):
+            skip = a in _FLAGS_WITH_VALUE
+        else:
+            out.append(a)
+    return out
+
+
+def _child_argv(argv: list[str], hc: DictConfig) -> list[str]:
+    """The command line Lightning's DDP launcher should give the other ranks of *this* job: the
+    config-selecting flags, this job's own overrides (not the sweep), and ``hydra.mode=RUN``."""
+    flags, skip = [], False
+    for a in argv[1:]:
+        if skip:
+            flags.append(a)
+            skip = False
+        elif a.startswith("-") and a not in ("-m", "--multirun"):
+            flags.append(a)
+            skip = a in _FLAGS_WITH_VALUE
+    return [argv[0], *flags, *hc.overrides.task, "hydra.mode=RUN"]
+
+
+@contextmanager
+def job_scope(trainer, loggers: list) -> Iterator[None]:
+    """Around ``trainer.fit`` of one (possibly multirun) job:
+
+    * Lightning's ``ddp`` launcher re-runs ``sys.argv`` for ranks > 0 with ``hydra.run.dir`` set.
+      In a multirun that argv is the whole sweep (``-m lr=1e-4,3e-4``) and ``run.dir`` is not the
+      job's folder: every rank would start its own sweep in a new folder. Here the children get
+      this job's overrides and folder instead.
+    * Afterwards the process group is destroyed and the launcher's env vars removed, so the next
+      job of the sweep builds its own group on a fresh port.
+    * Loggers (W&B) are always finished, with exit code 1 when the job failed, so one bad run
+      does not break the runs after it.
+    """
+    hc = _hydra_cfg()
+    env_before = {k: os.environ.get(k) for k in _LAUNCHER_ENV}
+    argv_before = list(sys.argv)
+    launches_children = trainer.world_size > 1 and not trainer.strategy.cluster_environment.creates_processes_externally
+    if hc is not None and launches_children:
+        from hydra.core.hydra_config import HydraConfig
+
+        sys.argv = _child_argv(sys.argv, hc)
+        root = HydraConfig.instance().cfg
+        with read_write(root), open_dict(root):
+            root.hydra.run.dir = hc.runtime.output_dir  # what Lightning passes as hydra.run.dir
+    try:
+        yield
+    except BaseException:
+        finish_loggers(loggers, failed=True)
+        raise
+    else:
+        finish_loggers(loggers)
+    finally:
+        sys.argv = argv_before
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        if launches_children:
+            for k, v in env_before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 def finish_loggers(loggers: list, failed: bool = False) -> None:
     """Always close W&B runs, also after a failure, so the next run of a multirun starts clean."""
     for logger in loggers:
@@ -34,11 +189,38 @@ def finish_loggers(loggers: list, failed: bool = False) -> None:
                 wandb.finish(exit_code=1 if failed else 0)
 
 
+def optimized_metric(cfg: DictConfig, trainer) -> float | None:
+    """The value of ``cfg.optimized_metric`` after fit (what sweepers optimise); None if unset or
+    not logged, which is an error in a multirun."""
+    key = cfg.get("optimized_metric")
+    if not key:
+        return None
+    value = trainer.callback_metrics.get(key)
+    if value is None and not _is_multirun(_hydra_cfg()):
+        log.warning(f"optimized_metric={key!r} was not logged by this run; returning None")
+        return None
+    if value is None:  # a sweeper cannot rank this job
+        raise ConfigError(
+            f"optimized_metric={key!r} was not logged by this run (logged: {sorted(trainer.callback_metrics)}). "
+            "Set optimized_metric to one of those, or make sure validation runs (data.val_fraction > 0)."
+        )
+    return float(value)
+
+
 @contextmanager
 def friendly_errors():
-    """Turn our user-facing errors into one readable paragraph instead of a traceback."""
+    """Turn our user-facing errors into one readable paragraph instead of a traceback. In a
+    multirun the error is logged and re-raised, so Hydra marks that job failed and goes on."""
     try:
         yield
-    except DiffusionLabError as e:
+    except Exception as raised:
+        e = raised  # hydra.utils.instantiate wraps what a constructor raises: find ours
+        while e is not None and not isinstance(e, DiffusionLabError):
+            e = e.__cause__
+        if e is None:
+            raise
+        if _is_multirun(_hydra_cfg()):
+            log.error(f"job failed: {e}")
+            raise
         print(f"\nerror: {e}\n", file=sys.stderr)
         raise SystemExit(2) from None
