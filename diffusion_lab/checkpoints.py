@@ -25,7 +25,7 @@ def load_module(ckpt_path: str, use_ema: bool = True, map_location: str = "cpu")
     module = instantiate(cfg.model)
     module.load_state_dict(ckpt["state_dict"])
     if use_ema:
-        ema_state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("EMACallback")), None)
+        ema_state = ckpt.get("callbacks", {}).get("ema")
         if ema_state and ema_state.get("shadow_params"):
             params = [p for p in module.base_unet.parameters() if p.requires_grad]
             with torch.no_grad():

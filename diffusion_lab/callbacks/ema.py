@@ -23,6 +23,11 @@ class EMACallback(pl.Callback):
         self._pending_state: dict | None = None
         self._last_step = -1
 
+    @property
+    def state_key(self) -> str:
+        # fixed key: checkpoints load whatever subclass/arguments restore them
+        return "ema"
+
     def _params(self, pl_module):
         return [p for p in pl_module.base_unet.parameters() if p.requires_grad]
 
