@@ -1,4 +1,5 @@
 from diffusion_lab.modules.diffusion_module import DiffusionModule
+from diffusion_lab.modules.latent import LatentDiffusion
 from diffusion_lab.modules.pixel import PixelDiffusion
 
-__all__ = ["DiffusionModule", "PixelDiffusion"]
+__all__ = ["DiffusionModule", "LatentDiffusion", "PixelDiffusion"]

@@ -24,6 +24,11 @@ from diffusion_lab.diffusion.sampling import sample
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
+def batch_len(batch: dict) -> int:
+    """Number of examples in a batch (images, or cached latents)."""
+    return len(next(v for v in batch.values() if torch.is_tensor(v)))
+
+
 class DiffusionModule(pl.LightningModule):
     """Shared diffusion training.
 
@@ -40,6 +45,9 @@ class DiffusionModule(pl.LightningModule):
         preview_steps: inference steps for sample grids during training.
     """
 
+    # constructor arguments that are built objects, kept out of hparams (subclasses extend it)
+    hparams_ignore: tuple[str, ...] = ("unet", "noise_scheduler", "optimizer", "lr_scheduler")
+
     def __init__(
         self,
         unet: torch.nn.Module,
@@ -53,7 +61,7 @@ class DiffusionModule(pl.LightningModule):
         compile_unet: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["unet", "noise_scheduler", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
         self.unet = torch.compile(unet) if compile_unet else unet
         self.noise_scheduler = noise_scheduler
         self.train_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
@@ -118,14 +126,14 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch, train=True)
-        bs = len(batch["pixel_values"]) if "pixel_values" in batch else len(next(iter(batch.values())))
+        bs = batch_len(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._t_batch_start is not None:
             dt = time.perf_counter() - self._t_batch_start
-            bs = len(batch["pixel_values"]) if "pixel_values" in batch else 0
+            bs = batch_len(batch)
             world = self.trainer.world_size if self._trainer is not None else 1
             self.log("train/images_per_sec", bs * world / max(dt, 1e-9), batch_size=bs)
 
@@ -133,7 +141,7 @@ class DiffusionModule(pl.LightningModule):
         # Fixed noise and timesteps per batch: val/loss is comparable across epochs and runs.
         g = torch.Generator().manual_seed(1000 + batch_idx)
         loss = self.diffusion_loss(batch, train=False, generator=g)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["pixel_values"]))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_len(batch))
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

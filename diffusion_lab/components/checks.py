@@ -1,0 +1,47 @@
+"""Shape agreements between latent-diffusion parts, checked when the config is instantiated
+(not forty minutes into a run). Each message names both config keys and the fix."""
+
+from __future__ import annotations
+
+from diffusion_lab.utils.errors import ConfigError
+
+
+def _source(module) -> str:
+    name = getattr(module.config, "_name_or_path", "") or ""
+    return f" (from {name})" if name else ""
+
+
+def check_latent_parts(unet, codec, conditioner, resolution: int, image_channels: int) -> None:
+    """UNet in/out channels == VAE latent channels; cross_attention_dim == text hidden size;
+    ``data.resolution`` divisible by VAE x UNet down-sampling; image channels == VAE input."""
+    cfg, problems = unet.config, []
+    for key in ("in_channels", "out_channels"):
+        if cfg[key] != codec.latent_channels:
+            problems.append(
+                f"model.unet.{key}={cfg[key]}{_source(unet)} does not match vae.latent_channels={codec.latent_channels}"
+                f"{_source(codec.vae)}: the UNet denoises VAE latents, so use a UNet with {key}={codec.latent_channels} "
+                f"or the VAE the UNet was trained with."
+            )
+    cross = cfg.cross_attention_dim
+    if any(int(c) != conditioner.hidden_size for c in (cross if isinstance(cross, (list, tuple)) else [cross])):
+        problems.append(
+            f"model.unet.cross_attention_dim={cross}{_source(unet)} does not match text_encoder.hidden_size="
+            f"{conditioner.hidden_size}{_source(conditioner.text_encoder)}: the UNet cross-attends to the text "
+            f"encoder's hidden states; pick a text encoder with hidden_size={cross} or a UNet with "
+            f"cross_attention_dim={conditioner.hidden_size}."
+        )
+    factor = codec.downsample_factor * 2 ** (len(cfg.down_block_types) - 1)
+    if resolution % factor:
+        ok = max(factor, round(resolution / factor) * factor)
+        problems.append(
+            f"data.resolution={resolution} is not divisible by {factor} = vae down-sampling {codec.downsample_factor} "
+            f"(vae.block_out_channels) x UNet down-sampling {factor // codec.downsample_factor} "
+            f"(model.unet.down_block_types); use e.g. data.resolution={ok}."
+        )
+    if image_channels != codec.image_channels:
+        problems.append(
+            f"data.channels={image_channels} does not match vae.in_channels={codec.image_channels}; the SD VAE takes "
+            f"RGB images: use an RGB data config (e.g. data=digits_captioned) or set the data transform mode to RGB."
+        )
+    if problems:
+        raise ConfigError(" ".join(problems))

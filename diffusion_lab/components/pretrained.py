@@ -1,0 +1,120 @@
+"""Load one component of a diffusers pipeline folder (unet/ vae/ text_encoder/ tokenizer/
+scheduler/) from ``model.pretrained``: a local folder or a hub id, honouring ``local_files_only``.
+
+Every failure becomes a ``ConfigError`` that says which key to change: a missing folder, a folder
+without the subfolder, or a hub id that cannot be fetched (offline).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+from hydra.utils import get_class
+
+from diffusion_lab.components.schedulers import build_scheduler
+from diffusion_lab.utils.errors import ConfigError
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+# the group override that builds each component without model.pretrained
+_ALTERNATIVE = {
+    "unet": "model/unet=sd_tiny",
+    "vae": "vae=tiny",
+    "text_encoder": "text_encoder=tiny",
+    "tokenizer": "text_encoder=tiny",
+    "scheduler": "scheduler=ddpm",
+}
+TINY_HINT = "python -m diffusion_lab.tiny_sd outputs/tiny_sd builds a tiny random one offline"
+
+
+def torch_dtype(name: Dtype | str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``."""
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ConfigError(f"dtype must be one of {sorted(dtypes)}; got {name!r}.")
+    return dtypes[name]
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is ``org/name``; anything else with a separator, a dot or a tilde is a folder."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def resolve(pretrained: str | None, subfolder: str | None, key: str = "model.pretrained") -> str:
+    """Check ``pretrained`` before any download is tried; returns it (a folder is expanded)."""
+    what = subfolder or "the component"
+    alternative = _ALTERNATIVE.get(subfolder or "", "")
+    if not pretrained:
+        raise ConfigError(
+            f"{what} is loaded from {key}, which is not set. Set {key}=<hub id or diffusers pipeline folder> "
+            f"({TINY_HINT})" + (f", or build it from its own config group: {alternative}." if alternative else ".")
+        )
+    path = Path(str(pretrained)).expanduser()
+    if path.is_dir():
+        if subfolder and not (path / subfolder).is_dir():
+            found = sorted(p.name for p in path.iterdir() if p.is_dir())
+            raise ConfigError(
+                f"{key}={pretrained!r} has no {subfolder}/ folder (found: {found or 'nothing'}). A diffusers Stable "
+                f"Diffusion folder has unet/ vae/ text_encoder/ tokenizer/ scheduler/ (save one with "
+                f"pipe.save_pretrained(DIR))" + (f"; or build {subfolder} from its own group: {alternative}." if alternative else ".")
+            )
+        return str(path)
+    if _looks_like_path(str(pretrained)):
+        raise ConfigError(f"{key}={pretrained!r} is not a folder. Point it at a diffusers pipeline folder ({TINY_HINT}) or a hub id.")
+    return str(pretrained)
+
+
+def _offline_error(pretrained: str, subfolder: str | None, key: str, err: Exception) -> ConfigError:
+    return ConfigError(
+        f"could not load {subfolder or 'the model'} of {key}={pretrained!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+        f"It is not in the local Hugging Face cache and the hub cannot be reached (no network, or HF_HUB_OFFLINE=1 / "
+        f"local_files_only=true). Download it where there is network (`huggingface-cli download {pretrained} "
+        f"--local-dir DIR`) and set {key}=DIR, or run once with network to fill the cache."
+    )
+
+
+def from_pretrained(
+    class_name: str,
+    pretrained: str | None,
+    subfolder: str | None = None,
+    local_files_only: bool = False,
+    dtype: Dtype | None = None,
+    key: str = "model.pretrained",
+    **kwargs,
+):
+    """``cls.from_pretrained(pretrained, subfolder=...)`` for any diffusers/transformers class
+    (``diffusers.UNet2DConditionModel``, ``transformers.CLIPTokenizer``, ...)."""
+    cls = get_class(class_name)
+    source = resolve(pretrained, subfolder, key)
+    if dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype(dtype)
+    try:
+        return cls.from_pretrained(source, subfolder=subfolder, local_files_only=local_files_only, **kwargs)
+    except (OSError, ValueError) as e:  # hub / cache misses surface as OSError subclasses (or ValueError offline)
+        if Path(source).is_dir():
+            raise ConfigError(f"could not load {class_name} from {source}/{subfolder or ''}: {e}. The folder is not a valid diffusers/transformers save.") from e
+        raise _offline_error(source, subfolder, key, e) from e
+
+
+def load_scheduler(
+    pretrained: str | None,
+    class_name: str | None = None,
+    subfolder: str = "scheduler",
+    local_files_only: bool = False,
+    key: str = "model.pretrained",
+    **overrides,
+):
+    """The pipeline's own noise schedule (``scheduler/scheduler_config.json``), optionally as another
+    sampler class (``class_name=ddim``) or with keys overridden (``prediction_type=v_prediction``)."""
+    from diffusers import DDPMScheduler
+
+    source = resolve(pretrained, subfolder, key)
+    try:
+        config = dict(DDPMScheduler.load_config(source, subfolder=subfolder, local_files_only=local_files_only))
+    except (OSError, ValueError) as e:
+        raise _offline_error(source, subfolder, key, e) from e
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    return build_scheduler(class_name or f"diffusers.{config['_class_name']}", **config)

@@ -1,0 +1,63 @@
+"""Precomputed VAE posteriors and text states: the frozen encoders run once, not every epoch.
+
+What is cached is the posterior q(z|x)'s (mean, logvar), not a sample: the latent is still drawn
+fresh at every step, from the global RNG exactly as without the cache. So with deterministic
+transforms (center crop, no flip) a cached run has the same loss curve as an uncached one with
+the same seed (up to float rounding); with random crops/flips the cache freezes one crop/flip
+per image.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+
+class CachedLatentDataset(Dataset):
+    """Items ``{"latent_moments": [2c, h, w], "caption": str[, "encoder_hidden_states": [L, D]]}``.
+    Text states are stored once per distinct caption."""
+
+    def __init__(self, moments: torch.Tensor, captions: list[str] | None, states: torch.Tensor | None, state_index: torch.Tensor | None) -> None:
+        self.moments = moments
+        self.captions = captions
+        self.states = states
+        self.state_index = state_index
+
+    def __len__(self) -> int:
+        return len(self.moments)
+
+    def __getitem__(self, i: int) -> dict:
+        item: dict = {"latent_moments": self.moments[i]}
+        if self.captions is not None:
+            item["caption"] = self.captions[i]
+        if self.states is not None:
+            item["encoder_hidden_states"] = self.states[self.state_index[i]]
+        return item
+
+
+@torch.no_grad()
+def cache_latents(
+    dataset: Dataset,
+    moments_fn: Callable[[torch.Tensor], torch.Tensor],
+    text_fn: Callable[[list[str]], torch.Tensor] | None,
+    device: torch.device | str,
+    batch_size: int = 16,
+) -> CachedLatentDataset:
+    """Run ``moments_fn`` (images ``[N, C, H, W]`` -> ``[N, 2c, h, w]``) over ``dataset`` and,
+    if given, ``text_fn`` (captions -> ``[N, L, D]``) over its distinct captions; kept on CPU."""
+    moments, captions = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for batch in tqdm(loader, desc="caching latents", leave=False):
+        moments.append(moments_fn(batch["pixel_values"].to(device)).cpu())
+        if "caption" in batch:
+            captions.extend(batch["caption"])
+    states = index = None
+    if text_fn is not None and captions:
+        distinct = list(dict.fromkeys(captions))
+        position = {c: i for i, c in enumerate(distinct)}
+        states = torch.cat([text_fn(distinct[i : i + batch_size]).cpu() for i in range(0, len(distinct), batch_size)])
+        index = torch.tensor([position[c] for c in captions])
+    return CachedLatentDataset(torch.cat(moments), captions or None, states, index)

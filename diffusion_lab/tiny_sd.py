@@ -1,0 +1,248 @@
+"""Build a tiny random Stable Diffusion pipeline offline and ``save_pretrained`` it.
+
+    python -m diffusion_lab.tiny_sd outputs/tiny_sd                     # SD 1.x layout (~1 MB)
+    python -m diffusion_lab.tiny_sd outputs/tiny_sd_v --prediction-type v_prediction
+    python -m diffusion_lab.tiny_sd outputs/tiny_sdxl --kind sdxl       # SDXL base
+    python -m diffusion_lab.tiny_sd outputs/tiny_sdxl_refiner --kind sdxl-refiner
+
+Real diffusers/transformers classes with tiny configs, and a real ``CLIPTokenizer`` whose
+byte-level BPE vocab/merges are learned here from a small caption corpus (no download). The
+functions below are also the ``_target_`` of ``vae=tiny``, ``text_encoder=tiny`` and
+``model/unet=sd_tiny``, so the saved folder and the config groups are the same models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+
+# words the tiny tokenizer learns merges for (captions of data=digits_captioned and a few more)
+CORPUS = (
+    "a handwritten digit zero one two three four five six seven eight nine "
+    "a photo of a drawing cartoon pokemon character creature dragon bird cat dog with and the "
+    "red blue green yellow orange purple pink black white small big eyes wings tail background"
+)
+
+
+def _learn_merges(words: Sequence[str], num_merges: int) -> list[tuple[str, str]]:
+    """Byte-pair encoding (Sennrich et al. 2016) on ``words`` with CLIP's ``</w>`` word end."""
+    vocab = collections.Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in words)
+    merges = []
+    for _ in range(num_merges):
+        pairs = collections.Counter()
+        for word, n in vocab.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        merges.append(best)
+        merged = collections.Counter()
+        for word, n in vocab.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i : i + 2] == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        vocab = merged
+    return merges
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = _learn_merges(CORPUS.split(), num_merges=200)
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    return vocab, merges
+
+
+def tiny_clip_tokenizer(model_max_length: int = 77):
+    """A real ``CLIPTokenizer`` (byte-level BPE, 512 byte tokens + learned merges + specials)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _tokenizer_files()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
+
+
+def tiny_text_encoder(hidden_size: int = 32, num_hidden_layers: int = 2, num_attention_heads: int = 4, with_projection: bool = False, seed: int = 0):
+    """A random ``CLIPTextModel`` (or ``...WithProjection`` for SDXL's second encoder) sized for the tiny tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tok = tiny_clip_tokenizer()
+    config = CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        max_position_embeddings=tok.model_max_length,
+        projection_dim=hidden_size,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def tiny_vae(latent_channels: int = 4, block_out_channels: Sequence[int] = (16, 32), seed: int = 0, **kwargs):
+    """A random ``AutoencoderKL``: 2 blocks = down-sampling 2 (SD's has 4 blocks = 8)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=1,
+        norm_num_groups=8,
+        **kwargs,
+    )
+
+
+def tiny_unet(sample_size: int = 16, in_channels: int = 4, cross_attention_dim: int = 32, block_out_channels: Sequence[int] = (32, 64), seed: int = 0, **kwargs):
+    """A random ``UNet2DConditionModel`` with SD's block layout, two levels."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        layers_per_block=1,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=16,
+        **kwargs,
+    )
+
+
+def sd_scheduler(prediction_type: str = "epsilon"):
+    """SD 1.x's noise schedule (scaled_linear 0.00085..0.012) and sampler (PNDM, as shipped)."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def tiny_sd_pipeline(resolution: int = 32, prediction_type: str = "epsilon", seed: int = 0):
+    """A ``StableDiffusionPipeline`` of tiny random parts, safety checker off."""
+    from diffusers import StableDiffusionPipeline
+
+    vae = tiny_vae(seed=seed, sample_size=resolution)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=tiny_text_encoder(seed=seed),
+        tokenizer=tiny_clip_tokenizer(),
+        unet=tiny_unet(sample_size=resolution // 2, seed=seed),
+        scheduler=sd_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_pipeline(refiner: bool = False, resolution: int = 32, seed: int = 0):
+    """SDXL base (two text encoders, ``text_time`` added conditioning) or refiner (second
+    encoder only, aesthetic-score time ids), the layout of diffusers' own SDXL fast tests."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    hidden, time_dim = 32, 8
+    # added conditioning = time ids (6 base / 5 refiner, each time_dim wide) + pooled text (hidden)
+    n_time_ids = 5 if refiner else 6
+    unet = tiny_unet(
+        sample_size=resolution // 2,
+        cross_attention_dim=hidden if refiner else 2 * hidden,
+        seed=seed,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=n_time_ids * time_dim + hidden,
+    )
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    parts = dict(
+        vae=tiny_vae(seed=seed, sample_size=resolution, force_upcast=False),
+        unet=unet,
+        scheduler=scheduler,
+        text_encoder_2=tiny_text_encoder(hidden, with_projection=True, seed=seed + 1),
+        tokenizer_2=tiny_clip_tokenizer(),
+    )
+    if refiner:
+        return StableDiffusionXLImg2ImgPipeline(**parts, text_encoder=None, tokenizer=None, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    return StableDiffusionXLPipeline(**parts, text_encoder=tiny_text_encoder(hidden, seed=seed), tokenizer=tiny_clip_tokenizer())
+
+
+Kind = Literal["sd", "sdxl", "sdxl-refiner"]
+
+
+def build(out: str | Path, kind: Kind = "sd", prediction_type: str = "epsilon", resolution: int = 32, seed: int = 0) -> Path:
+    """Build the tiny pipeline of ``kind`` and ``save_pretrained`` it to ``out``."""
+    from diffusion_lab.utils.io import atomic_dir
+
+    if kind == "sd":
+        pipe = tiny_sd_pipeline(resolution, prediction_type, seed)
+    elif kind in ("sdxl", "sdxl-refiner"):
+        pipe = tiny_sdxl_pipeline(refiner=kind == "sdxl-refiner", resolution=resolution, seed=seed)
+    else:
+        raise ValueError(f"kind must be sd, sdxl or sdxl-refiner; got {kind!r}")
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for sub in ("tokenizer", "tokenizer_2"):
+            if (Path(tmp) / sub).is_dir():
+                write_vocab_files(Path(tmp) / sub)
+    return Path(out)
+
+
+def write_vocab_files(folder: Path) -> None:
+    """``vocab.json`` + ``merges.txt`` beside ``tokenizer.json``: the files SD repos ship, which
+    older transformers (slow ``CLIPTokenizer``) and other tools read."""
+    import json
+
+    vocab, merges = _tokenizer_files()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", help="folder to write (replaced atomically)")
+    p.add_argument("--kind", default="sd", choices=["sd", "sdxl", "sdxl-refiner"])
+    p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    out = build(a.out, a.kind, a.prediction_type, a.resolution, a.seed)
+    print(f"wrote tiny {a.kind} pipeline to {out}")
+
+
+if __name__ == "__main__":
+    main()
