@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import diffusion_lab  # noqa: F401  (registers config resolvers)
 from diffusion_lab.utils.instantiate import instantiate_callbacks, instantiate_loggers
-from diffusion_lab.utils.run import friendly_errors, job_scope, optimized_metric, save_config, seed_rank
+from diffusion_lab.utils.run import friendly_errors, job_scope, optimized_metric, save_config
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,6 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    seed_rank(cfg.seed, trainer.global_rank)  # same init everywhere (above), different noise per rank
     # W&B finished even on failure; under DDP each job of a sweep is its own process group
     with job_scope(trainer, loggers):
         save_config(cfg, trainer)

@@ -50,21 +50,6 @@ def save_config(cfg: DictConfig, trainer=None) -> None:
             logger.log_hyperparams(container)
 
 
-def seed_rank(seed: int, rank: int) -> None:
-    """Reseed torch/numpy/random with ``seed + rank`` so DDP ranks draw different noise and
-    timesteps (with one seed every rank would diffuse its images with the *same* noise). Unlike
-    ``seed_everything`` this leaves ``PL_GLOBAL_SEED`` alone: the distributed sampler must keep
-    one seed on all ranks or the ranks' shards overlap."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
-    torch.manual_seed(seed + rank)
-
-
 # ---- names ----------------------------------------------------------------------------------
 def _swept_keys(hc: DictConfig) -> list[str]:
     """Keys the sweep varies: ``hydra.sweeper.params`` plus command-line sweeps (``lr=1e-4,3e-4``)."""
@@ -157,9 +142,9 @@ def job_scope(trainer, loggers: list) -> Iterator[None]:
         from hydra.core.hydra_config import HydraConfig
 
         sys.argv = _child_argv(sys.argv, hc)
-        root = HydraConfig.instance().cfg
-        with read_write(root), open_dict(root):
-            root.hydra.run.dir = hc.runtime.output_dir  # what Lightning passes as hydra.run.dir
+        run_node = HydraConfig.instance().cfg.hydra.run
+        with read_write(run_node), open_dict(run_node):
+            run_node.dir = hc.runtime.output_dir  # what Lightning passes on as hydra.run.dir
     try:
         yield
     except BaseException:
