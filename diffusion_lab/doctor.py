@@ -1,0 +1,77 @@
+"""Check the environment before a long run: versions, imports, clashes, devices, offline modes.
+
+    python -m diffusion_lab.doctor
+
+Each line is ok / warn / FAIL with what to do. Exit code 1 when something would break a run.
+The usual culprit for "import diffusers fails" is a package that diffusers or transformers import
+when present (torchvision built for another torch, jax/flax) rather than diffusers itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import os
+import sys
+
+REQUIRED = ["torch", "pytorch_lightning", "hydra", "omegaconf", "diffusers", "transformers", "peft", "wandb", "torchmetrics", "datasets"]
+DIST = {"pytorch_lightning": "pytorch-lightning", "hydra": "hydra-core"}
+
+
+def _version(name: str) -> str | None:
+    try:
+        return md.version(DIST.get(name, name))
+    except md.PackageNotFoundError:
+        return None
+
+
+def check() -> list[tuple[str, str, str]]:
+    """[(status, what, advice)] with status in ok | warn | FAIL."""
+    rows: list[tuple[str, str, str]] = []
+    rows.append(("ok", f"python {sys.version.split()[0]} ({sys.executable})", ""))
+    # Optional packages that break imports when they are present but built for another stack.
+    tv = _version("torchvision")
+    if tv:
+        try:
+            importlib.import_module("torchvision")
+            rows.append(("ok", f"torchvision {tv} imports", ""))
+        except Exception as e:  # e.g. "operator torchvision::nms does not exist"
+            rows.append(("FAIL", f"torchvision {tv} is installed but does not import ({type(e).__name__}: {e})",
+                         f"transformers/diffusers import torchvision when it is present, so this breaks them. diffusion_lab does not need torchvision: `{sys.executable} -m pip uninstall -y torchvision` (or install the torchvision built for torch {_version('torch')})."))
+    for pkg in ("jax", "flax"):
+        if _version(pkg):
+            rows.append(("warn", f"{pkg} {_version(pkg)} is installed", f"diffusion_lab never uses it; if `import diffusers` or `import transformers` fails or is slow, `pip uninstall {pkg}`."))
+    for name in REQUIRED:
+        try:
+            importlib.import_module(name)
+            rows.append(("ok", f"{name} {_version(name)}", ""))
+        except Exception as e:
+            rows.append(("FAIL", f"import {name} failed: {type(e).__name__}: {e}", "reinstall with `make install` (it pins compatible ranges); see the lines above for a clashing package."))
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+            rows.append(("ok", f"CUDA {torch.version.cuda}: {names}; bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no (use trainer.precision=16-mixed)'}", ""))
+        else:
+            rows.append(("warn", f"no GPU: torch {torch.__version__} runs on {os.cpu_count()} CPU cores", "fine for digits and tiny models; SD fine-tuning needs a GPU (trainer=gpu)."))
+    except Exception:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    rows.append(("ok", f"Hugging Face hub: {'offline (HF_HUB_OFFLINE=1)' if offline else 'online'}; cache {os.environ.get('HF_HOME', '~/.cache/huggingface')}",
+                 "" if not offline else "hub ids resolve only from the cache; point model.pretrained at a local folder otherwise."))
+    from diffusion_lab.utils.resolvers import _wandb_mode
+
+    rows.append(("ok", f"W&B mode: {_wandb_mode()}", "" if _wandb_mode() != "offline" else "runs are written under <run dir>/wandb; upload later with `wandb sync <run dir>/wandb/offline-run-*`."))
+    return rows
+
+
+def main() -> int:
+    rows = check()
+    for status, what, advice in rows:
+        print(f"[{status:>4}] {what}" + (f"\n       -> {advice}" if advice else ""))
+    return 1 if any(s == "FAIL" for s, _, _ in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
