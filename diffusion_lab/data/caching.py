@@ -49,7 +49,8 @@ def cache_latents(
     """Run ``moments_fn`` (images ``[N, C, H, W]`` -> ``[N, 2c, h, w]``) over ``dataset`` and,
     if given, ``text_fn`` (captions -> ``[N, L, D]``) over its distinct captions; kept on CPU."""
     moments, captions = [], []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    # own generator: creating a loader iterator draws a seed, which must not move the global RNG
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
     for batch in tqdm(loader, desc="caching latents", leave=False):
         moments.append(moments_fn(batch["pixel_values"].to(device)).cpu())
         if "caption" in batch:
