@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 import diffusion_lab  # noqa: F401  (registers config resolvers)
 from diffusion_lab.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from diffusion_lab.utils.run import friendly_errors, job_scope, optimized_metric, save_config
+from diffusion_lab.utils.validate import check_checkpoint_file, check_pixel_model_fits_data
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
     datamodule = instantiate(cfg.data.datamodule)
     model = instantiate(cfg.model)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    check_pixel_model_fits_data(model, datamodule)
+    if cfg.get("ckpt_path"):
+        check_checkpoint_file(cfg.ckpt_path)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

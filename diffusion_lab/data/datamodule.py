@@ -1,12 +1,63 @@
-"""One LightningDataModule for every data source: split, batch, load."""
+"""One LightningDataModule for every data source: split, batch, load; resumable mid-epoch."""
 
 from __future__ import annotations
 
+import os
+import random
+
+import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from diffusion_lab.utils.errors import ConfigError
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (a permutation seeded by ``seed + epoch``, one shard per rank) that
+    can start mid-epoch: the first pass after a resume skips the ``start`` positions already
+    trained on. Yields ``(epoch, index)`` so each item can seed its augmentation (``SeededItems``).
+
+    Subclassing ``DistributedSampler`` keeps Lightning from wrapping it under DDP.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, epoch: int = 0, start: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.epoch = epoch
+        self.start = start
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0
+        super().set_epoch(epoch)
+
+    def __iter__(self):
+        # a generator: runs at the first next(), after Lightning's set_epoch
+        indices = list(super().__iter__())
+        start, self.start = self.start, 0
+        epoch = self.epoch
+        for index in indices[start:]:
+            yield epoch, index
+
+
+class SeededItems(Dataset):
+    """Takes ``(epoch, index)`` keys; seeds Python's and NumPy's global RNG from
+    ``(seed, epoch, index)`` before building the item, so random crops/flips depend only on
+    that key: not on worker count, prefetching, or where a run was resumed."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        state = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
+        random.seed(int(state))
+        np.random.seed(state)
+        return self.dataset[index]
 
 
 class DiffusionDataModule(pl.LightningDataModule):
@@ -17,6 +68,10 @@ class DiffusionDataModule(pl.LightningDataModule):
         batch_size: the *global* batch: each of the ``world_size`` processes loads
             ``batch_size // world_size`` (it must divide).
         val_fraction: held-out share for ``val/loss`` (a fixed, seeded split; 0 = no validation).
+        seed: seed of that split.
+        shuffle_seed: seed of the training order and augmentations; None = the run's ``seed``
+            (``PL_GLOBAL_SEED``, the same on every DDP rank). Saved in checkpoints with the epoch
+            and the position inside it, so a resumed run sees the same batches.
     """
 
     def __init__(
@@ -28,6 +83,7 @@ class DiffusionDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         seed: int = 0,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.dataset = dataset
@@ -37,6 +93,8 @@ class DiffusionDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.seed = seed
+        self.shuffle_seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if shuffle_seed is None else shuffle_seed
+        self._resume: dict = {}
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -60,22 +118,48 @@ class DiffusionDataModule(pl.LightningDataModule):
         self.val_set = Subset(self.dataset, perm[:n_val]) if n_val else None
         self.train_set = Subset(self.dataset, perm[n_val:]) if n_val else self.dataset
 
-    def _loader(self, ds: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(self, ds: Dataset, sampler: ResumableSampler | None, drop_last: bool) -> DataLoader:
         return DataLoader(
             ds,
             batch_size=self.per_device_batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last and len(ds) >= self.per_device_batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            # its own generator: creating an iterator must not draw from the global RNG the
+            # training step uses, or a resumed run would draw different noise
+            generator=torch.Generator().manual_seed(self.shuffle_seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True, drop_last=True)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        sampler = ResumableSampler(
+            self.train_set,
+            num_replicas=world,
+            rank=rank,
+            seed=self.shuffle_seed,
+            epoch=self._resume.get("epoch", 0),
+            start=self._resume.get("position", 0),
+        )
+        self._resume = {}
+        return self._loader(SeededItems(self.train_set, self.shuffle_seed), sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, shuffle=False, drop_last=False) if self.val_set is not None else []
+        return self._loader(self.val_set, sampler=None, drop_last=False) if self.val_set is not None else []
+
+    def state_dict(self) -> dict:
+        """Where training is in the data: the shuffle seed, the epoch, and the per-rank sample
+        position of the first batch not yet trained on (stored in every checkpoint)."""
+        state = {"shuffle_seed": self.shuffle_seed}
+        if self.trainer is not None:
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state.update(epoch=self.trainer.current_epoch, position=done * self.per_device_batch_size)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.shuffle_seed = state_dict.get("shuffle_seed", self.shuffle_seed)
+        self._resume = dict(state_dict)
 
     def sample_batch(self, n: int) -> dict:
         """The first ``n`` training items as one batch (noising strips, conditioning for grids)."""

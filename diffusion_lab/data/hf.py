@@ -23,6 +23,17 @@ def _expand(data_files: str | Sequence[str]) -> list[Path]:
     return out
 
 
+def _is_parquet(path: Path) -> tuple[bool, bytes, int]:
+    """(starts and ends with the magic bytes ``PAR1``, first 4 bytes, size)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+        fh.seek(0, 2)
+        size = fh.tell()
+        fh.seek(max(0, size - 4))
+        tail = fh.read(4)
+    return head == b"PAR1" and tail == b"PAR1", head, size
+
+
 def check_parquet_files(files: list[Path]) -> None:
     """Parquet files start and end with the magic bytes ``PAR1``. A failed download often saves
     an HTML error page under a ``.parquet`` name; catch that before ``datasets`` gives a cryptic
@@ -30,19 +41,14 @@ def check_parquet_files(files: list[Path]) -> None:
     for f in files:
         if f.suffix != ".parquet":
             continue
-        with open(f, "rb") as fh:
-            head = fh.read(4)
-            fh.seek(0, 2)
-            size = fh.tell()
-            fh.seek(max(0, size - 4))
-            tail = fh.read(4)
-        if head != b"PAR1" or tail != b"PAR1":
+        ok, head, size = _is_parquet(f)
+        if not ok:
             sniff = head.decode("latin-1")
             hint = " It looks like an HTML/text page (a failed or rate-limited download)." if sniff.strip().startswith("<") or sniff.isprintable() else ""
             raise DataError(
                 f"{f} is not a parquet file (it does not start and end with 'PAR1'; {size} bytes).{hint} "
                 f"Delete this cached copy (and the data set's folder in the Hugging Face cache, "
-                f"~/.cache/huggingface/datasets and hub) and download it again, or point data.dataset.data_files at good files."
+                f"~/.cache/huggingface/datasets and hub) and download it again, or point data.data_files at good files."
             )
 
 
@@ -50,11 +56,11 @@ def load_hf_dataset(name: str | None, data_files, builder: str | None, split: st
     import datasets
 
     if not name and not data_files:
-        raise DataError("data=hf needs data.dataset.name (a hub data set, e.g. nelorth/oxford-flowers) or data.dataset.data_files (local parquet/arrow files or an image folder).")
+        raise DataError("data=hf needs data.name (a hub data set, e.g. nelorth/oxford-flowers) or data.data_files (local parquet/arrow files or an image folder).")
     if data_files:
         files = _expand(data_files)
         if not files:
-            raise DataError(f"data.dataset.data_files={data_files!r} matches no files. Check the path or glob.")
+            raise DataError(f"data.data_files={data_files!r} matches no files. Check the path or glob.")
         check_parquet_files(files)
         if builder is None:
             suffixes = {f.suffix for f in files}
@@ -64,11 +70,14 @@ def load_hf_dataset(name: str | None, data_files, builder: str | None, split: st
         try:
             return datasets.load_dataset(builder, split=split, cache_dir=cache_dir, **kwargs)
         except Exception as e:
-            raise DataError(f"could not load data.dataset.data_files={data_files!r} with builder {builder!r}: {type(e).__name__}: {e}") from e
+            raise DataError(f"could not load data.data_files={data_files!r} with builder {builder!r}: {type(e).__name__}: {e}") from e
     try:
         return datasets.load_dataset(name, split=split, cache_dir=cache_dir)
     except Exception as e:
         text = f"{type(e).__name__}: {e}"
+        cached = _cached_parquet_files(name, cache_dir)
+        if cached:
+            check_parquet_files(cached)  # names the broken cached file, if one is
         if "parquet" in text.lower() or "ArrowInvalid" in text:
             raise DataError(
                 f"loading data set {name!r} failed while reading its parquet files ({text}). A cached file is "
@@ -78,5 +87,16 @@ def load_hf_dataset(name: str | None, data_files, builder: str | None, split: st
             ) from e
         raise DataError(
             f"could not load data set {name!r} ({text}). Without network access, download it elsewhere and point "
-            f"data.dataset.data_files at the local parquet/arrow files (or use data=image_folder data.root=DIR)."
+            f"data.data_files at the local parquet/arrow files (or use data=image_folder data.root=DIR)."
         ) from e
+
+
+def _cached_parquet_files(name: str, cache_dir: str | None) -> list[Path]:
+    """The ``.parquet`` files of hub data set ``name`` in the Hugging Face hub cache (or
+    ``cache_dir``): the snapshot links, which name the files as the user knows them."""
+    from huggingface_hub import constants
+
+    roots = [Path(cache_dir).expanduser()] if cache_dir else []
+    roots.append(Path(constants.HF_HUB_CACHE))
+    repo = f"datasets--{name.replace('/', '--')}"
+    return [f for root in roots for f in sorted((root / repo / "snapshots").glob("*/**/*.parquet")) if f.is_file()]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import warnings
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -53,6 +54,20 @@ class DigitsDataset(Dataset):
         }
 
 
+def _columns(path: Path) -> list[str] | str:
+    """Column names of a .jsonl/.json/.csv file (for error messages), or why they are unknown."""
+    try:
+        if path.suffix == ".csv":
+            with open(path, newline="") as f:
+                return next(csv.reader(f), [])
+        text = path.read_text()
+        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = rows if isinstance(rows, list) else [rows]
+        return sorted({k for r in rows if isinstance(r, dict) for k in r})
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"unreadable: {type(e).__name__}"
+
+
 def _read_metadata(root: Path, caption_column: str) -> dict[str, str] | None:
     """Captions from diffusers' imagefolder ``metadata.jsonl``/``metadata.csv`` (``file_name`` +
     caption column), or None when there is no metadata file."""
@@ -61,7 +76,14 @@ def _read_metadata(root: Path, caption_column: str) -> dict[str, str] | None:
         if not path.exists():
             continue
         if name.endswith(".jsonl"):
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = []
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise DataError(f"{path} line {n} is not JSON ({e}); metadata.jsonl needs one JSON object per line, e.g. {{\"file_name\": \"0001.png\", \"text\": \"a caption\"}}.") from e
         else:
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f))
@@ -112,25 +134,46 @@ class ImageFolderDataset(Dataset):
             self.captions = self._captions(caption_column)
 
     def _check_images(self, files: list[Path], on_bad_image: str) -> list[Path]:
-        good = []
+        """Decode every image once, before training: unreadable files fail (naming the file) or
+        are skipped with a count; images smaller than the resolution are reported once."""
+        good, small = [], []
+        r = self.transform.resolution
         for path in files:
             try:
                 with Image.open(path) as im:
                     im.load()
+                    size = im.size
                 good.append(path)
             except Exception as e:  # PIL raises many types for truncated/garbage files
                 if on_bad_image != "skip":
                     raise DataError(
                         f"cannot read image {path}: {type(e).__name__}: {e}. The file is truncated or not an "
-                        f"image. Delete or replace it, or set data.dataset.on_bad_image=skip to skip unreadable files."
+                        f"image. Delete or replace it, or set data.on_bad_image=skip to skip unreadable files."
                     ) from e
                 self.skipped.append(path)
+                continue
+            if min(size) < r:
+                small.append((path, size))
         if self.skipped:
-            import warnings
-
-            warnings.warn(f"skipped {len(self.skipped)} unreadable image(s) under {self.root} (first: {self.skipped[0]})", stacklevel=2)
+            warnings.warn(
+                f"skipped {len(self.skipped)} unreadable image(s) of {len(files)} under {self.root} "
+                f"(data.on_bad_image=skip; first: {self.skipped[0]})",
+                stacklevel=2,
+            )
+        if small:
+            path, (w, h) = min(small, key=lambda ps: min(ps[1]))
+            warnings.warn(
+                f"{len(small)} of {len(good)} image(s) under {self.root} are smaller than data.resolution={r} and "
+                f"will be upscaled (smallest: {path}, {w}x{h}); quality may suffer. Use a smaller data.resolution "
+                f"or larger images.",
+                stacklevel=2,
+            )
+            self.transform.warn_upscale = False  # said once, here, not again per item
         if not good:
-            raise DataError(f"no readable images under data.root={str(self.root)!r} ({len(self.skipped)} unreadable).")
+            raise DataError(
+                f"no readable images under data.root={str(self.root)!r} ({len(self.skipped)} unreadable, e.g. "
+                f"{self.skipped[0]}). Replace the files or point data.root at another folder."
+            )
         return good
 
     def _captions(self, caption_column: str) -> list[str]:
@@ -145,12 +188,13 @@ class ImageFolderDataset(Dataset):
                 continue
             txt = path.with_suffix(".txt")
             if not txt.exists():
-                found = sorted(p.name for p in self.root.iterdir() if p.suffix in (".jsonl", ".csv", ".json"))
+                found = [f"{p.name} (columns: {_columns(p)})" for p in sorted(self.root.iterdir()) if p.suffix in (".jsonl", ".csv", ".json")]
                 raise DataError(
                     f"no caption for {path}: looked for {self.root}/metadata.jsonl, {self.root}/metadata.csv "
                     f"(diffusers imagefolder) and {txt.name} beside the image (kohya). Found metadata-like files: "
-                    f"{found or 'none'}. Rename your metadata file to metadata.jsonl/metadata.csv, add .txt captions, "
-                    f"or set data.caption_column=null to train without captions."
+                    f"{'; '.join(found) or 'none'}. Rename your metadata file to metadata.jsonl/metadata.csv (with "
+                    f"'file_name' and data.caption_column={caption_column!r} columns), add .txt captions, or set "
+                    f"data.caption_column=null to train without captions."
                 )
             captions.append(txt.read_text().strip())
         return captions
@@ -185,7 +229,7 @@ class HFImageDataset(Dataset):
 
         self.ds = load_hf_dataset(name=name, data_files=data_files, builder=builder, split=split, cache_dir=cache_dir)
         columns = list(self.ds.column_names)
-        for key, col in (("data.dataset.image_column", image_column), ("data.dataset.caption_column", caption_column)):
+        for key, col in (("data.image_column", image_column), ("data.caption_column", caption_column)):
             if col is not None and col not in columns:
                 raise DataError(f"{key}={col!r} is not a column of the data set {name or data_files} (columns: {columns}); set {key} to one of them.")
         self.transform = transform

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffusion_lab.utils.errors import ConfigError
+
 
 class ImageTransform:
     """PIL image -> float tensor ``[C, H, W]`` in [-1, 1].
@@ -27,7 +29,9 @@ class ImageTransform:
         warn_upscale: bool = True,
     ) -> None:
         if crop not in ("center", "random"):
-            raise ValueError(f"data.transform.crop must be 'center' or 'random'; got {crop!r}")
+            raise ConfigError(f"data.crop must be 'center' or 'random'; got {crop!r}.")
+        if mode not in ("RGB", "L"):
+            raise ConfigError(f"the data transform's mode must be 'RGB' (3 channels) or 'L' (greyscale, 1 channel); got {mode!r}.")
         self.resolution = resolution
         self.crop = crop
         self.random_flip = random_flip

@@ -13,3 +13,7 @@ class DataError(DiffusionLabError):
 
 class ConfigError(DiffusionLabError):
     """A config value is wrong or two config values disagree."""
+
+
+class TrainingError(DiffusionLabError):
+    """Training cannot go on (e.g. the loss became nan/inf); the message says what was kept."""

@@ -1,0 +1,53 @@
+"""Checks run by ``train.py`` after everything is built and before ``fit``: a wrong input costs
+seconds, not a night. Each raises a ``ConfigError`` that names the key or file and the fix."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+from diffusion_lab.utils.errors import ConfigError
+
+
+def check_pixel_model_fits_data(module: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
+    """A pixel-space UNet must take and return images shaped like the data: compares
+    ``model.unet`` (in/out channels, sample_size) with one real training item ``[C, H, W]``."""
+    from diffusion_lab.modules.pixel import PixelDiffusion
+
+    if not isinstance(module, PixelDiffusion):
+        return  # latent models check their parts when they are built (components/checks.py)
+    channels, height, width = datamodule.dataset[0]["pixel_values"].shape
+    cfg = module.base_unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+    problems = []
+    for key in ("in_channels", "out_channels"):
+        if cfg[key] != channels:
+            problems.append(
+                f"model.unet.{key}={cfg[key]} but the data gives {channels}-channel images ({channels}x{height}x{width}, "
+                f"data.channels); set model.unet.{key}=${{data.channels}} (the default) or change the data's channels."
+            )
+    if size not in (height, (height, width)):
+        problems.append(
+            f"model.unet.sample_size={size} but the data gives {height}x{width} images (data.resolution); "
+            f"samples and the exported pipeline would have the wrong size. Set model.unet.sample_size=${{data.resolution}} "
+            f"(the default) or data.resolution={size if isinstance(size, int) else size[0]}."
+        )
+    if problems:
+        raise ConfigError(" ".join(problems))
+
+
+def check_checkpoint_file(ckpt_path: str) -> None:
+    """``ckpt_path`` must be a whole checkpoint file (a ``torch.save`` zip archive)."""
+    path = Path(ckpt_path).expanduser()
+    others = sorted(str(p) for p in path.parent.glob("*.ckpt") if p != path) if path.parent.is_dir() else []
+    hint = f" Checkpoints next to it: {others}." if others else " Checkpoints are written to <run dir>/checkpoints/ (last.ckpt)."
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist.{hint}")
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} is not a whole checkpoint ({path.stat().st_size} bytes, not a torch zip "
+            f"archive): it was cut short (copied or written by a tool without atomic saves) or is another "
+            f"kind of file. Resume from an older checkpoint instead.{hint}"
+        )
