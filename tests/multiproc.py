@@ -1,0 +1,73 @@
+"""Helpers for tests that start real processes: the training CLI as a subprocess, and a callback
+(``RankProbe``) that makes every DDP rank save what the tests compare across ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from diffusion_lab.callbacks.ema import EMACallback
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE = ["+callbacks.probe._target_=tests.multiproc.RankProbe", "+callbacks.probe.dirpath=${paths.output_dir}/probe"]
+
+
+def tiny(*overrides: str) -> list[str]:
+    """conftest's TINY overrides followed by ``overrides``; a key given twice keeps its last value
+    (Hydra refuses a key twice on one command line)."""
+    from tests.conftest import TINY
+
+    merged = {o.split("=", 1)[0]: o for o in [*TINY, *overrides]}
+    return list(merged.values())
+
+
+def run_cli(args: list[str], log_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m diffusion_lab.train <args>`` with outputs under ``log_dir``, offline, no network."""
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "diffusion_lab.train", *args, f"paths.log_dir={log_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    (log_dir / "cli.log").parent.mkdir(parents=True, exist_ok=True)
+    (log_dir / "cli.log").write_text(proc.stdout + proc.stderr)  # kept in tmp_path for debugging
+    return proc
+
+
+class RankProbe(pl.Callback):
+    """At the end of fit, every rank saves ``<dirpath>/rank<k>.pt``: weights, EMA, reduced
+    ``val/loss``, its sampler and the first noise values it drew."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self.first_noise: torch.Tensor | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.first_noise is None:  # what torch.randn_like in the training step draws next
+            state = torch.get_rng_state()
+            self.first_noise = torch.randn(4)
+            torch.set_rng_state(state)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMACallback))
+        sampler = trainer.train_dataloader.sampler
+        out = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "global_step": trainer.global_step,
+            "unet": {k: v.detach().cpu().clone() for k, v in pl_module.base_unet.state_dict().items()},
+            "ema": [p.detach().cpu().clone() for p in ema.ema.shadow_params],
+            "val_loss": float(trainer.callback_metrics["val/loss"]),
+            "sampler_is_distributed": isinstance(sampler, torch.utils.data.DistributedSampler),
+            "sampler_seed": getattr(sampler, "seed", None),
+            "sampler_order": list(iter(sampler)),
+            "first_noise": self.first_noise,
+        }
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        torch.save(out, self.dirpath / f"rank{trainer.global_rank}.pt")
+
+
+def load_probes(run_dir: Path) -> list[dict]:
+    return [torch.load(p, weights_only=False) for p in sorted((run_dir / "probe").glob("rank*.pt"))]
