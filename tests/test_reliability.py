@@ -105,14 +105,15 @@ class InfGradient(pl.Callback):
 
 
 class RaiseSignal(pl.Callback):
-    """Deliver ``signum`` to this process after step ``step`` (as ``kill``/Ctrl-C would)."""
+    """Deliver ``signals`` to this process after step ``step`` (as ``kill``/Ctrl-C would)."""
 
-    def __init__(self, step: int, signum: int) -> None:
-        self.step, self.signum = step, signum
+    def __init__(self, step: int, signals: list[int]) -> None:
+        self.step, self.signals = step, signals
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            signal.raise_signal(self.signum)
+            for signum in self.signals:
+                signal.raise_signal(signum)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -123,6 +124,10 @@ def _image_folder(root: Path, n: int = 40) -> Path:
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
     return root
+
+
+# guard and signal tests: one validation batch, no pictures, no export
+QUIET = ["trainer.limit_val_batches=1", "callbacks.sample_grid=null", "callbacks.noising_strip=null", "callbacks.export=null"]
 
 
 def _resume_overrides(data_root: Path) -> list[str]:
@@ -294,7 +299,7 @@ def test_truncated_checkpoint_is_refused_before_training(train_cfg, tmp_path):
 
 # ---- nan / inf ----------------------------------------------------------------------------------
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(train_cfg, tmp_path):
-    cfg = train_cfg("trainer.max_steps=6", "callbacks.export=null")
+    cfg = train_cfg("trainer.max_steps=6", *QUIET)
     with open_dict(cfg):
         cfg.callbacks.poison = {"_target_": f"{HERE}.PoisonWeights", "step": 3}
     with pytest.raises(TrainingError, match=r"loss is nan at step 4 .*last good checkpoint is .*last\.ckpt"):
@@ -307,7 +312,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(train_cfg
 
 
 def test_inf_gradient_stops_fp32_run_before_the_update(train_cfg):
-    cfg = train_cfg("trainer.max_steps=4", "callbacks.export=null", "callbacks.sample_grid=null")
+    cfg = train_cfg("trainer.max_steps=4", *QUIET)
     with open_dict(cfg):
         cfg.callbacks.inf = {"_target_": f"{HERE}.InfGradient", "step": 2}
     with pytest.raises(TrainingError, match="gradient is nan/inf at step 2"):
@@ -317,7 +322,7 @@ def test_inf_gradient_stops_fp32_run_before_the_update(train_cfg):
 def test_fp16_overflow_is_left_to_the_loss_scaler(train_cfg):
     """A real fp16 autocast + GradScaler run (on CPU): the overflowing step is skipped, the scale
     halves, and training goes on to the end with finite weights."""
-    cfg = train_cfg("trainer.max_steps=4", "trainer.precision=null", "callbacks.export=null", "callbacks.sample_grid=null")
+    cfg = train_cfg("trainer.max_steps=4", "trainer.precision=null", *QUIET)
     with open_dict(cfg):
         cfg.callbacks.inf = {"_target_": f"{HERE}.InfGradient", "step": 2}
         cfg.trainer.plugins.append(
@@ -334,14 +339,47 @@ def test_fp16_overflow_is_left_to_the_loss_scaler(train_cfg):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_checkpoint_then_stops(train_cfg, tmp_path, signum, capsys):
     sigint_before = signal.getsignal(signal.SIGINT)
-    cfg = train_cfg("trainer.max_steps=8", "callbacks.model_checkpoint.every_n_train_steps=100", "callbacks.sample_grid=null")
+    cfg = train_cfg("trainer.max_steps=8", "callbacks.model_checkpoint.every_n_train_steps=100", *QUIET[:-1])
     with open_dict(cfg):
-        cfg.callbacks.signal_at = {"_target_": f"{HERE}.RaiseSignal", "step": 3, "signum": int(signum)}
+        cfg.callbacks.signal_at = {"_target_": f"{HERE}.RaiseSignal", "step": 3, "signals": [int(signum)]}
     with pytest.raises(SystemExit) as stop:
         train(cfg)
     assert stop.value.code == 128 + signum
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert _ckpt(last)["global_step"] == 3
-    assert f"saved {last} at step 3" in capsys.readouterr().err
-    assert not (tmp_path / "run" / "pipeline").exists()  # stopped, not finished: no export
+    assert f"saved {last} at step 3; resume with ckpt_path={last}" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "pipeline").exists()  # stopped, not finished: no export (it is on here)
     assert signal.getsignal(signal.SIGINT) is sigint_before
+
+
+def test_second_ctrl_c_aborts_without_saving(train_cfg, tmp_path):
+    cfg = train_cfg("trainer.max_steps=8", "callbacks.model_checkpoint.every_n_train_steps=100", *QUIET)
+    with open_dict(cfg):
+        cfg.callbacks.signal_at = {"_target_": f"{HERE}.RaiseSignal", "step": 2, "signals": [int(signal.SIGINT)] * 2}
+    with pytest.raises(SystemExit) as stop:  # Lightning turns the KeyboardInterrupt into exit code 1
+        train(cfg)
+    assert stop.value.code == 1
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+# ---- data order and augmentation ----------------------------------------------------------------
+def test_augmented_batches_do_not_depend_on_workers_or_resume_point(tmp_path):
+    """Random crops + flips: the same batches with 0 or 2 worker processes, and a loader resumed
+    after 2 batches (from the datamodule's saved state) yields exactly the remaining ones."""
+    from hydra.utils import instantiate
+
+    data = _image_folder(tmp_path / "images")
+    cfg = compose_cfg("train", TINY + _resume_overrides(data), tmp_path / "run")
+
+    def batches(num_workers: int, state: dict | None = None) -> list[torch.Tensor]:
+        dm = instantiate(cfg.data.datamodule, num_workers=num_workers)
+        if state:
+            dm.load_state_dict(state)
+        dm.setup()
+        return [b["pixel_values"] for b in dm.train_dataloader()]
+
+    plain = batches(0)
+    assert len(plain) == 4 and not torch.equal(plain[0], plain[1])
+    assert all(torch.equal(a, b) for a, b in zip(plain, batches(2), strict=True))
+    resumed = batches(0, {"shuffle_seed": 42, "epoch": 0, "samples": 16})
+    assert all(torch.equal(a, b) for a, b in zip(plain[2:], resumed, strict=True))

@@ -140,7 +140,7 @@ class DiffusionDataModule(pl.LightningDataModule):
             rank=rank,
             seed=self.shuffle_seed,
             epoch=self._resume.get("epoch", 0),
-            start=self._resume.get("position", 0),
+            start=self._resume.get("samples", 0) // world,
         )
         self._resume = {}
         return self._loader(SeededItems(self.train_set, self.shuffle_seed), sampler, drop_last=True)
@@ -149,12 +149,13 @@ class DiffusionDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, sampler=None, drop_last=False) if self.val_set is not None else []
 
     def state_dict(self) -> dict:
-        """Where training is in the data: the shuffle seed, the epoch, and the per-rank sample
-        position of the first batch not yet trained on (stored in every checkpoint)."""
+        """Where training is in the data (stored in every checkpoint): the shuffle seed, the epoch
+        and how many samples of it (all ranks together) were trained on. Counted from Lightning's
+        batch progress, not from the sampler, which runs ahead by the prefetched batches."""
         state = {"shuffle_seed": self.shuffle_seed}
         if self.trainer is not None:
             done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            state.update(epoch=self.trainer.current_epoch, position=done * self.per_device_batch_size)
+            state.update(epoch=self.trainer.current_epoch, samples=done * self.batch_size)
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
