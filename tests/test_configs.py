@@ -14,7 +14,12 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yam
 
 # How to shrink each experiment so it instantiates in seconds; pixel experiments swap the tiny
 # UNet, others add their own entry.
-SHRINK: dict[str, list[str]] = {}
+SHRINK: dict[str, list[str]] = {
+    # the digits latent stack reads earlier stages' exports: tiny stand-ins of the same shapes
+    "vae_digits": [],
+    "ldm_digits": ["vae=tiny"],
+    "ldm_digits_lora": ["model/unet=ldm_digits", "vae=tiny", "text_encoder=vocab", "scheduler=dpmpp"],
+}
 
 
 def _options(group: str) -> list[str]:

@@ -1,0 +1,82 @@
+"""A tokenizer and text encoder for a small vocabulary, built from the captions' words offline.
+
+    tok = vocab_tokenizer(caption_words(["a handwritten digit {name}"]))   # one token per word
+    enc = vocab_text_encoder(tok, hidden_size=64)                         # random CLIPTextModel
+    save_text_model(tok, enc, "outputs/digits_text")                      # tokenizer/ + text_encoder/
+
+The tokenizer is a real ``CLIPTokenizer`` (byte-level BPE): its merges are learned with
+``tiny_sd``'s BPE until every caption word is a single token, so "a handwritten digit seven"
+is four tokens; any other word still tokenizes, byte by byte. ``model_max_length`` is short
+(captions are a few words), which keeps the text encoder and cross-attention cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from diffusion_lab.data.sources import DIGIT_NAMES
+
+
+def caption_words(templates: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
+    """The distinct lower-cased words of ``templates`` filled with every digit name (and ``extra``)."""
+    words = []
+    for template in templates:
+        for d, name in enumerate(DIGIT_NAMES):
+            words += template.format(name=name, digit=d).lower().split()
+    return list(dict.fromkeys(words + [w.lower() for w in extra]))
+
+
+def clip_vocab(words: Sequence[str], num_merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of a byte-level CLIP BPE: 512 byte tokens (+ ``</w>`` forms), up to
+    ``num_merges`` merges learned on ``words``, then ``<|startoftext|>`` and ``<|endoftext|>``."""
+    from tokenizers import pre_tokenizers
+
+    from diffusion_lab.tiny_sd import _learn_merges
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = _learn_merges(list(words), num_merges=num_merges)
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(dict.fromkeys(tokens))}, merges
+
+
+def vocab_tokenizer(words: Sequence[str], model_max_length: int = 16):
+    """A ``CLIPTokenizer`` in which each of ``words`` is one token (merged until no pair is left)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab(words, num_merges=sum(len(w) for w in words))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def vocab_text_encoder(tokenizer, hidden_size: int = 64, num_hidden_layers: int = 2, num_attention_heads: int = 4, seed: int = 0):
+    """A random ``CLIPTextModel`` for ``tokenizer``: states ``[N, model_max_length, hidden_size]``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=hidden_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPTextModel(config)
+
+
+def save_text_model(tokenizer, text_encoder, out: str | Path) -> Path:
+    """``out/tokenizer`` and ``out/text_encoder`` in transformers format (written atomically)."""
+    from diffusion_lab.utils.io import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        tokenizer.save_pretrained(Path(tmp) / "tokenizer")
+        text_encoder.save_pretrained(Path(tmp) / "text_encoder", safe_serialization=True)
+    return Path(out)
