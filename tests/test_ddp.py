@@ -34,6 +34,15 @@ CURVE = [
 CURVE_RTOL = 0.2
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process training on one thread: faster than two on shared, busy cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
     """One 2-process DDP job (W&B offline), shared by the checks below."""
@@ -48,7 +57,10 @@ def ddp_run(tmp_path_factory) -> Path:
 def single_run(tmp_path_factory) -> Path:
     """The same job in one process (batch 16 on one device), run in-process."""
     run_dir = tmp_path_factory.mktemp("single") / "run"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
     train(compose_cfg("train", tiny("trainer=cpu", *CURVE, *PROBE, "callbacks.sample_grid=null", "callbacks.noising_strip=null"), run_dir))
+    torch.set_num_threads(n)
     return run_dir
 
 
@@ -171,3 +183,27 @@ def test_fsdp_config_wraps_transformer_blocks_of_the_latent_unet(train_cfg):
     assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.bfloat16, torch.float32, torch.float32)
     with pytest.raises(Exception, match="requires a GPU"):
         instantiate(cfg.trainer, accelerator="cpu", devices=2)
+
+
+def test_latent_module_two_processes(tmp_path):
+    """The tiny Stable Diffusion fine-tune (VAE + CLIP text encoder frozen, UNet trained) under
+    2-process DDP: same weights and EMA on both ranks, one pipeline, one set of checkpoints."""
+    from diffusion_lab import tiny_sd
+
+    pretrained = tiny_sd.build(tmp_path / "tiny_sd")
+    run_dir = tmp_path / "run"
+    args = ["experiment=sd_finetune_tiny", f"model.pretrained={pretrained}", "trainer=ddp_cpu", "data.batch_size=8", "trainer.max_steps=4",
+            "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "callbacks.sample_grid.every_n_steps=0",
+            "callbacks.model_checkpoint.every_n_train_steps=2", *PROBE, f"hydra.run.dir={run_dir}"]
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = load_probes(run_dir)
+    assert r0["world_size"] == 2 and r0["global_step"] == r1["global_step"] == 4
+    for k in r0["unet"]:
+        assert torch.equal(r0["unet"][k], r1["unet"][k]), k
+    assert all(torch.equal(a, b) for a, b in zip(r0["ema"], r1["ema"]))
+    assert r0["val_loss"] == r1["val_loss"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", "step_000002.ckpt", "step_000004.ckpt"]
+    assert sorted(p.name for p in run_dir.iterdir() if "pipeline" in p.name) == ["pipeline"]
+    assert (run_dir / "pipeline" / "model_index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["run", "tiny_sd"]

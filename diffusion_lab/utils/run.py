@@ -70,6 +70,14 @@ def _short(key: str, keys: list[str]) -> str:
     return tail(key) if sum(tail(k) == tail(key) for k in keys) == 1 else key
 
 
+def _short_value(value: str) -> str:
+    """Sampled floats (Optuna) to 4 significant digits: ``0.0003574712922600243`` -> ``0.0003575``."""
+    try:
+        return f"{float(value):.4g}" if any(c in value for c in ".eE") else value
+    except ValueError:
+        return value
+
+
 def run_name(default: str) -> str:
     """W&B run name. In a multirun: ``#<job> key=value ...`` over the swept overrides (all of the
     job's overrides when the sweep's keys cannot be told); otherwise ``default``."""
@@ -80,7 +88,7 @@ def run_name(default: str) -> str:
     swept = _swept_keys(hc)
     chosen = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or overrides
     keys = [o.split("=", 1)[0].lstrip("+~") for o in chosen]
-    parts = [f"{_short(k, keys)}={o.split('=', 1)[1]}" for k, o in zip(keys, chosen)]
+    parts = [f"{_short(k, keys)}={_short_value(o.split('=', 1)[1])}" for k, o in zip(keys, chosen)]
     return " ".join([f"#{hc.job.num}", *parts])
 
 
