@@ -1,6 +1,7 @@
 """Score the digits latent stack with the digit classifier trained on real digits.
 
     OMP_NUM_THREADS=1 .venv/bin/python experiments/ldm_digits/score.py --pipeline outputs/ldm_digits/pipeline
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/ldm_digits/score.py --ckpt <run dir>/checkpoints/step_000500.ckpt
     OMP_NUM_THREADS=1 .venv/bin/python experiments/ldm_digits/score.py --pipeline outputs/ldm_digits/pipeline \
         --lora outputs/ldm_digits/lora --trigger inverted --out experiments/ldm_digits/results/lora
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from diffusion_lab.checkpoints import load_module
 from diffusion_lab.metrics.digits import DIGIT_NAMES, DigitClassifier, real_digits
 from diffusion_lab.sample import generate_text_images
 from diffusion_lab.viz import image_grid
@@ -66,7 +68,9 @@ def vae_reconstruction_accuracy(pipe, classifier: DigitClassifier) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pipeline", required=True, help="exported StableDiffusionPipeline folder (experiment=ldm_digits)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pipeline", help="exported StableDiffusionPipeline folder (experiment=ldm_digits)")
+    src.add_argument("--ckpt", help="or a Lightning checkpoint of experiment=ldm_digits (EMA weights)")
     p.add_argument("--lora", default=None, help="LoRA folder (experiment=ldm_digits_lora)")
     p.add_argument("--trigger", default="inverted", help="trigger word of the LoRA concept")
     p.add_argument("--template", default="a handwritten digit {name}")
@@ -80,7 +84,10 @@ def main() -> None:
 
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.pipeline, safety_checker=None, requires_safety_checker=False)
+    if args.ckpt:
+        pipe = load_module(args.ckpt).pipeline()
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(args.pipeline, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     classifier = DigitClassifier.load_or_train()
