@@ -27,6 +27,7 @@ from diffusion_lab.data.datamodule import ResumableSampler
 from diffusion_lab.train import train
 from diffusion_lab.utils.checkpoint_io import AtomicCheckpointIO
 from diffusion_lab.utils.errors import ConfigError, TrainingError
+from diffusion_lab.utils.io import atomic_dir
 from tests.conftest import TINY, compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,6 +286,18 @@ def test_checkpoint_write_is_staged_beside_target_and_failure_keeps_old(tmp_path
     (tmp_path / ".last.ckpt.tmp-deadbeef").write_bytes(b"half")  # left by a SIGKILLed writer
     io.save_checkpoint({"step": 3}, path)
     assert _ckpt(path)["step"] == 3 and not list(tmp_path.glob(".last.ckpt.tmp-*"))
+
+
+def test_export_that_fails_half_way_leaves_the_previous_pipeline_whole(tmp_path):
+    target = tmp_path / "pipeline"
+    with atomic_dir(target) as tmp:
+        (Path(tmp) / "model.safetensors").write_bytes(b"v1")
+    with pytest.raises(RuntimeError, match="killed"), atomic_dir(target) as tmp:
+        (Path(tmp) / "model.safetensors").write_bytes(b"v2 half")
+        assert (target / "model.safetensors").read_bytes() == b"v1"  # untouched while writing
+        raise RuntimeError("killed")
+    assert (target / "model.safetensors").read_bytes() == b"v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]
 
 
 def test_truncated_checkpoint_is_refused_before_training(train_cfg, tmp_path):
