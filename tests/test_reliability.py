@@ -161,7 +161,8 @@ def _cli(overrides: list[str], out_dir: Path) -> list[str]:
 
 
 def _child_env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    # the same intra-op thread count as the in-process runs it is compared with (other tests change it)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
 
