@@ -59,7 +59,8 @@ class VAECodec(torch.nn.Module):
     def moments(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[N, C, H, W]`` in [-1, 1] -> posterior parameters (mean, logvar) ``[N, 2c, h, w]``
         (fp32). Cacheable: ``latents`` draws the posterior sample from them."""
-        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.parameters.float()
+        # contiguous: CPU convs may return channels_last, and randn_like would then draw differently
+        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.parameters.float().contiguous()
 
     def latents(self, moments: torch.Tensor, sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         """Posterior parameters ``[N, 2c, h, w]`` -> diffusion-space latents ``[N, c, h, w]``."""
