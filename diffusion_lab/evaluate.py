@@ -153,7 +153,7 @@ def score(cfg: DictConfig, fake: ImageSet, real: ImageSet, extractor: FeatureExt
     """All metrics of ``fake`` against ``real`` as a flat dict of numbers, plus ``digits``."""
     real_f, _ = extractor.extract(real.images, desc="reference features")
     fake_f, fake_logits = extractor.extract(fake.images, desc="sample features")
-    metrics = distribution_metrics(real_f, fake_f, fake_logits, kid_subset_size=cfg.kid_subset_size, is_splits=cfg.is_splits)
+    metrics = distribution_metrics(real_f, fake_f, fake_logits, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size, is_splits=cfg.is_splits)
     if cfg.clip_model and fake.prompts:
         from diffusion_lab.metrics.clip import clip_score
 

@@ -60,10 +60,17 @@ def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tu
     return float(mean), float(std)
 
 
-def distribution_metrics(real: torch.Tensor, fake: torch.Tensor, fake_logits: torch.Tensor | None = None, kid_subset_size: int = 1000, is_splits: int = 10) -> dict[str, float]:
+def distribution_metrics(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    fake_logits: torch.Tensor | None = None,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    is_splits: int = 10,
+) -> dict[str, float]:
     """``fid``, ``kid_mean``, ``kid_std`` and (with logits) ``is_mean``, ``is_std``."""
     out = {"fid": fid(real, fake)}
-    out["kid_mean"], out["kid_std"] = kid(real, fake, subset_size=kid_subset_size)
+    out["kid_mean"], out["kid_std"] = kid(real, fake, subsets=kid_subsets, subset_size=kid_subset_size)
     if fake_logits is not None:
         out["is_mean"], out["is_std"] = inception_score(fake_logits, splits=is_splits)
     return out
