@@ -12,4 +12,4 @@ export HF_HUB_OFFLINE=1 WANDB_SILENT=true OMP_NUM_THREADS=1  # one thread: faste
   trainer.max_steps=300 trainer.val_check_interval=50 trainer.log_every_n_steps=10 \
   callbacks.model_checkpoint.every_n_train_steps=300 callbacks.sample_grid.every_n_steps=0 \
   callbacks.progress_bar=null logger=wandb "hydra.sweep.dir=$SWEEP"
-.venv/bin/python experiments/sweep_digits/tabulate.py --sweep "$SWEEP"
+.venv/bin/python experiments/sweep_digits/report.py --sweep "$SWEEP"
