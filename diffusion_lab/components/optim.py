@@ -16,4 +16,5 @@ def adamw_8bit(params, **kwargs):
             "extra with `pip install -e '.[bnb]'` (needs a CUDA GPU), or use the default optimizer: "
             "model.optimizer._target_=torch.optim.AdamW."
         ) from e
+    kwargs.pop("fused", None)  # model.optimizer.fused is torch's AdamW switch; bitsandbytes fuses anyway
     return bnb.optim.AdamW8bit(params, **kwargs)

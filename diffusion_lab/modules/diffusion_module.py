@@ -20,6 +20,7 @@ from pytorch_lightning.utilities import grad_norm
 from diffusion_lab.diffusion import objectives
 from diffusion_lab.diffusion.objectives import LossWeighting
 from diffusion_lab.diffusion.sampling import sample
+from diffusion_lab.perf import AttentionBackend, apply_speed_switches
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -43,6 +44,7 @@ class DiffusionModule(pl.LightningModule):
         loss_weighting: ``none`` or ``min_snr`` (with ``snr_gamma``).
         offset_noise: strength of offset noise (0 = off).
         preview_steps: inference steps for sample grids during training.
+        compile_unet, channels_last, attention: speed switches (``diffusion_lab/perf.py``).
     """
 
     # constructor arguments that are built objects, kept out of hparams (subclasses extend it)
@@ -59,9 +61,12 @@ class DiffusionModule(pl.LightningModule):
         offset_noise: float = 0.0,
         preview_steps: int = 50,
         compile_unet: bool = False,
+        channels_last: bool = False,
+        attention: AttentionBackend = "sdpa",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
+        unet = apply_speed_switches(unet, channels_last=channels_last, attention=attention)
         self.unet = torch.compile(unet) if compile_unet else unet
         self.noise_scheduler = noise_scheduler
         self.train_scheduler = DDPMScheduler.from_config(noise_scheduler.config)

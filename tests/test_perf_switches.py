@@ -1,0 +1,153 @@
+"""Each speed switch does what it says (not how fast: experiments/bench measures that):
+channels_last weights, the attention kernel really run, fused AdamW, data loader settings,
+identical cached latents/text states, frozen parts in bf16, FLOP counting for MFU."""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch.utils.data import Subset
+
+from diffusion_lab import perf
+from diffusion_lab.data.caching import cache_latents
+from diffusion_lab.tiny_sd import tiny_unet
+from diffusion_lab.train import train
+from diffusion_lab.utils.errors import ConfigError
+from tests.conftest import TINY, compose_cfg
+
+LATENT = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "model/unet=sd_tiny", "scheduler=sd", "data=digits_captioned", "data.resolution=16", "logger=csv"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread than on two busy, shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def build_model(tmp_path, *overrides, base=TINY):
+    torch.manual_seed(0)  # same random init for every variant
+    return instantiate(compose_cfg("train", base + list(overrides), tmp_path).model)
+
+
+def pixel_inputs(n=2, size=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 1, size, size, generator=g), torch.tensor([10, 500])
+
+
+def test_channels_last_puts_conv_weights_in_nhwc_with_the_same_outputs(tmp_path):
+    plain, nhwc = build_model(tmp_path), build_model(tmp_path, "model.channels_last=true")
+    convs = [m.weight for m in nhwc.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    assert not any(m.weight.is_contiguous(memory_format=torch.channels_last) for m in plain.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1))
+    x, t = pixel_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc.denoise(x, t), plain.denoise(x, t), atol=1e-5, rtol=1e-4)
+
+
+def test_attention_switch_sets_the_processor_and_the_kernel_that_runs(tmp_path):
+    sdpa, eager = build_model(tmp_path), build_model(tmp_path, "model.attention=eager")
+    x, t = pixel_inputs()
+    # sdpa is diffusers' default processor, and F.scaled_dot_product_attention is what runs
+    assert perf.attention_processors(sdpa.unet) == {"AttnProcessor2_0"}
+    kernels = perf.attention_kernels(lambda: sdpa.denoise(x, t))
+    assert sum(kernels.values()) == len(perf.attention_modules(sdpa.unet)) and all("scaled_dot_product" in k for k in kernels)
+    assert perf.attention_processors(eager.unet) == {"AttnProcessor"}
+    assert not perf.attention_kernels(lambda: eager.denoise(x, t))
+    with torch.no_grad():
+        torch.testing.assert_close(eager.denoise(x, t), sdpa.denoise(x, t), atol=1e-5, rtol=1e-4)
+    # the SD UNet's self- and cross-attention blocks switch too
+    unet = tiny_unet()
+    perf.set_attention(unet, "eager")
+    assert perf.attention_processors(unet) == {"AttnProcessor"} and len(perf.attention_modules(unet)) == 8  # self + cross in 4 transformers
+    with pytest.raises(ConfigError, match="model.attention='flash'"):
+        perf.set_attention(unet, "flash")
+
+
+def test_fused_adamw_is_the_optimizer_that_trains(train_cfg):
+    assert train_cfg().model.optimizer.fused is False  # off by default
+    _, objects = train(train_cfg("debug=fast", "model.optimizer.fused=true"))
+    optimizer = objects["trainer"].optimizers[0]
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+    assert all(len(optimizer.state[p]) for p in objects["model"].unet.parameters())  # it stepped every weight
+
+
+def test_fused_adamw_step_matches_the_default_one(tmp_path):
+    models = [build_model(tmp_path), build_model(tmp_path, "model.optimizer.fused=true")]
+    x, t = pixel_inputs()
+    for model in models:
+        optimizer = model.optimizer_factory(params=model.trainable_parameters())
+        model.denoise(x, t).square().mean().backward()
+        optimizer.step()
+    for a, b in zip(models[0].unet.parameters(), models[1].unet.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_worker_and_pinned_memory_switches_reach_the_data_loader(tmp_path):
+    cfg = compose_cfg("train", TINY + ["data.num_workers=2", "data.pin_memory=true", "data.persistent_workers=true"], tmp_path)
+    datamodule = instantiate(cfg.data.datamodule)
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    assert (loader.num_workers, loader.pin_memory, loader.persistent_workers) == (2, True, True)
+    default = instantiate(compose_cfg("train", TINY, tmp_path).data.datamodule)
+    default.setup("fit")
+    assert (default.train_dataloader().pin_memory, default.train_dataloader().num_workers) == (False, 0)
+
+
+def test_cache_holds_exactly_the_latents_and_text_states_of_the_frozen_parts(tmp_path):
+    cfg = compose_cfg("train", LATENT + ["model.cache=true"], tmp_path)
+    model = instantiate(cfg.model)
+    dataset = Subset(instantiate(cfg.data.datamodule.dataset), range(12))
+    cached = cache_latents(dataset, model.codec.moments, model.conditioner, "cpu", batch_size=5)
+    assert len(cached) == 12 and len(cached.states) == len({dataset[i]["caption"] for i in range(12)})  # one per distinct caption
+    images = torch.stack([dataset[i]["pixel_values"] for i in range(12)])
+    captions = [dataset[i]["caption"] for i in range(12)]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack([cached[i]["latent_moments"] for i in range(12)]), model.codec.moments(images), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(torch.stack([cached[i]["encoder_hidden_states"] for i in range(12)]), model.conditioner(captions), atol=1e-6, rtol=1e-5)
+    # the training step reads a cached batch like an uncached one
+    batch = torch.utils.data.default_collate([cached[i] for i in range(4)])
+    assert set(batch) == {"latent_moments", "caption", "encoder_hidden_states"}
+    assert torch.isfinite(model.diffusion_loss(batch))
+
+
+def test_frozen_vae_and_text_encoder_in_bf16_while_the_unet_trains_in_fp32(tmp_path):
+    model = build_model(tmp_path, "vae.dtype=bfloat16", "text_encoder.dtype=bfloat16", base=LATENT)
+    assert {p.dtype for p in model.codec.vae.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.conditioner.text_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.unet.parameters()} == {torch.float32}
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    batch = {"pixel_values": images, "caption": ["a handwritten digit one", "a handwritten digit two"]}
+    model.diffusion_loss(batch).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.unet.parameters())
+    assert all(p.grad is None for p in model.codec.parameters())
+    assert model.codec.moments(images).dtype == torch.float32  # the parts hand fp32 on to the UNet
+
+
+def test_flop_counter_counts_the_cpu_attention_kernel(tmp_path):
+    """MFU's numerator: the CPU flash kernel is counted like the math path (bmm), not dropped."""
+    unet = tiny_unet()
+    x, t, states = torch.randn(2, 4, 8, 8), torch.tensor([1, 900]), torch.randn(2, 77, 32)
+
+    def step():
+        return unet(x, t, encoder_hidden_states=states).sample.square().mean()
+
+    sdpa = perf.train_step_flops(step)
+    perf.set_attention(unet, "eager")
+    eager = perf.train_step_flops(step)
+    perf.set_attention(unet, "sdpa")
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as uncounted:  # torch's table alone
+        step().backward()
+    assert uncounted.get_total_flops() < sdpa
+    assert abs(sdpa - eager) / eager < 0.05
+    # one linear layer, exact: forward 2*N*I*O, backward (weight grad only) 2*N*I*O
+    linear, inputs = torch.nn.Linear(8, 3, bias=False), torch.randn(5, 8)
+    assert perf.train_step_flops(lambda: linear(inputs).sum()) == 2 * (2 * 5 * 8 * 3)
+
+
+def test_peak_flops_lookup():
+    assert perf.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert perf.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert perf.peak_bf16_flops("NVIDIA H200") == 989e12
+    assert perf.peak_bf16_flops("some CPU") is None
