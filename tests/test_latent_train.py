@@ -267,3 +267,15 @@ def test_sdxl_base_refiner_recipe(tmp_path):
     base_only = np.asarray(Image.open(tmp_path / "base" / "000000.png"), dtype=np.int16)
     assert handed_over.shape == base_only.shape == (32, 32, 3)
     assert np.abs(handed_over - base_only).max() > 0  # the refiner denoised the second half
+
+
+def test_lora_on_a_bf16_base_trains_and_samples_under_bf16_mixed(tiny_pipeline, tmp_path):
+    """Frozen parts held in bf16, trainable LoRA in fp32: trains under autocast, samples without it."""
+    out = tmp_path / "run"
+    _, objects = fit(out, f"model.pretrained={tiny_pipeline}", "adapter=lora", "adapter.base_dtype=bfloat16", "vae.dtype=bfloat16",
+                     "text_encoder.dtype=bfloat16", "trainer.precision=bf16-mixed", "trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=2")
+    module = objects["model"]
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert module.codec.vae.dtype == torch.bfloat16 and np.isfinite(losses(out)).all()
+    assert (out / "samples" / "step_000002.png").exists() and (out / "lora" / "pytorch_lora_weights.safetensors").exists()

@@ -93,6 +93,13 @@ class LatentDiffusion(DiffusionModule):
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return self.codec.decode(x0)
 
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        """Inputs cast to the UNet's dtype (a LoRA base held in bf16/fp16 must also sample
+        without autocast, e.g. on CPU); output in fp32."""
+        dtype = self.base_unet.dtype
+        cond = {k: v.to(dtype) for k, v in cond.items()}
+        return self.unet(x_t.to(dtype), t, **cond).sample.float()
+
     def conditioning(self, batch: dict, train: bool) -> dict[str, torch.Tensor]:
         """``encoder_hidden_states`` ``[N, L, D]``; while training each caption is replaced by ""
         with probability ``caption_dropout`` (the same draw with or without the cache)."""
