@@ -14,6 +14,7 @@ from diffusion_lab.components.adapters import KOHYA_FILE
 from diffusion_lab.sample import run as run_sample
 from diffusion_lab.train import train
 from tests.conftest import compose_cfg
+from tests.test_latent import one_thread  # noqa: F401  (autouse: one thread for tiny models)
 
 # experiment=sd_finetune_tiny, shrunk to 4 steps
 FAST = [
@@ -29,15 +30,6 @@ FAST = [
     "callbacks.model_checkpoint.every_n_train_steps=4",
 ]
 PROMPT = "a handwritten digit seven"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on two busy, shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
