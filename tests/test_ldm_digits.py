@@ -130,4 +130,4 @@ def test_latent_stage_without_the_vae_stage_says_what_to_run(tmp_path):
     e = excinfo.value
     while e is not None and not isinstance(e, DiffusionLabError):
         e = e.__cause__
-    assert e is not None and "vae.vae.pretrained" in str(e) and "empty/vae" in str(e)
+    assert e is not None and "vae.vae.pretrained" in str(e) and "experiment=vae_digits" in str(e) and "empty/vae" in str(e)
