@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from diffusion_lab.checkpoints import load_module
 from diffusion_lab.components.schedulers import scheduler_class
 from diffusion_lab.metrics.digits import DIGIT_NAMES, score_digit_samples
 from diffusion_lab.sample import generate_pixel_images
@@ -24,7 +25,9 @@ from diffusion_lab.viz import image_grid
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pipeline", required=True, help="exported DDPMPipeline folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pipeline", help="exported DDPMPipeline folder")
+    src.add_argument("--ckpt", help="or a training checkpoint (EMA weights)")
     p.add_argument("--num-images", type=int, default=500)
     p.add_argument("--scheduler", default="ddim", help="ddpm | ddim | dpmpp | euler | heun | pndm")
     p.add_argument("--steps", type=int, default=50)
@@ -32,15 +35,20 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).parent))
     args = p.parse_args()
 
-    from diffusers import DDPMPipeline
+    if args.pipeline:
+        from diffusers import DDPMPipeline
 
-    pipe = DDPMPipeline.from_pretrained(args.pipeline)
-    scheduler = scheduler_class(args.scheduler).from_config(pipe.scheduler.config)
+        pipe = DDPMPipeline.from_pretrained(args.pipeline)
+        unet, scheduler_config = pipe.unet, pipe.scheduler.config
+    else:
+        module = load_module(args.ckpt, use_ema=True)
+        unet, scheduler_config = module.base_unet, module.noise_scheduler.config
+    scheduler = scheduler_class(args.scheduler).from_config(scheduler_config)
     t0 = time.perf_counter()
-    images = generate_pixel_images(pipe.unet.eval(), scheduler, args.num_images, 250, args.steps, args.seed, "cpu")
+    images = generate_pixel_images(unet.eval(), scheduler, args.num_images, 250, args.steps, args.seed, "cpu")
     seconds = time.perf_counter() - t0
     scores = score_digit_samples(images)
-    scores.update({"pipeline": args.pipeline, "scheduler": args.scheduler, "steps": args.steps, "seed": args.seed, "sampling_seconds": round(seconds, 1)})
+    scores.update({"source": args.pipeline or args.ckpt, "scheduler": args.scheduler, "steps": args.steps, "seed": args.seed, "sampling_seconds": round(seconds, 1)})
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
