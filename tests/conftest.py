@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -14,6 +15,11 @@ from omegaconf import DictConfig, open_dict
 import diffusion_lab  # noqa: F401  (resolvers)
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# Tests run tiny models: one thread is faster than two on 2 cores (and many times faster when the
+# cores are shared with other processes, e.g. the 2-process DDP tests). Subprocesses inherit it.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 os.environ.setdefault("WANDB_MODE", "offline")  # tests never touch the network
 os.environ.setdefault("WANDB_SILENT", "true")

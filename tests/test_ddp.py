@@ -34,15 +34,6 @@ CURVE = [
 CURVE_RTOL = 0.2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process training on one thread: faster than two on shared, busy cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
     """One 2-process DDP job (W&B offline), shared by the checks below."""
@@ -57,10 +48,7 @@ def ddp_run(tmp_path_factory) -> Path:
 def single_run(tmp_path_factory) -> Path:
     """The same job in one process (batch 16 on one device), run in-process."""
     run_dir = tmp_path_factory.mktemp("single") / "run"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     train(compose_cfg("train", tiny("trainer=cpu", *CURVE, *PROBE, "callbacks.sample_grid=null", "callbacks.noising_strip=null"), run_dir))
-    torch.set_num_threads(n)
     return run_dir
 
 

@@ -20,15 +20,6 @@ from tests.conftest import compose_cfg
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small CPU ops: one thread is several times faster than two threads on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digit_features():
     return DigitFeatures()  # the cached classifier (trained on first use, ~20 s)

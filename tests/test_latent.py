@@ -15,15 +15,6 @@ from tests.conftest import compose_cfg
 GROUPS = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "model/unet=sd_tiny", "scheduler=sd", "data=digits_captioned", "logger=csv"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on two busy, shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def user_error(excinfo) -> DiffusionLabError:
     """The DiffusionLabError behind a hydra InstantiationException."""
     e = excinfo.value

@@ -14,7 +14,6 @@ from diffusion_lab.components.adapters import KOHYA_FILE
 from diffusion_lab.sample import run as run_sample
 from diffusion_lab.train import train
 from tests.conftest import compose_cfg
-from tests.test_latent import one_thread  # noqa: F401  (autouse: one thread for tiny models)
 
 # experiment=sd_finetune_tiny, shrunk to 4 steps
 FAST = [

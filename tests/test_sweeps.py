@@ -4,7 +4,6 @@ run files), the Optuna sweeper, and the metric train() returns."""
 from __future__ import annotations
 
 import pytest
-import torch
 import yaml
 from omegaconf import OmegaConf
 
@@ -62,7 +61,6 @@ def test_optuna_sweep_of_two_trials(tmp_path):
 
 
 def test_train_returns_the_configured_metric(train_cfg):
-    torch.set_num_threads(1)  # in-process: one thread beats two on shared cores
     cfg = train_cfg("optimized_metric=train/loss", "trainer.max_steps=2", "callbacks.sample_grid=null", "callbacks.noising_strip=null")
     metric, objects = train(cfg)
     trainer = objects["trainer"]

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 import warnings
 from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
