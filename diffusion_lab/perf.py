@@ -4,7 +4,8 @@
     model.attention=sdpa|eager    diffusers' ``AttnProcessor2_0`` (``F.scaled_dot_product_attention``,
                                   fused kernels) or ``AttnProcessor`` (baddbmm + softmax + bmm)
     model.compile_unet=true       ``torch.compile`` (DiffusionModule)
-    model.optimizer.fused=true    torch's fused AdamW kernel (one kernel for all parameters)
+    model.optimizer.fused=true    torch's fused AdamW kernel (one kernel for all parameters; also
+                                  under bf16-mixed with gradient clipping, see clip_fused_gradients)
 
 ``attention_kernels`` names the aten attention ops a call really runs (which SDPA backend, or none);
 ``train_step_flops`` counts a training step's FLOPs for model FLOP utilisation (MFU).
@@ -17,6 +18,8 @@ from typing import Callable, Literal
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+from pytorch_lightning.utilities import GradClipAlgorithmType
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -107,6 +110,30 @@ def train_step_flops(step: Callable[[], torch.Tensor]) -> int:
     with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
         step().backward()
     return int(counter.get_total_flops())
+
+
+def clip_fused_gradients(trainer, optimizer: torch.optim.Optimizer, clip_val: float | None, algorithm) -> bool:
+    """Clip gradients for a fused optimizer under ``bf16-mixed``; returns False (nothing done)
+    for any other case, which Lightning clips itself.
+
+    Lightning's mixed-precision plugin refuses to clip before every fused step, for fp16's sake:
+    the loss scaler unscales inside the fused kernel, so clipping first would see scaled
+    gradients. bf16 has no scaler, the gradients are true values and clip as usual.
+    """
+    if not clip_val or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    plugin = trainer.precision_plugin
+    if not isinstance(plugin, MixedPrecision):
+        return False
+    if plugin.scaler is not None:
+        raise ConfigError(
+            f"model.optimizer.fused=true cannot be combined with trainer.precision={trainer.precision} and "
+            f"trainer.gradient_clip_val={clip_val}: fp16 loss scaling unscales the gradients inside the fused step, "
+            f"so they cannot be clipped before it. Use trainer.precision=bf16-mixed, or model.optimizer.fused=false, "
+            f"or trainer.gradient_clip_val=null."
+        )
+    Precision.clip_gradients(plugin, optimizer, clip_val, algorithm or GradClipAlgorithmType.NORM)
+    return True
 
 
 def peak_bf16_flops(device_name: str) -> float | None:

@@ -3,8 +3,10 @@ channels_last weights, the attention kernel really run, fused AdamW, data loader
 identical cached latents/text states, frozen parts in bf16, FLOP counting for MFU."""
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from omegaconf import open_dict
 from torch.utils.data import Subset
 
 from diffusion_lab import perf
@@ -151,3 +153,25 @@ def test_peak_flops_lookup():
     assert perf.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
     assert perf.peak_bf16_flops("NVIDIA H200") == 989e12
     assert perf.peak_bf16_flops("some CPU") is None
+
+
+class GradNormAfterStep(pl.Callback):
+    """Records the UNet's gradient norm after each step (as clipped; zeroed only at the next step)."""
+
+    norms: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        grads = [p.grad for p in pl_module.unet.parameters() if p.grad is not None]
+        self.norms.append(float(torch.nn.utils.get_total_norm(grads)))
+
+
+def test_fused_adamw_clips_gradients_under_bf16_mixed(train_cfg):
+    """Lightning's mixed-precision plugin refuses to clip for any fused optimizer (for fp16's
+    loss scaler); under bf16 the switch still clips, to trainer.gradient_clip_val."""
+    GradNormAfterStep.norms = []
+    cfg = train_cfg("debug=fast", "model.optimizer.fused=true", "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1e-3")
+    with open_dict(cfg):
+        cfg.callbacks.probe = {"_target_": f"{__name__}.GradNormAfterStep"}
+    _, objects = train(cfg)
+    assert objects["trainer"].optimizers[0].defaults["fused"] is True
+    assert GradNormAfterStep.norms and all(0 < n <= 1e-3 * 1.01 for n in GradNormAfterStep.norms)

@@ -15,11 +15,11 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 import torch
 from diffusers import DDPMScheduler
-from pytorch_lightning.utilities import grad_norm
 
 from diffusion_lab.diffusion import objectives
 from diffusion_lab.diffusion.objectives import LossWeighting
 from diffusion_lab.diffusion.sampling import sample
+from diffusion_lab import perf
 from diffusion_lab.perf import AttentionBackend, apply_speed_switches
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -150,9 +150,14 @@ class DiffusionModule(pl.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = grad_norm(self.base_unet, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        grads = [p.grad for p in self.base_unet.parameters() if p.grad is not None]
+        if grads:  # one foreach norm over all gradients (not one norm + sync per parameter)
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # a fused optimizer under bf16-mixed: Lightning refuses to clip it, perf clips it
+        if not perf.clip_fused_gradients(self.trainer, optimizer, gradient_clip_val, gradient_clip_algorithm):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

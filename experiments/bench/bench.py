@@ -43,6 +43,7 @@ from typing import Literal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TQDM_DISABLE", "1")  # no caching progress bars in the log
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
@@ -130,8 +131,8 @@ def families(args, tiny_sd_dir: Path) -> list[Family]:
         sd15 = Family(
             "sd15",
             [
-                "model=latent_sd", "model/unet=sd15", "vae=tiny", "vae.vae.block_out_channels=[16,32,32,32]",
-                "text_encoder=tiny", "text_encoder.text_encoder.hidden_size=768", "scheduler=sd", "data=digits_captioned",
+                "model=latent_sd", f"model/unet={args.sd15_unet}", "vae=tiny", "vae.vae.block_out_channels=[16,32,32,32]",
+                "text_encoder=tiny", "text_encoder.text_encoder.hidden_size=${model.unet.cross_attention_dim}", "scheduler=sd", "data=digits_captioned",
                 f"data.resolution={args.sd15_resolution}", f"data.batch_size={args.sd15_batch}", "model.cache=true",
                 "trainer=gpu" if args.device == "cuda" else "trainer=cpu", "trainer.precision=" + args.precision,
                 "model.optimizer.lr=1e-5",
@@ -526,7 +527,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--latent-batch", type=int, default=32)
     p.add_argument("--sd15-batch", type=int, default=16)
     p.add_argument("--sd15-resolution", type=int, default=512, help="512 px = 64x64 latents through the 8x tiny VAE")
-    p.add_argument("--sd15-on-cpu", action="store_true", help="run the sd15 family on CPU (smoke test with a small --sd15-resolution)")
+    p.add_argument("--sd15-on-cpu", action="store_true", help="run the sd15 family on CPU (a smoke test: with --sd15-unet sd_tiny)")
+    p.add_argument("--sd15-unet", default="sd15", help="model/unet option of the sd15 family (sd_tiny: smoke test)")
     p.add_argument("--precision", default="bf16-mixed", help="trainer.precision of the sd15 family")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for MFU (default: from the GPU name)")
     p.add_argument("--sample-steps", type=int, default=20)
