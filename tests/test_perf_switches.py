@@ -175,3 +175,21 @@ def test_fused_adamw_clips_gradients_under_bf16_mixed(train_cfg):
     _, objects = train(cfg)
     assert objects["trainer"].optimizers[0].defaults["fused"] is True
     assert GradNormAfterStep.norms and all(0 < n <= 1e-3 * 1.01 for n in GradNormAfterStep.norms)
+
+
+@pytest.mark.slow
+def test_benchmark_harness_quick_run_writes_its_table(tmp_path):
+    """experiments/bench/bench.py end to end (a few steps): JSON + markdown with the overhead row."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "bench.py"
+    cmd = [sys.executable, str(script), "--quick", "--families", "pixel", "--only", "fused", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    result = json.loads((tmp_path / "cpu_quick.json").read_text())
+    pixel = result["families"]["pixel"]
+    assert set(pixel["cases"]) == {"framework (Lightning)", "plain PyTorch loop", "fused AdamW"}
+    assert all(v > 0 for c in pixel["cases"].values() for v in c["images_per_s"])
+    assert "Framework overhead vs the plain loop" in (tmp_path / "cpu_quick.md").read_text()
