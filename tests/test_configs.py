@@ -19,7 +19,17 @@ SHRINK: dict[str, list[str]] = {
     "vae_digits": [],
     "ldm_digits": ["vae=tiny"],
     "ldm_digits_lora": ["model/unet=ldm_digits", "vae=tiny", "text_encoder=vocab", "scheduler=dpmpp"],
+    # SD recipes load every part from model.pretrained: point it at a tiny random SD pipeline
+    "sd_finetune": ["model.pretrained={tiny_sd}", "data.resolution=32"],
+    "sd_finetune_tiny": ["model.pretrained={tiny_sd}"],
 }
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_dir(tmp_path_factory) -> str:
+    from diffusion_lab import tiny_sd
+
+    return str(tiny_sd.build(tmp_path_factory.mktemp("tiny") / "tiny_sd"))
 
 
 def _options(group: str) -> list[str]:
@@ -39,9 +49,11 @@ def test_entry_configs_compose(name, tmp_path):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_instantiates(experiment, tmp_path):
+def test_experiment_instantiates(experiment, tmp_path, request):
     # GPU experiments are checked on CPU here: same config, accelerator swapped.
     shrink = SHRINK.get(experiment, ["model/unet=tiny"]) + ["trainer.accelerator=cpu"]
+    if any("{tiny_sd}" in o for o in shrink):
+        shrink = [o.format(tiny_sd=request.getfixturevalue("tiny_sd_dir")) for o in shrink]
     cfg = compose_cfg("train", [f"experiment={experiment}", *shrink], tmp_path)
     model = instantiate(cfg.model)
     n = model.latent_shape(2)
