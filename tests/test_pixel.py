@@ -140,3 +140,26 @@ def test_wandb_offline_run_is_created(train_cfg):
     train(cfg)
     runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_flowers_recipe_runs_on_local_parquet(tmp_path):
+    """experiment=ddpm_flowers as written (hf data source, lecture UNet layout, cosine warmup),
+    with the UNet shrunk and a local parquet file of images swapped in for the hub data set."""
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(12)]
+    parquet = tmp_path / "flowers" / "train-00000.parquet"
+    parquet.parent.mkdir()
+    datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image()).to_parquet(str(parquet))
+    overrides = [
+        "experiment=ddpm_flowers", "model/unet=tiny", "trainer=cpu", "trainer.precision=32-true", "logger=csv",
+        "data.name=null", f"data.data_files={parquet}", "data.resolution=16", "data.batch_size=4", "data.num_workers=0",
+        "debug=fast",
+    ]
+    cfg = compose_cfg("train", overrides, tmp_path / "run")
+    assert cfg.data.datamodule.dataset._target_.endswith("HFImageDataset") and cfg.model.lr_scheduler.num_warmup_steps == 500
+    _, objs = train(cfg)
+    assert objs["trainer"].global_step == 1
+    assert objs["datamodule"].dataset[0]["pixel_values"].shape == (3, 16, 16)
