@@ -30,7 +30,7 @@ def test_train_logs_and_writes_pictures(train_cfg):
     assert (out / "config.yaml").exists()
     assert (out / "noising.png").exists() and (out / "samples" / "step_000004.png").exists()
     metrics = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    for key in ("train/loss", "val/loss", "train/grad_norm", "train/images_per_sec", "lr-AdamW"):
+    for key in ("train/loss", "val/loss", "train/grad_norm", "train/images_per_sec", "train/peak_memory_mb", "lr-AdamW"):
         assert key in metrics, key
 
 

@@ -30,6 +30,15 @@ def batch_len(batch: dict) -> int:
     return len(next(v for v in batch.values() if torch.is_tensor(v)))
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA allocator peak on a GPU, max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 class DiffusionModule(pl.LightningModule):
     """Shared diffusion training.
 
@@ -141,6 +150,7 @@ class DiffusionModule(pl.LightningModule):
             bs = batch_len(batch)
             world = self.trainer.world_size if self._trainer is not None else 1
             self.log("train/images_per_sec", bs * world / max(dt, 1e-9), batch_size=bs)
+            self.log("train/peak_memory_mb", peak_memory_mb(self.device), batch_size=bs)
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Fixed noise and timesteps per batch: val/loss is comparable across epochs and runs.
