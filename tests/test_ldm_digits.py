@@ -113,14 +113,14 @@ def test_lora_stage_trains_on_the_exported_pipeline(stack, tmp_path):
     cfg = compose_cfg("train", ["experiment=ldm_digits_lora", f"stack_dir={stack['root']}", *FAST, *LATENT], tmp_path / "run")
     dm = instantiate(cfg.data.datamodule)
     captions = {dm.dataset[i]["caption"] for i in (0, len(dm.dataset) - 1)}
-    assert captions == {"a handwritten digit zero", "a handwritten digit eight inverted"}
+    assert captions == {"a handwritten digit zero", f"a handwritten digit eight {cfg.data.trigger}"}
     _, objects = train(cfg)
     assert objects["model"].codec.scaling_factor == stack["ldm"].codec.scaling_factor
     pipe = StableDiffusionPipeline.from_pretrained(stack["root"] / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(stack["root"] / "lora")
     kw = dict(num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0))
-    assert pipe(["a handwritten digit seven inverted"], **kw).images.shape == (1, 3, 16, 16)
+    assert pipe([f"a handwritten digit seven {cfg.data.trigger}"], **kw).images.shape == (1, 3, 16, 16)
 
 
 def test_latent_stage_without_the_vae_stage_says_what_to_run(tmp_path):
@@ -131,3 +131,12 @@ def test_latent_stage_without_the_vae_stage_says_what_to_run(tmp_path):
     while e is not None and not isinstance(e, DiffusionLabError):
         e = e.__cause__
     assert e is not None and "vae.vae.pretrained" in str(e) and "experiment=vae_digits" in str(e) and "empty/vae" in str(e)
+
+
+def test_thick_concept_data_is_a_bolder_copy_of_the_digits():
+    from diffusion_lab.data.sources import DigitsDataset
+
+    plain, thick = DigitsDataset(transform=None), DigitsDataset(transform=None, thicken=True)
+    assert (thick.labels == plain.labels).all()
+    # grey dilation: never less ink anywhere, clearly more in total
+    assert (thick.images >= plain.images).all() and thick.images.mean() > 1.4 * plain.images.mean()

@@ -23,13 +23,18 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 class DigitsDataset(Dataset):
     """scikit-learn's bundled handwritten digits (1,797 8x8 images, 16 grey levels), resized to
     the transform's resolution. Real data that needs no download. Captions follow
-    ``caption_template`` (``{name}`` = "seven", ``{digit}`` = 7)."""
+    ``caption_template`` (``{name}`` = "seven", ``{digit}`` = 7). ``thicken`` draws every stroke
+    one pixel bolder (a 2x2 grey dilation of the 8x8 image), ``invert`` swaps ink and paper:
+    concepts for LoRA experiments."""
 
-    def __init__(self, transform: ImageTransform, caption_template: str = "a handwritten digit {name}", invert: bool = False) -> None:
+    def __init__(self, transform: ImageTransform, caption_template: str = "a handwritten digit {name}", invert: bool = False, thicken: bool = False) -> None:
+        from scipy.ndimage import grey_dilation
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         images = (digits.images / 16.0 * 255.0).round().astype(np.uint8)
+        if thicken:
+            images = np.stack([grey_dilation(im, size=(2, 2)) for im in images])
         if invert:
             images = 255 - images
         self.images = images

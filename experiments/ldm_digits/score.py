@@ -3,14 +3,15 @@
     OMP_NUM_THREADS=1 .venv/bin/python experiments/ldm_digits/score.py --pipeline outputs/ldm_digits/pipeline
     OMP_NUM_THREADS=1 .venv/bin/python experiments/ldm_digits/score.py --ckpt <run dir>/checkpoints/step_000500.ckpt
     OMP_NUM_THREADS=1 .venv/bin/python experiments/ldm_digits/score.py --pipeline outputs/ldm_digits/pipeline \
-        --lora outputs/ldm_digits/lora --trigger inverted --out experiments/ldm_digits/results/lora
+        --lora outputs/ldm_digits/lora --trigger thick --out experiments/ldm_digits/results/lora_thick
 
 For each digit k, ``--per-class`` samples of "a handwritten digit k" (DPM-Solver++, ``--steps``,
 classifier-free guidance ``--guidance``), classified -> per-class and overall accuracy. Also the
 classifier's accuracy on the pipeline VAE's reconstructions of held-out real digits (what the
 first stage alone loses). With ``--lora``: the same prompts with and without the trigger word;
-the concept (inverted digits) is measured by mean brightness and by the accuracy of the
-classifier on the samples inverted back. Writes results.json, results.md and grids to ``--out``.
+the concept is measured by mean brightness (ink) and classifier accuracy, next to the same
+numbers on real digits drawn thick (``--trigger thick``) or on the samples inverted back
+(``--trigger inverted``). Writes results.json, results.md and grids to ``--out``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,17 @@ def grid(images: torch.Tensor, per_class: int, path: Path, cols: int = 10) -> No
     image_grid(torch.cat(rows), rows=10).save(path)
 
 
+def real_thick_reference(classifier: DigitClassifier, resolution: int) -> dict:
+    """Classifier accuracy and mean brightness on all real digits drawn thick (the LoRA's data)."""
+    from diffusion_lab.data.sources import DigitsDataset
+    from diffusion_lab.data.transforms import ImageTransform
+
+    ds = DigitsDataset(ImageTransform(resolution, mode="RGB", warn_upscale=False), thicken=True)
+    images = torch.stack([ds[i]["pixel_values"] for i in range(len(ds))])
+    pred = classifier.predict_proba(images).argmax(-1)
+    return {"overall": float((pred == torch.as_tensor(ds.labels)).float().mean()), "mean_brightness": float((images.mean() + 1) / 2), "n": len(ds)}
+
+
 def vae_reconstruction_accuracy(pipe, classifier: DigitClassifier) -> dict:
     """Classifier accuracy on held-out real digits and on the VAE's reconstructions of them."""
     real, labels = real_digits("heldout", pipe.vae.config.sample_size)
@@ -72,7 +84,7 @@ def main() -> None:
     src.add_argument("--pipeline", help="exported StableDiffusionPipeline folder (experiment=ldm_digits)")
     src.add_argument("--ckpt", help="or a Lightning checkpoint of experiment=ldm_digits (EMA weights)")
     p.add_argument("--lora", default=None, help="LoRA folder (experiment=ldm_digits_lora)")
-    p.add_argument("--trigger", default="inverted", help="trigger word of the LoRA concept")
+    p.add_argument("--trigger", default="thick", help="trigger word of the LoRA concept")
     p.add_argument("--template", default="a handwritten digit {name}")
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--steps", type=int, default=20)
@@ -111,7 +123,10 @@ def main() -> None:
         trigger_template = f"{args.template} {args.trigger}"
         concept = sample(trigger_template)
         results["trigger_prompt"] = accuracy_table(classifier, concept, args.per_class)
-        results["trigger_prompt_inverted_back"] = accuracy_table(classifier, -concept, args.per_class)
+        if args.trigger == "thick":  # what the classifier makes of *real* thick digits: the ceiling
+            results["real_thick_reference"] = real_thick_reference(classifier, pipe.vae.config.sample_size)
+        if args.trigger == "inverted":
+            results["trigger_prompt_inverted_back"] = accuracy_table(classifier, -concept, args.per_class)
         results["trigger_template"] = trigger_template
         grid(base, args.per_class, out / "samples_base.png")
         grid(concept, args.per_class, out / "samples_trigger.png")
@@ -136,10 +151,15 @@ def markdown(r: dict) -> str:
     names = [("prompt", "LoRA loaded, no trigger" if r.get("lora") else f"{r['template'].format(name='k')!r}")]
     if r.get("lora"):
         names = [("base_prompt", "base pipeline (no LoRA)")] + names
-        names += [("trigger_prompt", f"LoRA, {r['trigger_template'].format(name='k')!r}"), ("trigger_prompt_inverted_back", "LoRA + trigger, samples inverted back")]
+        names += [("trigger_prompt", f"LoRA, {r['trigger_template'].format(name='k')!r}")]
+        if "trigger_prompt_inverted_back" in r:
+            names += [("trigger_prompt_inverted_back", "LoRA + trigger, samples inverted back")]
     for key, label in names:
         t = r[key]
         rows.append(f"| {label} | **{t['overall']:.3f}** | " + " | ".join(f"{a:.2f}" for a in t["per_class"]) + f" | {t['mean_brightness']:.3f} |")
+    if "real_thick_reference" in r:
+        ref = r["real_thick_reference"]
+        rows.append(f"| real digits drawn thick (the LoRA's data, n={ref['n']}) | **{ref['overall']:.3f}** |" + " |" * 10 + f" {ref['mean_brightness']:.3f} |")
     return "\n".join(rows) + "\n"
 
 
