@@ -29,7 +29,7 @@ CORPUS = (
 )
 
 
-def _learn_merges(words: Sequence[str], num_merges: int) -> list[tuple[str, str]]:
+def learn_merges(words: Sequence[str], num_merges: int) -> list[tuple[str, str]]:
     """Byte-pair encoding (Sennrich et al. 2016) on ``words`` with CLIP's ``</w>`` word end."""
     vocab = collections.Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in words)
     merges = []
@@ -62,7 +62,7 @@ def _tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
     from tokenizers import pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    merges = _learn_merges(CORPUS.split(), num_merges=200)
+    merges = learn_merges(CORPUS.split(), num_merges=200)
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
@@ -77,25 +77,31 @@ def tiny_clip_tokenizer(model_max_length: int = 77):
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
 
 
-def tiny_text_encoder(hidden_size: int = 32, num_hidden_layers: int = 2, num_attention_heads: int = 4, with_projection: bool = False, seed: int = 0):
-    """A random ``CLIPTextModel`` (or ``...WithProjection`` for SDXL's second encoder) sized for the tiny tokenizer."""
+def clip_text_encoder(tokenizer, hidden_size: int, num_hidden_layers: int = 2, num_attention_heads: int = 4, with_projection: bool = False, seed: int = 0):
+    """A random ``CLIPTextModel`` (or ``...WithProjection``, SDXL's second encoder) for ``tokenizer``:
+    states ``[N, tokenizer.model_max_length, hidden_size]``. Seeded without touching the global RNG."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    tok = tiny_clip_tokenizer()
     config = CLIPTextConfig(
-        vocab_size=len(tok),
+        vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
-        max_position_embeddings=tok.model_max_length,
+        max_position_embeddings=tokenizer.model_max_length,
         projection_dim=hidden_size,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def tiny_text_encoder(hidden_size: int = 32, num_hidden_layers: int = 2, num_attention_heads: int = 4, with_projection: bool = False, seed: int = 0):
+    """A random ``CLIPTextModel`` (or ``...WithProjection`` for SDXL's second encoder) sized for the tiny tokenizer."""
+    return clip_text_encoder(tiny_clip_tokenizer(), hidden_size, num_hidden_layers, num_attention_heads, with_projection, seed)
 
 
 def tiny_vae(latent_channels: int = 4, block_out_channels: Sequence[int] = (16, 32), seed: int = 0, **kwargs):

@@ -28,19 +28,9 @@ FAST = [
 LATENT = ["model.cache=false", "model.preview_steps=2", "callbacks.sample_grid.num_images=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run faster on one thread than on two busy, shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """Runs experiment=vae_digits then experiment=ldm_digits (2 steps each) into one stack dir."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("stack")
     vae_cfg = compose_cfg("train", ["experiment=vae_digits", f"stack_dir={root}", "model.scale_batches=4", *FAST], root / "vae_run")
     _, vae_objects = train(vae_cfg)

@@ -19,15 +19,6 @@ from tests.conftest import TINY, compose_cfg
 LATENT = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "model/unet=sd_tiny", "scheduler=sd", "data=digits_captioned", "data.resolution=16", "logger=csv"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on two busy, shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def build_model(tmp_path, *overrides, base=TINY):
     torch.manual_seed(0)  # same random init for every variant
     return instantiate(compose_cfg("train", base + list(overrides), tmp_path).model)

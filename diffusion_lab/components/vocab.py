@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 from diffusion_lab.data.sources import DIGIT_NAMES
+from diffusion_lab.tiny_sd import clip_text_encoder, learn_merges
 
 
 def caption_words(templates: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
@@ -34,10 +34,9 @@ def clip_vocab(words: Sequence[str], num_merges: int) -> tuple[dict[str, int], l
     ``num_merges`` merges learned on ``words``, then ``<|startoftext|>`` and ``<|endoftext|>``."""
     from tokenizers import pre_tokenizers
 
-    from diffusion_lab.tiny_sd import _learn_merges
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    merges = _learn_merges(list(words), num_merges=num_merges)
+    merges = learn_merges(list(words), num_merges=num_merges)
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(dict.fromkeys(tokens))}, merges
@@ -53,23 +52,7 @@ def vocab_tokenizer(words: Sequence[str], model_max_length: int = 16):
 
 def vocab_text_encoder(tokenizer, hidden_size: int = 64, num_hidden_layers: int = 2, num_attention_heads: int = 4, seed: int = 0):
     """A random ``CLIPTextModel`` for ``tokenizer``: states ``[N, model_max_length, hidden_size]``."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        max_position_embeddings=tokenizer.model_max_length,
-        projection_dim=hidden_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return CLIPTextModel(config)
+    return clip_text_encoder(tokenizer, hidden_size, num_hidden_layers, num_attention_heads, seed=seed)
 
 
 def save_text_model(tokenizer, text_encoder, out: str | Path) -> Path:
