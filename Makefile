@@ -2,6 +2,7 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
+# e.g. make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
@@ -11,8 +12,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: with the default pin pip takes the CPU build (no CUDA wheels).
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH)
+	# torch is already there, so the package's `torch>=2.4` is satisfied and nothing is re-downloaded.
+	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -c "import diffusion_lab, diffusers, transformers, pytorch_lightning, hydra, wandb, torchmetrics"
 	touch $(STAMP)
 
