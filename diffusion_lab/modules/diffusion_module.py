@@ -144,8 +144,13 @@ class DiffusionModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         return loss
 
+    def _logging_step(self, step: int) -> bool:
+        """Lightning writes step metrics every ``trainer.log_every_n_steps``: the extra diagnostics
+        (grad norm, images/s, memory) are only computed on those steps, off the hot path."""
+        return step % max(1, self.trainer.log_every_n_steps) == 0
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._t_batch_start is not None:
+        if self._t_batch_start is not None and self._logging_step(self.global_step):
             dt = time.perf_counter() - self._t_batch_start
             bs = batch_len(batch)
             world = self.trainer.world_size if self._trainer is not None else 1
@@ -160,6 +165,8 @@ class DiffusionModule(pl.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._logging_step(self.global_step + 1):  # the step this update completes
+            return
         grads = [p.grad for p in self.base_unet.parameters() if p.grad is not None]
         if grads:  # one foreach norm over all gradients (not one norm + sync per parameter)
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
