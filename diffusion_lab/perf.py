@@ -112,6 +112,13 @@ def train_step_flops(step: Callable[[], torch.Tensor]) -> int:
     return int(counter.get_total_flops())
 
 
+def forward_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of ``fn()`` run without gradients (a frozen encoder's forward)."""
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
 def clip_fused_gradients(trainer, optimizer: torch.optim.Optimizer, clip_val: float | None, algorithm) -> bool:
     """Clip gradients for a fused optimizer under ``bf16-mixed``; returns False (nothing done)
     for any other case, which Lightning clips itself.

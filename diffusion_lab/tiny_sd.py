@@ -4,6 +4,7 @@
     python -m diffusion_lab.tiny_sd outputs/tiny_sd_v --prediction-type v_prediction
     python -m diffusion_lab.tiny_sd outputs/tiny_sdxl --kind sdxl       # SDXL base
     python -m diffusion_lab.tiny_sd outputs/tiny_sdxl_refiner --kind sdxl-refiner
+    python -m diffusion_lab.tiny_sd outputs/tiny_sd_split --sd15-split  # VAE/UNet cost split of SD 1.5
 
 Real diffusers/transformers classes with tiny configs, and a real ``CLIPTokenizer`` whose
 byte-level BPE vocab/merges are learned here from a small caption corpus (no download). The
@@ -104,7 +105,7 @@ def tiny_text_encoder(hidden_size: int = 32, num_hidden_layers: int = 2, num_att
     return clip_text_encoder(tiny_clip_tokenizer(), hidden_size, num_hidden_layers, num_attention_heads, with_projection, seed)
 
 
-def tiny_vae(latent_channels: int = 4, block_out_channels: Sequence[int] = (16, 32), seed: int = 0, **kwargs):
+def tiny_vae(latent_channels: int = 4, block_out_channels: Sequence[int] = (16, 32), layers_per_block: int = 1, seed: int = 0, **kwargs):
     """A random ``AutoencoderKL``: 2 blocks = down-sampling 2 (SD's has 4 blocks = 8)."""
     from diffusers import AutoencoderKL
 
@@ -117,7 +118,7 @@ def tiny_vae(latent_channels: int = 4, block_out_channels: Sequence[int] = (16, 
         block_out_channels=tuple(block_out_channels),
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=1,
+        layers_per_block=layers_per_block,
         norm_num_groups=8,
         **kwargs,
     )
@@ -159,11 +160,19 @@ def sd_scheduler(prediction_type: str = "epsilon"):
     )
 
 
-def tiny_sd_pipeline(resolution: int = 32, prediction_type: str = "epsilon", seed: int = 0):
-    """A ``StableDiffusionPipeline`` of tiny random parts, safety checker off."""
+# A VAE whose encoder costs what SD 1.5's costs relative to its UNet: SD's VAE encoder at 512 px is
+# 0.46x the FLOPs of a UNet training step at 64x64 latents (experiments/bench/sd15_flops.py); this
+# one (SD's 2 layers per block, 32-64 channels) is 0.42x the tiny UNet's at 16 px. The default
+# (16-32, 1 layer) is 0.07x: cheap for tests, but it hides what latent caching saves.
+SD15_SPLIT_VAE = {"block_out_channels": (32, 64), "layers_per_block": 2}
+
+
+def tiny_sd_pipeline(resolution: int = 32, prediction_type: str = "epsilon", seed: int = 0, vae_kwargs: dict | None = None):
+    """A ``StableDiffusionPipeline`` of tiny random parts, safety checker off. ``vae_kwargs``
+    (e.g. ``SD15_SPLIT_VAE``) reshape the VAE."""
     from diffusers import StableDiffusionPipeline
 
-    vae = tiny_vae(seed=seed, sample_size=resolution)
+    vae = tiny_vae(seed=seed, sample_size=resolution, **(vae_kwargs or {}))
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=tiny_text_encoder(seed=seed),
@@ -210,12 +219,12 @@ def tiny_sdxl_pipeline(refiner: bool = False, resolution: int = 32, seed: int = 
 Kind = Literal["sd", "sdxl", "sdxl-refiner"]
 
 
-def build(out: str | Path, kind: Kind = "sd", prediction_type: str = "epsilon", resolution: int = 32, seed: int = 0) -> Path:
+def build(out: str | Path, kind: Kind = "sd", prediction_type: str = "epsilon", resolution: int = 32, seed: int = 0, vae_kwargs: dict | None = None) -> Path:
     """Build the tiny pipeline of ``kind`` and ``save_pretrained`` it to ``out``."""
     from diffusion_lab.utils.io import atomic_dir
 
     if kind == "sd":
-        pipe = tiny_sd_pipeline(resolution, prediction_type, seed)
+        pipe = tiny_sd_pipeline(resolution, prediction_type, seed, vae_kwargs)
     elif kind in ("sdxl", "sdxl-refiner"):
         pipe = tiny_sdxl_pipeline(refiner=kind == "sdxl-refiner", resolution=resolution, seed=seed)
     else:
@@ -245,8 +254,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sd15-split", action="store_true", help="a VAE as costly relative to the UNet as SD 1.5's (for benchmarks of latent caching)")
     a = p.parse_args(argv)
-    out = build(a.out, a.kind, a.prediction_type, a.resolution, a.seed)
+    if a.sd15_split and a.kind != "sd":
+        p.error("--sd15-split is for --kind sd")
+    out = build(a.out, a.kind, a.prediction_type, a.resolution, a.seed, SD15_SPLIT_VAE if a.sd15_split else None)
     print(f"wrote tiny {a.kind} pipeline to {out}")
 
 

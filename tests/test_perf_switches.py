@@ -168,19 +168,51 @@ def test_fused_adamw_clips_gradients_under_bf16_mixed(train_cfg):
     assert GradNormAfterStep.norms and all(0 < n <= 1e-3 * 1.01 for n in GradNormAfterStep.norms)
 
 
-@pytest.mark.slow
+def test_forward_flops_of_a_linear_layer_are_exact():
+    linear, inputs = torch.nn.Linear(8, 3, bias=False), torch.randn(5, 8)
+    assert perf.forward_flops(lambda: linear(inputs)) == 2 * 5 * 8 * 3
+
+
+def test_sd15_split_fixture_has_sd15s_vae_to_unet_cost_ratio(tmp_path):
+    """The benchmark's tiny SD: VAE encoder FLOPs / UNet training-step FLOPs near SD 1.5's 0.46
+    (experiments/bench/results/sd15_flops.json); the test fixture's is far below it."""
+    from diffusion_lab import tiny_sd
+
+    unet = tiny_unet(sample_size=8)
+    latents, t, states = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    unet_step = perf.train_step_flops(lambda: unet(latents, t, encoder_hidden_states=states).sample.square().mean())
+
+    def vae_ratio(vae) -> float:
+        return perf.forward_flops(lambda: vae.encode(torch.randn(1, 3, 16, 16))) / unet_step
+
+    assert 0.35 < vae_ratio(tiny_sd.tiny_vae(**tiny_sd.SD15_SPLIT_VAE)) < 0.55
+    assert vae_ratio(tiny_sd.tiny_vae()) < 0.15
+    out = tiny_sd.build(tmp_path / "split", vae_kwargs=tiny_sd.SD15_SPLIT_VAE)
+    import json
+
+    config = json.loads((out / "vae" / "config.json").read_text())
+    assert config["block_out_channels"] == [32, 64] and config["layers_per_block"] == 2
+
+
 def test_benchmark_harness_quick_run_writes_its_table(tmp_path):
-    """experiments/bench/bench.py end to end (a few steps): JSON + markdown with the overhead row."""
+    """experiments/bench/bench.py end to end (a few steps of each family on CPU): JSON + markdown
+    with the overhead, fixed cost per step and the FLOP split of what caching removes."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "bench.py"
-    cmd = [sys.executable, str(script), "--quick", "--families", "pixel", "--only", "fused", "--out", str(tmp_path)]
+    cmd = [sys.executable, str(script), "--quick", "--families", "pixel", "fixed_cost", "latent", "--only", "fused", "latent", "--out", str(tmp_path)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     result = json.loads((tmp_path / "cpu_quick.json").read_text())
-    pixel = result["families"]["pixel"]
-    assert set(pixel["cases"]) == {"framework (Lightning)", "plain PyTorch loop", "fused AdamW"}
-    assert all(v > 0 for c in pixel["cases"].values() for v in c["images_per_s"])
-    assert "Framework overhead vs the plain loop" in (tmp_path / "cpu_quick.md").read_text()
+    families = result["families"]
+    assert set(families["pixel"]["cases"]) == {"framework (Lightning)", "plain PyTorch loop", "fused AdamW"}
+    assert set(families["latent"]["cases"]) == {"framework (Lightning), no cache", "plain PyTorch loop, no cache", "latent + text caching", "fused AdamW"}
+    assert set(families["fixed_cost"]["cases"]) == {"framework (Lightning)", "plain PyTorch loop"}
+    assert all(v > 0 for fam in families.values() for c in fam["cases"].values() for v in c["images_per_s"])
+    split = families["latent"]["flops_split"]
+    assert split["caching_bound"] == pytest.approx(sum(v for k, v in split.items() if k != "caching_bound") / split["unet_train_step"])
+    assert 1.3 < split["caching_bound"] < 1.6  # the SD-1.5-split fixture
+    table = (tmp_path / "cpu_quick.md").read_text()
+    assert "Framework overhead vs the plain loop" in table and "CPU-ms per step" in table and "caching can save at most" in table

@@ -71,23 +71,33 @@ class NonFiniteGuard(pl.Callback):
     """Stops the run when the training loss (or, without a loss scaler, a gradient) is nan/inf,
     *before* the optimizer step, so neither the weights nor any checkpoint get the bad values.
 
-    With ``16-mixed`` precision overflowing gradients are the loss scaler's business: it skips
-    the step and lowers the scale, and training goes on.
+    One check per step, so one device sync (and under DDP one all-reduce): the total gradient norm
+    is finite iff every gradient is, and a nan/inf loss makes the gradients nan. With ``16-mixed``
+    precision overflowing gradients are the loss scaler's business (it skips the step and lowers
+    the scale, and training goes on), so there the loss itself is checked.
     """
 
+    def __init__(self) -> None:
+        self._loss: torch.Tensor | None = None
+
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        if trainer.strategy.reduce_boolean_decision(bad, all=False):
-            self._stop(trainer, f"the training loss is {loss.detach().float().item()}")
+        self._loss = loss.detach()  # no sync here: read only when a check fails or with a scaler
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            self._check(trainer, not bool(torch.isfinite(self._loss).all()))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        # the total norm is finite iff every gradient is (one fused foreach kernel, one sync)
-        bad = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        # one fused foreach norm over all gradients
+        self._check(trainer, bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))))
+
+    def _check(self, trainer, bad: bool) -> None:
         if trainer.strategy.reduce_boolean_decision(bad, all=False):
-            self._stop(trainer, "a gradient is nan/inf")
+            loss = self._loss
+            if loss is not None and not bool(torch.isfinite(loss).all()):
+                self._stop(trainer, f"the training loss is {loss.float().item()}")
+            self._stop(trainer, "a gradient is nan/inf" if bad else "a gradient or the loss is nan/inf on another process")
 
     @staticmethod
     def _stop(trainer, what: str) -> None:

@@ -93,7 +93,9 @@ class Family:
     name: str
     config: list[str]
     cases: list[Case]
-    sample: dict
+    sample: dict | None  # sampling-speed spec, None: not measured
+    steps: int | None = None  # timed steps per block (default ``--steps``)
+    title: str = ""
 
 
 def families(args, tiny_sd_dir: Path) -> list[Family]:
@@ -110,6 +112,16 @@ def families(args, tiny_sd_dir: Path) -> list[Family]:
             Case("torch.compile UNet", ["model.compile_unet=true"], note="compile time is in startup_s"),
         ],
         {"num_images": 16, "steps": args.sample_steps},
+        title="the demo recipe (`make demo`)" if args.pixel_unet == "ddpm_digits" else "",
+    )
+    # Lightning's fixed cost per step, which a small step shows most: a near-zero-compute model
+    fixed = Family(
+        "fixed_cost",
+        ["experiment=ddpm_digits", "model/unet=tiny", "data.batch_size=2", "trainer.accelerator=" + args.device],
+        [Case("framework (Lightning)"), Case("plain PyTorch loop", loop="plain", note="same model object, batch, data loader")],
+        None,
+        steps=10 * args.steps,
+        title="a near-zero-compute step (tiny UNet, batch 2): the framework's fixed cost per step",
     )
     latent = Family(
         "latent",
@@ -123,8 +135,9 @@ def families(args, tiny_sd_dir: Path) -> list[Family]:
             Case("fused AdamW", ["model.optimizer.fused=true"]),
         ],
         {"num_images": 16, "steps": args.sample_steps, "guidance_scale": 3.0},
+        title="tiny SD fine-tune, VAE/UNet cost split of SD 1.5 (`tiny_sd --sd15-split`)",
     )
-    out = {"pixel": pixel, "latent": latent}
+    out = {"pixel": pixel, "fixed_cost": fixed, "latent": latent}
     if args.device == "cuda" or args.sd15_on_cpu:
         # SD 1.5's UNet (860M, random init) on 64x64 latents: 512 px images through a 4-level
         # (8x) tiny VAE, tiny CLIP text encoder widened to SD's 768; both cached, so the step is the UNet's
@@ -352,6 +365,26 @@ def flops_per_image(built: Built, device: str) -> int:
     return flops // batch_len(batch)
 
 
+def frozen_parts_flops(built: Built, device: str) -> dict:
+    """FLOPs per image of what latent + text caching removes (VAE encoder, text encoder forward)
+    next to the UNet training step's, and the speedup they bound caching to."""
+    module = built.module.to(device)
+    res = int(built.cfg.data.resolution)
+    vae, text_encoder, tokenizer = module.codec.vae, module.conditioner.text_encoder, module.conditioner.tokenizer
+    ids = tokenizer(["a handwritten digit seven"], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        states = text_encoder(ids)[0].float()
+    x, t = torch.zeros(module.latent_shape(1), device=device), torch.tensor([500], device=device)
+    out = {
+        "unet_train_step": perf.train_step_flops(lambda: module.unet(x, t, encoder_hidden_states=states).sample.float().square().mean()),
+        "vae_encode": perf.forward_flops(lambda: vae.encode(torch.zeros(1, 3, res, res, device=device, dtype=vae.dtype))),
+        "text_encoder": perf.forward_flops(lambda: text_encoder(ids)),
+    }
+    module.zero_grad(set_to_none=True)
+    out["caching_bound"] = sum(out.values()) / out["unet_train_step"]
+    return out
+
+
 def sampling_speed(built: Built, spec: dict, repeats: int, device: str) -> dict:
     """Images/s of ``module.generate`` (the sampler of the config, ``steps`` steps, CFG if latent)."""
     module = built.module.to(device)
@@ -408,13 +441,15 @@ def run_family(fam: Family, args, work: Path) -> dict:
     with torch.no_grad():
         info["attention_kernels"] = dict(perf.attention_kernels(lambda: base.module.to(args.device).diffusion_loss(probe)))
     info["flops_per_image"] = flops_per_image(base, args.device)
+    if hasattr(base.module, "codec"):
+        info["flops_split"] = frozen_parts_flops(base, args.device)
 
     blocks: dict[str, list[Block]] = {c.name: [] for c in fam.cases}
     load = []
     for r in range(args.rounds):
         order = fam.cases[r % len(fam.cases):] + fam.cases[: r % len(fam.cases)]
         for case in order:
-            blocks[case.name].append(measure_block(builds[tuple(case.overrides)], case, args.warmup, args.steps, args.device))
+            blocks[case.name].append(measure_block(builds[tuple(case.overrides)], case, args.warmup, fam.steps or args.steps, args.device))
         load.append(os.getloadavg()[0])
         line = "  ".join(f"{c.name[:18]}={blocks[c.name][-1].images_per_s:.1f}" for c in fam.cases)
         print(f"  round {r + 1}/{args.rounds} (load {load[-1]:.1f}): {line}", flush=True)
@@ -440,7 +475,8 @@ def run_family(fam: Family, args, work: Path) -> dict:
     info["cases"] = cases
     info["load_average_per_round"] = load
     # overhead = the framework's extra time per image = plain images/s / framework images/s - 1
-    plain = cases[next(c for c in fam.cases if c.loop == "plain").name]
+    plain_name = next(c.name for c in fam.cases if c.loop == "plain")
+    plain = cases[plain_name]
     info["framework_overhead_pct"] = {
         "wall": {k: 100 * (v - 1) for k, v in plain["speedup"].items() if k != "per_round"},
         "cpu_time": {k: 100 * (v - 1) for k, v in plain["speedup_cpu_time"].items() if k != "per_round"},
@@ -451,9 +487,14 @@ def run_family(fam: Family, args, work: Path) -> dict:
         if peak:
             for c in cases.values():
                 c["mfu"] = info["flops_per_image"] * c["median_images_per_s"] / peak
-    info["sampling"] = sampling_speed(base, fam.sample, args.sample_repeats, args.device)
+    # the framework's extra time per step (same-round pairs), in ms: what a bigger step dilutes
+    info["fixed_cost_ms_per_step"] = ratio_summary(
+        [1000 * info["batch_size"] * (1 / a.images_per_cpu_s - 1 / b.images_per_cpu_s) for b, a in zip(blocks[plain_name], baseline)]
+    )
+    if fam.sample:
+        info["sampling"] = sampling_speed(base, fam.sample, args.sample_repeats, args.device)
     ov = info["framework_overhead_pct"]
-    print(f"  overhead {ov['wall']['median']:+.1f}% (wall) {ov['cpu_time']['median']:+.1f}% (CPU time)  sampling {info['sampling']['images_per_s']:.1f} img/s", flush=True)
+    print(f"  overhead {ov['wall']['median']:+.1f}% (wall) {ov['cpu_time']['median']:+.1f}% (CPU time), {info['fixed_cost_ms_per_step']['median']:.2f} CPU-ms per step", flush=True)
     return info
 
 
@@ -472,9 +513,10 @@ def markdown(result: dict) -> str:
     for name, fam in result["families"].items():
         mfu = "peak_bf16_flops" in fam
         lines += [
-            f"## {name}: batch {fam['batch_size']}, UNet {fam['unet_parameters'] / 1e6:.2f}M parameters, "
-            f"{fam['flops_per_image'] / 1e9:.2f} GFLOP per image per training step",
+            f"## {name}" + (f": {fam['title']}" if fam.get("title") else ""),
             "",
+            f"Batch {fam['batch_size']}, UNet {fam['unet_parameters'] / 1e6:.2f}M parameters, "
+            f"{fam['flops_per_image'] / 1e9:.3f} GFLOP per image per training step (frozen encoders included when not cached). "
             f"`{' '.join(fam['config'])}`",
             "",
             "| case | switch | images/s | speedup (wall) | images/CPU-s | speedup (CPU time) | peak mem MiB | startup s |" + (" MFU |" if mfu else ""),
@@ -491,16 +533,27 @@ def markdown(result: dict) -> str:
             if mfu:
                 row += f" {100 * c.get('mfu', float('nan')):.1f}% |"
             lines.append(row)
-        ov, sampling = fam["framework_overhead_pct"], fam["sampling"]
+        ov, fixed = fam["framework_overhead_pct"], fam["fixed_cost_ms_per_step"]
         lines += [
             "",
             f"Framework overhead vs the plain loop: **{ov['wall']['median']:+.1f}%** wall time (quartiles {ov['wall']['q1']:+.1f}% .. "
-            f"{ov['wall']['q3']:+.1f}%), **{ov['cpu_time']['median']:+.1f}%** CPU time ({ov['cpu_time']['q1']:+.1f}% .. {ov['cpu_time']['q3']:+.1f}%).",
-            f"Sampling: {sampling['images_per_s']:.2f} images/s ({sampling['scheduler']}, {sampling['steps']} steps, "
-            f"{sampling['num_images']} images" + (f", CFG {sampling['guidance_scale']}" if "guidance_scale" in sampling else "") + ").",
-            f"Attention: processors {fam['attention_processors']}; aten attention kernels in one training step: {fam['attention_kernels'] or 'none (math)'}.",
-            "",
+            f"{ov['wall']['q3']:+.1f}%), **{ov['cpu_time']['median']:+.1f}%** CPU time ({ov['cpu_time']['q1']:+.1f}% .. {ov['cpu_time']['q3']:+.1f}%); "
+            f"{fixed['median']:.2f} CPU-ms per step ({fixed['q1']:.2f} .. {fixed['q3']:.2f}).",
         ]
+        if "flops_split" in fam:
+            f = fam["flops_split"]
+            lines.append(
+                f"FLOPs per image: UNet training step {f['unet_train_step'] / 1e6:.1f} M, VAE encoder {f['vae_encode'] / 1e6:.1f} M "
+                f"({f['vae_encode'] / f['unet_train_step']:.2f}x the UNet's), text encoder {f['text_encoder'] / 1e6:.1f} M: "
+                f"caching can save at most {f['caching_bound']:.2f}x of the FLOPs (plus data loading and per-call overheads)."
+            )
+        if "sampling" in fam:
+            sampling = fam["sampling"]
+            lines.append(
+                f"Sampling: {sampling['images_per_s']:.2f} images/s ({sampling['scheduler']}, {sampling['steps']} steps, "
+                f"{sampling['num_images']} images" + (f", CFG {sampling['guidance_scale']}" if "guidance_scale" in sampling else "") + ")."
+            )
+        lines += [f"Attention: processors {fam['attention_processors']}; aten attention kernels in one training step: {fam['attention_kernels'] or 'none (math)'}.", ""]
     return "\n".join(lines)
 
 
@@ -516,13 +569,13 @@ def git_commit() -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--families", nargs="+", default=["pixel", "latent", "sd15"], help="pixel latent sd15 (sd15 needs --device cuda)")
+    p.add_argument("--families", nargs="+", default=["pixel", "fixed_cost", "latent", "sd15"], help="pixel fixed_cost latent sd15 (sd15 needs --device cuda)")
     p.add_argument("--only", nargs="*", help="keep only cases whose name starts with one of these (the first two cases are always kept)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="timed steps per block")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per block")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
-    p.add_argument("--pixel-unet", default="tiny", help="model/unet option of the pixel family")
+    p.add_argument("--pixel-unet", default="ddpm_digits", help="model/unet option of the pixel family (ddpm_digits: the demo's)")
     p.add_argument("--pixel-batch", type=int, default=64)
     p.add_argument("--latent-batch", type=int, default=32)
     p.add_argument("--sd15-batch", type=int, default=16)
@@ -548,7 +601,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         work = Path(tmp)
-        tiny = tiny_sd.build(work / "tiny_sd")
+        tiny = tiny_sd.build(work / "tiny_sd", vae_kwargs=tiny_sd.SD15_SPLIT_VAE)
         fams = families(args, tiny)
         for fam in fams:
             if args.only:

@@ -29,12 +29,6 @@ SD_VAE = dict(
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77)
 
 
-def forward_flops(fn) -> int:
-    with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
 def main() -> dict:
     unet_cfg = OmegaConf.to_container(OmegaConf.load(HERE.parents[1] / "conf" / "model" / "unet" / "sd15.yaml"))
     unet_cfg = {k: v for k, v in unet_cfg.items() if not k.startswith("_")} | {"sample_size": 64}
@@ -43,8 +37,8 @@ def main() -> dict:
         latents, t, states = torch.randn(1, 4, 64, 64), torch.tensor([500]), torch.randn(1, 77, 768)
         out = {
             "unet_train_step": perf.train_step_flops(lambda: unet(latents, t, encoder_hidden_states=states).sample.float().square().mean()),
-            "vae_encode_512px": forward_flops(lambda: vae.encode(torch.randn(1, 3, 512, 512))),
-            "text_encoder_77_tokens": forward_flops(lambda: text(torch.zeros(1, 77, dtype=torch.long))),
+            "vae_encode_512px": perf.forward_flops(lambda: vae.encode(torch.randn(1, 3, 512, 512))),
+            "text_encoder_77_tokens": perf.forward_flops(lambda: text(torch.zeros(1, 77, dtype=torch.long))),
         }
     out["caching_speedup_bound_by_flops"] = (out["unet_train_step"] + out["vae_encode_512px"] + out["text_encoder_77_tokens"]) / out["unet_train_step"]
     out["unet_parameters"] = sum(p.numel() for p in unet.parameters())
