@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 import diffusion_lab  # noqa: F401  (registers config resolvers)
 from diffusion_lab.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from diffusion_lab.utils.run import friendly_errors, job_scope, optimized_metric, save_config
-from diffusion_lab.utils.validate import check_checkpoint_file, check_pixel_model_fits_data
+from diffusion_lab.utils.validate import check_callbacks_fit_model, check_checkpoint_file, check_pixel_model_fits_data
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
     model = instantiate(cfg.model)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     check_pixel_model_fits_data(model, datamodule)
+    check_callbacks_fit_model(model, cfg.get("callbacks"))
     if cfg.get("ckpt_path"):
         check_checkpoint_file(cfg.ckpt_path)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))

@@ -130,3 +130,14 @@ def test_thick_concept_data_is_a_bolder_copy_of_the_digits():
     assert (thick.labels == plain.labels).all()
     # grey dilation: never less ink anywhere, clearly more in total
     assert (thick.images >= plain.images).all() and thick.images.mean() > 1.4 * plain.images.mean()
+
+
+def test_autoencoder_with_the_diffusion_callbacks_names_them_and_the_fix(tmp_path):
+    """model=autoencoder with the default callbacks (UNet EMA, sample grid, noising strip): a
+    ConfigError before training that lists the keys, not an AttributeError from inside fit."""
+    cfg = compose_cfg("train", ["model=autoencoder", "data=digits_captioned", "data.resolution=16", *FAST], tmp_path)
+    with pytest.raises(DiffusionLabError) as e:
+        train(cfg)
+    message = str(e.value)
+    assert all(f"callbacks.{k}" in message for k in ("ema", "sample_grid", "noising_strip")) and "callbacks=autoencoder" in message
+    assert not (tmp_path / "checkpoints").exists()

@@ -38,6 +38,32 @@ def check_pixel_model_fits_data(module: pl.LightningModule, datamodule: pl.Light
         raise ConfigError(" ".join(problems))
 
 
+def check_callbacks_fit_model(module: pl.LightningModule, callbacks_cfg) -> None:
+    """Callbacks that need a diffusion model (UNet EMA, sample grids, noising strip, FID) on a
+    model without one (``model=autoencoder``): name the ``callbacks.<key>`` entries and the fix."""
+    from hydra.utils import get_class
+
+    from diffusion_lab.callbacks import EMACallback, NoisingStripCallback, SampleGridCallback
+    from diffusion_lab.callbacks.metrics import FIDCallback
+    from diffusion_lab.modules.diffusion_module import DiffusionModule
+
+    if isinstance(module, DiffusionModule) or not callbacks_cfg:
+        return
+    needs_diffusion = (EMACallback, SampleGridCallback, NoisingStripCallback, FIDCallback)
+    keys = [
+        key
+        for key, node in callbacks_cfg.items()
+        if node is not None and "_target_" in node and issubclass(get_class(node._target_), needs_diffusion)
+    ]
+    if keys:
+        listed = ", ".join(f"callbacks.{k}" for k in keys)
+        raise ConfigError(
+            f"{listed} need a diffusion model (a UNet to average, samples to draw), but the model is a "
+            f"{type(module).__name__}. For model=autoencoder use callbacks=autoencoder (experiment=vae_digits sets it), "
+            f"or switch them off: " + " ".join(f"callbacks.{k}=null" for k in keys) + "."
+        )
+
+
 def check_checkpoint_file(ckpt_path: str) -> None:
     """``ckpt_path`` must be a whole checkpoint file (a ``torch.save`` zip archive)."""
     path = Path(ckpt_path).expanduser()

@@ -2,7 +2,7 @@
 against a plain PyTorch loop over the same model, batch and data, and the effect of each speed
 switch (a config key) on training images/s and peak memory.
 
-    python experiments/bench/bench.py                         # CPU: tiny pixel DDPM + tiny SD fine-tune
+    python experiments/bench/bench.py                         # CPU: demo pixel DDPM, fixed cost per step, tiny SD fine-tune
     python experiments/bench/bench.py --device cuda           # + SD-1.5-sized UNet at 64x64 latents, bf16, MFU
     python experiments/bench/bench.py --quick                 # smoke run (2 rounds of 2 steps)
 
