@@ -116,6 +116,24 @@ def test_resume_ddp_checkpoint_in_one_process(ddp_run, train_cfg):
     assert next(iter(opt_state.values()))["step"] == STEPS + 2
 
 
+def test_ddp_run_resumed_mid_epoch_ends_with_the_same_bits(ddp_run, tmp_path):
+    """2 processes resumed from the step-20 checkpoint (mid-epoch) to step 30 end with exactly the
+    weights and EMA of the unbroken 2-process run: per-rank RNG states, sampler position, optimizer
+    and EMA all come back."""
+    run_dir = tmp_path / "resumed"
+    ckpt = ddp_run / "checkpoints" / "step_000020.ckpt"
+    proc = run_cli(tiny("trainer=ddp_cpu", *CURVE, *PROBE, f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    unbroken, resumed = load_probes(ddp_run), load_probes(run_dir)
+    assert [r["global_step"] for r in resumed] == [STEPS, STEPS]
+    for a, b in zip(unbroken, resumed):
+        assert a["rank"] == b["rank"]
+        for k in a["unet"]:
+            assert torch.equal(a["unet"][k], b["unet"][k]), (a["rank"], k)
+        assert all(torch.equal(x, y) for x, y in zip(a["ema"], b["ema"]))
+        assert a["val_loss"] == b["val_loss"]
+
+
 def test_multirun_with_ddp_neither_hangs_nor_duplicates(tmp_path):
     """Each job of the sweep is its own 2-process group in its own folder (Lightning re-runs the
     command line for rank 1: without utils/run.job_scope that would restart the whole sweep)."""
