@@ -35,7 +35,7 @@ from diffusion_lab.metrics.features import FeatureExtractor
 from diffusion_lab.utils.errors import ConfigError, DataError
 from diffusion_lab.utils.instantiate import instantiate_loggers
 from diffusion_lab.utils.io import atomic_write_bytes
-from diffusion_lab.utils.run import finish_loggers, friendly_errors
+from diffusion_lab.utils.run import explain_unknown_keys, finish_loggers, friendly_errors
 
 SCHEMA_VERSION = 1
 
@@ -246,4 +246,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with explain_unknown_keys("evaluate"):
+        main()

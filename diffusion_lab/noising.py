@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 import diffusion_lab  # noqa: F401
 from diffusion_lab.utils.errors import ConfigError
-from diffusion_lab.utils.run import friendly_errors
+from diffusion_lab.utils.run import explain_unknown_keys, friendly_errors
 from diffusion_lab.viz import noising_strip
 
 
@@ -42,4 +42,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with explain_unknown_keys("noising"):
+        main()

@@ -25,7 +25,7 @@ from diffusion_lab.components.schedulers import scheduler_class
 from diffusion_lab.data.transforms import to_pil
 from diffusion_lab.diffusion.sampling import sample
 from diffusion_lab.utils.errors import ConfigError
-from diffusion_lab.utils.run import friendly_errors
+from diffusion_lab.utils.run import explain_unknown_keys, friendly_errors
 from diffusion_lab.viz import image_grid
 
 
@@ -210,4 +210,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with explain_unknown_keys("sample"):
+        main()

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import diffusion_lab  # noqa: F401  (registers config resolvers)
 from diffusion_lab.utils.instantiate import instantiate_callbacks, instantiate_loggers
-from diffusion_lab.utils.run import friendly_errors, job_scope, optimized_metric, save_config
+from diffusion_lab.utils.run import explain_unknown_keys, friendly_errors, job_scope, optimized_metric, save_config
 from diffusion_lab.utils.validate import check_callbacks_fit_model, check_checkpoint_file, check_pixel_model_fits_data
 
 log = logging.getLogger(__name__)
@@ -65,4 +65,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    with explain_unknown_keys("train"):
+        main()

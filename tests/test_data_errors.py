@@ -158,3 +158,26 @@ def test_cli_prints_one_paragraph_not_a_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "InstantiationException" not in proc.stderr
     assert f"error: data.root='{tmp_path / 'missing'}' is not a directory" in proc.stderr
+
+
+def test_misspelled_key_on_the_cli_gets_the_closest_keys(tmp_path):
+    """Hydra alone says 'use +trainer.max_step=5 to append' (which the Trainer would then refuse);
+    the CLI adds that the key does not exist and what it probably was."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    cmd = [sys.executable, "-m", "diffusion_lab.train", "trainer.max_step=5", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "error: trainer.max_step is not a config key" in proc.stderr and "Did you mean trainer.max_steps" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_key_hints_apply_the_group_choices_first():
+    from diffusion_lab.utils.run import unknown_key_hints
+
+    # caption_dropout exists in the latent model only: valid after experiment=sd_finetune_tiny
+    assert unknown_key_hints(["experiment=sd_finetune_tiny", "model.caption_dropout=0.1", "trainer.max_steps=3"], "train") == []
+    (hint,) = unknown_key_hints(["model.caption_dropout=0.1", "+model.extra=1"], "train")
+    assert hint.startswith("model.caption_dropout is not a config key ('caption_dropout' is not in model)")
+    (hint,) = unknown_key_hints(["modle.optimizer.lr=3"], "train")
+    assert "Did you mean model?" in hint
+    assert unknown_key_hints(["model.optimizer.lr.x=3"], "train") == ["model.optimizer.lr.x: model.optimizer.lr is a value, not a section."]

@@ -3,6 +3,7 @@ Hydra x Lightning-DDP handshake, readable errors."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -198,6 +199,59 @@ def optimized_metric(cfg: DictConfig, trainer) -> float | None:
             "Set optimized_metric to one of those, or make sure validation runs (data.val_fraction > 0)."
         )
     return float(value)
+
+
+# ---- misspelled config keys ----------------------------------------------------------------
+_CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+_ABSENT = object()
+
+
+def unknown_key_hints(overrides: list[str], config_name: str) -> list[str]:
+    """For each ``a.b.c=value`` override whose key is not in the config (with the command line's
+    group choices applied): the deepest section that exists, the closest keys there, and its keys."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    plain = [o for o in overrides if "=" in o and not o.startswith(("+", "~", "hydra."))]
+    groups = [o for o in plain if "." not in o.split("=", 1)[0]]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(_CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=groups)
+    except Exception:  # the group choices themselves fail (or are a sweep): Hydra's message says why
+        return []
+    hints = []
+    for o in plain:
+        key = o.split("=", 1)[0]
+        if "." not in key or OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
+            continue
+        parts, node, depth = key.split("."), cfg, 0
+        while isinstance(node, DictConfig) and parts[depth] in node:
+            node, depth = node[parts[depth]], depth + 1
+        section = ".".join(parts[:depth]) or "the top level"
+        if not isinstance(node, DictConfig):
+            hints.append(f"{key}: {section} is a value, not a section.")
+            continue
+        names = [str(k) for k in node.keys()]
+        close = difflib.get_close_matches(parts[depth], names, n=3, cutoff=0.6)
+        prefix = ".".join(parts[:depth] + [""])
+        guess = f" Did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
+        hints.append(f"{key} is not a config key ({parts[depth]!r} is not in {section}).{guess} Keys in {section}: {', '.join(names)}.")
+    return hints
+
+
+@contextmanager
+def explain_unknown_keys(config_name: str):
+    """Around a ``@hydra.main`` entry point: when Hydra refuses the command line, add which
+    override keys do not exist and the closest existing ones (a typo, not a missing ``+``)."""
+    try:
+        yield
+    except SystemExit as e:
+        if e.code == 1:
+            hints = unknown_key_hints(_cli_overrides(sys.argv[1:]), config_name)
+            if hints:
+                print("\nerror: " + " ".join(hints) + " (Prefix a new key with + only to add a key on purpose.)\n", file=sys.stderr)
+        raise
 
 
 @contextmanager
