@@ -22,6 +22,9 @@ SHRINK: dict[str, list[str]] = {
     # SD recipes load every part from model.pretrained: point it at a tiny random SD pipeline
     "sd_finetune": ["model.pretrained={tiny_sd}", "data.resolution=32"],
     "sd_finetune_tiny": ["model.pretrained={tiny_sd}"],
+    # SDXL recipes: a tiny random SDXL base pipeline
+    "sdxl_finetune_tiny": ["model.pretrained={tiny_sdxl}"],
+    "sdxl_lora": ["model.pretrained={tiny_sdxl}", "data.resolution=32"],
 }
 
 
@@ -30,6 +33,13 @@ def tiny_sd_dir(tmp_path_factory) -> str:
     from diffusion_lab import tiny_sd
 
     return str(tiny_sd.build(tmp_path_factory.mktemp("tiny") / "tiny_sd"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_dir(tmp_path_factory) -> str:
+    from diffusion_lab import tiny_sd
+
+    return str(tiny_sd.build(tmp_path_factory.mktemp("tiny") / "tiny_sdxl", kind="sdxl"))
 
 
 def _options(group: str) -> list[str]:
@@ -52,8 +62,9 @@ def test_entry_configs_compose(name, tmp_path):
 def test_experiment_instantiates(experiment, tmp_path, request):
     # GPU experiments are checked on CPU here: same config, accelerator swapped.
     shrink = SHRINK.get(experiment, ["model/unet=tiny"]) + ["trainer.accelerator=cpu"]
-    if any("{tiny_sd}" in o for o in shrink):
-        shrink = [o.format(tiny_sd=request.getfixturevalue("tiny_sd_dir")) for o in shrink]
+    for name in ("tiny_sd", "tiny_sdxl"):
+        if any(f"{{{name}}}" in o for o in shrink):
+            shrink = [o.replace(f"{{{name}}}", request.getfixturevalue(f"{name}_dir")) for o in shrink]
     cfg = compose_cfg("train", [f"experiment={experiment}", *shrink], tmp_path)
     model = instantiate(cfg.model)
     n = model.latent_shape(2)

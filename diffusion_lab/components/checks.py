@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from diffusion_lab.components.text import DualTextConditioner
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -45,3 +46,25 @@ def check_latent_parts(unet, codec, conditioner, resolution: int, image_channels
         )
     if problems:
         raise ConfigError(" ".join(problems))
+
+
+def check_sdxl_parts(unet, conditioner) -> None:
+    """SDXL base: two text encoders, and a UNet whose added conditioning (``text_time``) takes the
+    pooled text embedding plus 6 time ids, each ``addition_time_embed_dim`` wide."""
+    if not isinstance(conditioner, DualTextConditioner):
+        raise ConfigError(
+            f"model=latent_sdxl conditions on SDXL's two text encoders, but the text_encoder group builds a "
+            f"{type(conditioner).__name__}; use text_encoder=sdxl_pretrained (model=latent_sdxl's default)."
+        )
+    cfg = unet.config
+    time_dim = cfg.get("addition_time_embed_dim")
+    expected = 6 * time_dim + conditioner.pooled_size if time_dim else None
+    found = cfg.get("projection_class_embeddings_input_dim")
+    if cfg.get("addition_embed_type") != "text_time" or found != expected:
+        raise ConfigError(
+            f"model.unet{_source(unet)} has addition_embed_type={cfg.get('addition_embed_type')!r} and "
+            f"projection_class_embeddings_input_dim={found}, but model=latent_sdxl needs an SDXL base UNet: addition_embed_type="
+            f"'text_time' taking the pooled text embedding ({conditioner.pooled_size} = text_encoder_2 projection_dim) plus "
+            f"6 time ids x addition_time_embed_dim{f' ({time_dim}) = {expected}' if time_dim else ''}. An SD 1.x/2.x UNet has no added conditioning "
+            f"(use model=latent_sd); the SDXL refiner's takes 5 time ids (aesthetic score) and is not trained here."
+        )

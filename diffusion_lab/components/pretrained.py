@@ -28,6 +28,7 @@ _ALTERNATIVE = {
     "scheduler": "scheduler=ddpm",
 }
 TINY_HINT = "python -m diffusion_lab.tiny_sd outputs/tiny_sd builds a tiny random one offline"
+SDXL_ONLY = ("text_encoder_2", "tokenizer_2")  # what an SDXL base folder has and an SD 1.x/2.x one lacks
 
 
 def torch_dtype(name: Dtype | str) -> torch.dtype:
@@ -56,6 +57,13 @@ def resolve(pretrained: str | None, subfolder: str | None, key: str = "model.pre
     if path.is_dir():
         if subfolder and not (path / subfolder).is_dir():
             found = sorted(p.name for p in path.iterdir() if p.is_dir())
+            if subfolder in SDXL_ONLY:
+                raise ConfigError(
+                    f"{key}={pretrained!r} has no {subfolder}/ folder (found: {found or 'nothing'}), so it is not an SDXL base "
+                    f"pipeline: model=latent_sdxl needs SDXL's second text encoder (text_encoder_2/ + tokenizer_2/). For an SD 1.x/2.x "
+                    f"folder use model=latent_sd; for SDXL set {key}=stabilityai/stable-diffusion-xl-base-1.0 or a local copy "
+                    f"(python -m diffusion_lab.tiny_sd outputs/tiny_sdxl --kind sdxl builds a tiny random one offline)."
+                )
             raise ConfigError(
                 f"{key}={pretrained!r} has no {subfolder}/ folder (found: {found or 'nothing'}). A diffusers Stable "
                 f"Diffusion folder has unet/ vae/ text_encoder/ tokenizer/ scheduler/ (save one with "

@@ -9,22 +9,34 @@ per image.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 
+TextStates = torch.Tensor | dict[str, torch.Tensor]  # [N, L, D] (encoder_hidden_states), or several by key
+
+
 class CachedLatentDataset(Dataset):
     """Items ``{"latent_moments": [2c, h, w], "caption": str[, "encoder_hidden_states": [L, D]]}``.
-    Text states are stored once per distinct caption."""
+    Text states are stored once per distinct caption: one tensor (``encoder_hidden_states``) or a
+    dict of them (SDXL: also the pooled ``text_embeds``). ``extras``: other per-image tensors kept."""
 
-    def __init__(self, moments: torch.Tensor, captions: list[str] | None, states: torch.Tensor | None, state_index: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        moments: torch.Tensor,
+        captions: list[str] | None,
+        states: TextStates | None,
+        state_index: torch.Tensor | None,
+        extras: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self.moments = moments
         self.captions = captions
         self.states = states
         self.state_index = state_index
+        self.extras = extras or {}
 
     def __len__(self) -> int:
         return len(self.moments)
@@ -34,7 +46,9 @@ class CachedLatentDataset(Dataset):
         if self.captions is not None:
             item["caption"] = self.captions[i]
         if self.states is not None:
-            item["encoder_hidden_states"] = self.states[self.state_index[i]]
+            states = self.states if isinstance(self.states, dict) else {"encoder_hidden_states": self.states}
+            item.update({k: v[self.state_index[i]] for k, v in states.items()})
+        item.update({k: v[i] for k, v in self.extras.items()})
         return item
 
 
@@ -42,23 +56,32 @@ class CachedLatentDataset(Dataset):
 def cache_latents(
     dataset: Dataset,
     moments_fn: Callable[[torch.Tensor], torch.Tensor],
-    text_fn: Callable[[list[str]], torch.Tensor] | None,
+    text_fn: Callable[[list[str]], TextStates] | None,
     device: torch.device | str,
     batch_size: int = 16,
+    keep: Sequence[str] = (),
 ) -> CachedLatentDataset:
     """Run ``moments_fn`` (images ``[N, C, H, W]`` -> ``[N, 2c, h, w]``) over ``dataset`` and,
-    if given, ``text_fn`` (captions -> ``[N, L, D]``) over its distinct captions; kept on CPU."""
-    moments, captions = [], []
+    if given, ``text_fn`` (captions -> ``[N, L, D]``, or a dict of ``[N, ...]``) over its distinct
+    captions; the batch entries named in ``keep`` are carried along when present. Kept on CPU."""
+    moments, captions, extras = [], [], {}
     # own generator: creating a loader iterator draws a seed, which must not move the global RNG
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
     for batch in tqdm(loader, desc="caching latents", leave=False):
         moments.append(moments_fn(batch["pixel_values"].to(device)).cpu())
         if "caption" in batch:
             captions.extend(batch["caption"])
+        for key in keep:
+            if key in batch:
+                extras.setdefault(key, []).append(batch[key])
     states = index = None
     if text_fn is not None and captions:
         distinct = list(dict.fromkeys(captions))
         position = {c: i for i, c in enumerate(distinct)}
-        states = torch.cat([text_fn(distinct[i : i + batch_size]).cpu() for i in range(0, len(distinct), batch_size)])
+        chunks = [text_fn(distinct[i : i + batch_size]) for i in range(0, len(distinct), batch_size)]
+        if isinstance(chunks[0], dict):
+            states = {k: torch.cat([c[k].cpu() for c in chunks]) for k in chunks[0]}
+        else:
+            states = torch.cat([c.cpu() for c in chunks])
         index = torch.tensor([position[c] for c in captions])
-    return CachedLatentDataset(torch.cat(moments), captions or None, states, index)
+    return CachedLatentDataset(torch.cat(moments), captions or None, states, index, {k: torch.cat(v) for k, v in extras.items()})

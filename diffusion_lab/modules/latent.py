@@ -40,6 +40,10 @@ class LatentDiffusion(DiffusionModule):
     """
 
     hparams_ignore = DiffusionModule.hparams_ignore + ("codec", "conditioner", "unet_lora", "text_lora")
+    # what ``text_states`` returns, and so what the cache holds per caption
+    text_keys: tuple[str, ...] = ("encoder_hidden_states",)
+    # per-image batch entries besides images and captions that the cache must carry along
+    cached_batch_keys: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -73,11 +77,13 @@ class LatentDiffusion(DiffusionModule):
                 f"adapter=none trains the whole UNet, whose weights must stay float32; use trainer.precision=bf16-mixed instead."
             )
         if text_lora is not None:
-            add_lora(conditioner.text_encoder, text_lora)
+            for encoder in conditioner.encoders:
+                add_lora(encoder, text_lora)
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if not conditioner.frozen:
-                conditioner.text_encoder.gradient_checkpointing_enable()
+                for encoder in conditioner.encoders:
+                    encoder.gradient_checkpointing_enable()
         super().__init__(unet, noise_scheduler, optimizer, **kwargs)
         self.codec = codec
         self.conditioner = conditioner
@@ -100,26 +106,31 @@ class LatentDiffusion(DiffusionModule):
         cond = {k: v.to(dtype) for k, v in cond.items()}
         return self.unet(x_t.to(dtype), t, **cond).sample.float()
 
+    def text_states(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Captions -> the UNet's text conditioning (``text_keys``): ``encoder_hidden_states`` ``[N, L, D]``."""
+        return {"encoder_hidden_states": self.conditioner(captions)}
+
     def conditioning(self, batch: dict, train: bool) -> dict[str, torch.Tensor]:
-        """``encoder_hidden_states`` ``[N, L, D]``; while training each caption is replaced by ""
-        with probability ``caption_dropout`` (the same draw with or without the cache)."""
+        """``text_states`` of the captions (or the cached ones); while training each caption is
+        replaced by "" with probability ``caption_dropout`` (the same draw with or without the cache)."""
         p = self.hparams.caption_dropout
         drop = torch.rand(batch_len(batch)) < p if train and p > 0 else None
         if "encoder_hidden_states" in batch:
-            states = batch["encoder_hidden_states"]
+            states = {k: batch[k] for k in self.text_keys}
             if drop is not None:
-                states = torch.where(drop.to(states.device).view(-1, 1, 1), self._empty_states().to(states), states)
+                empty = self._empty_states()
+                states = {k: torch.where(drop.to(v.device).view(-1, *[1] * (v.ndim - 1)), empty[k].to(v), v) for k, v in states.items()}
         else:
             captions = self._captions(batch)
             if drop is not None:
                 captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            states = self.conditioner(captions)
-        return {"encoder_hidden_states": states}
+            states = self.text_states(captions)
+        return states
 
     def sampling_conditioning(self, cond_batch: dict | None, n: int):
         """Prompts from ``cond_batch["caption"]`` (else empty); the unconditional half is ""."""
         captions = list(cond_batch["caption"]) if cond_batch and "caption" in cond_batch else [""] * n
-        return {"encoder_hidden_states": self.conditioner(captions)}, {"encoder_hidden_states": self.conditioner([""] * n)}
+        return self.text_states(captions), self.text_states([""] * n)
 
     def latent_shape(self, n: int) -> tuple[int, ...]:
         size = self.hparams.resolution // self.codec.downsample_factor
@@ -135,8 +146,8 @@ class LatentDiffusion(DiffusionModule):
         return list(batch["caption"])
 
     @torch.no_grad()
-    def _empty_states(self) -> torch.Tensor:
-        return self.conditioner([""])
+    def _empty_states(self) -> dict[str, torch.Tensor]:
+        return self.text_states([""])
 
     # ---- caching ----------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -146,24 +157,22 @@ class LatentDiffusion(DiffusionModule):
         if dm is None or not hasattr(dm, "train_set"):
             raise ConfigError("model.cache=true needs the data module of data.datamodule (diffusion_lab.data.DiffusionDataModule).")
         _warn_if_random_transform(dm.train_set)
-        text_fn = self.conditioner if self.conditioner.frozen else None  # a trained encoder changes: not cacheable
+        text_fn = self.text_states if self.conditioner.frozen else None  # a trained encoder changes: not cacheable
         for name in ("train_set", "val_set"):
             ds = getattr(dm, name)
             if ds is not None and not isinstance(ds, CachedLatentDataset):
-                setattr(dm, name, cache_latents(ds, self.codec.moments, text_fn, self.device, dm.per_device_batch_size))
+                cached = cache_latents(ds, self.codec.moments, text_fn, self.device, dm.per_device_batch_size, keep=self.cached_batch_keys)
+                setattr(dm, name, cached)
 
     # ---- export -----------------------------------------------------------------------------
     def pipeline(self, fused: bool = False) -> StableDiffusionPipeline:
         """A ``StableDiffusionPipeline`` of the current weights (float32 copies of any part held in
         half precision). ``fused``: LoRA merged into copies of the base weights."""
-        unet, text_encoder = self.base_unet, self.conditioner.text_encoder
-        if fused:
-            unet = fused_copy(unet) if has_lora(unet) else _float32(unet)
-            text_encoder = fused_copy(text_encoder) if has_lora(text_encoder) else _float32(text_encoder)
+        unet, (text_encoder,) = self._pipeline_parts(fused)
         safety_checker, feature_extractor = self._safety_checker()
         return StableDiffusionPipeline(
             vae=_float32(self.codec.vae),
-            text_encoder=_float32(text_encoder),
+            text_encoder=text_encoder,
             tokenizer=self.conditioner.tokenizer,
             unet=unet,
             scheduler=self.sampling_scheduler(),
@@ -171,6 +180,14 @@ class LatentDiffusion(DiffusionModule):
             feature_extractor=feature_extractor,
             requires_safety_checker=safety_checker is not None,
         )
+
+    def _pipeline_parts(self, fused: bool) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+        """(UNet, float32 text encoders) for a pipeline; ``fused``: LoRA merged into float32 copies."""
+        unet, encoders = self.base_unet, list(self.conditioner.encoders)
+        if fused:
+            unet = fused_copy(unet) if has_lora(unet) else _float32(unet)
+            encoders = [fused_copy(e) if has_lora(e) else e for e in encoders]
+        return unet, [_float32(e) for e in encoders]
 
     def _safety_checker(self):
         source = self.hparams.safety_checker
@@ -187,23 +204,27 @@ class LatentDiffusion(DiffusionModule):
             with atomic_dir(out_dir) as tmp:
                 self.pipeline(fused=True).save_pretrained(tmp, safe_serialization=True)
             return
+        with atomic_dir(out_dir) as tmp:
+            self.save_lora(tmp)
+            if self.hparams.export_fused:
+                self.pipeline(fused=True).save_pretrained(Path(tmp) / "fused", safe_serialization=True)
+
+    def save_lora(self, out_dir: str) -> None:
+        """The LoRA weights into ``out_dir``: diffusers layout + kohya layout."""
         parts = {"unet": self.base_unet}
         if has_lora(self.conditioner.text_encoder):
             parts["text_encoder"] = self.conditioner.text_encoder
-        with atomic_dir(out_dir) as tmp:
-            StableDiffusionPipeline.save_lora_weights(
-                tmp,
-                unet_lora_layers=lora_state_dict(self.base_unet),
-                text_encoder_lora_layers=lora_state_dict(parts["text_encoder"]) if "text_encoder" in parts else None,
-                unet_lora_adapter_metadata=lora_metadata(self.base_unet),
-                text_encoder_lora_adapter_metadata=lora_metadata(parts["text_encoder"]) if "text_encoder" in parts else None,
-                safe_serialization=True,
-            )
-            config = self.base_unet.peft_config["default"]
-            meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r), "ss_network_alpha": str(config.lora_alpha)}
-            save_file(kohya_state_dict(parts), str(Path(tmp) / KOHYA_FILE), metadata=meta)
-            if self.hparams.export_fused:
-                self.pipeline(fused=True).save_pretrained(Path(tmp) / "fused", safe_serialization=True)
+        StableDiffusionPipeline.save_lora_weights(
+            out_dir,
+            unet_lora_layers=lora_state_dict(self.base_unet),
+            text_encoder_lora_layers=lora_state_dict(parts["text_encoder"]) if "text_encoder" in parts else None,
+            unet_lora_adapter_metadata=lora_metadata(self.base_unet),
+            text_encoder_lora_adapter_metadata=lora_metadata(parts["text_encoder"]) if "text_encoder" in parts else None,
+            safe_serialization=True,
+        )
+        config = self.base_unet.peft_config["default"]
+        meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r), "ss_network_alpha": str(config.lora_alpha)}
+        save_file(kohya_state_dict(parts), str(Path(out_dir) / KOHYA_FILE), metadata=meta)
 
 
 def _float32(module: torch.nn.Module) -> torch.nn.Module:
