@@ -99,18 +99,19 @@ class Family:
 
 
 def families(args, tiny_sd_dir: Path) -> list[Family]:
+    plain = Case("plain PyTorch loop", loop="plain", note="same model object, batch, data loader")
+    # the switches every family measures (after its own)
+    switches = [
+        Case("channels_last", ["model.channels_last=true"]),
+        Case("attention=eager", ["model.attention=eager"], note="baseline is sdpa (diffusers' default)"),
+        Case("fused AdamW", ["model.optimizer.fused=true"]),
+        Case("2 workers + pinned memory", ["data.num_workers=2", "data.persistent_workers=true", "data.pin_memory=" + str(args.device == "cuda").lower()]),
+        Case("torch.compile UNet", ["model.compile_unet=true"], note="compile time is in startup_s"),
+    ]
     pixel = Family(
         "pixel",
         ["experiment=ddpm_digits", f"model/unet={args.pixel_unet}", f"data.batch_size={args.pixel_batch}", "trainer.accelerator=" + args.device],
-        [
-            Case("framework (Lightning)"),
-            Case("plain PyTorch loop", loop="plain", note="same model object, batch, data loader"),
-            Case("channels_last", ["model.channels_last=true"]),
-            Case("attention=eager", ["model.attention=eager"], note="baseline is sdpa (diffusers' default)"),
-            Case("fused AdamW", ["model.optimizer.fused=true"]),
-            Case("2 workers + pinned memory", ["data.num_workers=2", "data.persistent_workers=true", "data.pin_memory=" + str(args.device == "cuda").lower()]),
-            Case("torch.compile UNet", ["model.compile_unet=true"], note="compile time is in startup_s"),
-        ],
+        [Case("framework (Lightning)"), plain, *switches],
         {"num_images": 16, "steps": args.sample_steps},
         title="the demo recipe (`make demo`)" if args.pixel_unet == "ddpm_digits" else "",
     )
@@ -118,7 +119,7 @@ def families(args, tiny_sd_dir: Path) -> list[Family]:
     fixed = Family(
         "fixed_cost",
         ["experiment=ddpm_digits", "model/unet=tiny", "data.batch_size=2", "trainer.accelerator=" + args.device],
-        [Case("framework (Lightning)"), Case("plain PyTorch loop", loop="plain", note="same model object, batch, data loader")],
+        [Case("framework (Lightning)"), plain],
         None,
         steps=10 * args.steps,
         title="a near-zero-compute step (tiny UNet, batch 2): the framework's fixed cost per step",
@@ -128,11 +129,10 @@ def families(args, tiny_sd_dir: Path) -> list[Family]:
         ["experiment=sd_finetune_tiny", f"model.pretrained={tiny_sd_dir}", "data.resolution=16", f"data.batch_size={args.latent_batch}", "trainer.accelerator=" + args.device],
         [
             Case("framework (Lightning), no cache"),
-            Case("plain PyTorch loop, no cache", loop="plain", note="same model object, batch, data loader"),
+            Case("plain PyTorch loop, no cache", loop="plain", note=plain.note),
             Case("latent + text caching", ["model.cache=true"], note="cache build time is in startup_s"),
             Case("frozen VAE + text encoder in bf16", ["vae.dtype=bfloat16", "text_encoder.dtype=bfloat16"]),
-            Case("channels_last", ["model.channels_last=true"]),
-            Case("fused AdamW", ["model.optimizer.fused=true"]),
+            *switches,
         ],
         {"num_images": 16, "steps": args.sample_steps, "guidance_scale": 3.0},
         title="tiny SD fine-tune, VAE/UNet cost split of SD 1.5 (`tiny_sd --sd15-split`)",
@@ -152,11 +152,8 @@ def families(args, tiny_sd_dir: Path) -> list[Family]:
             ],
             [
                 Case("framework (Lightning), cached"),
-                Case("plain PyTorch loop, cached", loop="plain", note="same model object, batch, data loader"),
-                Case("channels_last", ["model.channels_last=true"]),
-                Case("attention=eager", ["model.attention=eager"], note="baseline is sdpa"),
-                Case("fused AdamW", ["model.optimizer.fused=true"]),
-                Case("torch.compile UNet", ["model.compile_unet=true"], note="compile time is in startup_s"),
+                Case("plain PyTorch loop, cached", loop="plain", note=plain.note),
+                *switches,
             ],
             {"num_images": 4, "steps": args.sample_steps, "guidance_scale": 7.5},
         )
