@@ -58,8 +58,8 @@ def check_callbacks_fit_model(module: pl.LightningModule, callbacks_cfg) -> None
     if keys:
         listed = ", ".join(f"callbacks.{k}" for k in keys)
         raise ConfigError(
-            f"{listed} need a diffusion model (a UNet to average, samples to draw), but the model is a "
-            f"{type(module).__name__}. For model=autoencoder use callbacks=autoencoder (experiment=vae_digits sets it), "
+            f"{listed} need a diffusion model (a UNet to average, samples to draw), which the model "
+            f"({type(module).__name__}) is not. For model=autoencoder use callbacks=autoencoder (experiment=vae_digits sets it), "
             f"or switch them off: " + " ".join(f"callbacks.{k}=null" for k in keys) + "."
         )
 
