@@ -26,14 +26,26 @@ def tiny(*overrides: str) -> list[str]:
     return list(merged.values())
 
 
+def _cli(args: list[str], log_dir: Path) -> tuple[list[str], dict]:
+    """Command and environment of ``python -m diffusion_lab.train <args>``: outputs under ``log_dir``, offline."""
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    return [sys.executable, "-m", "diffusion_lab.train", *args, f"paths.log_dir={log_dir}"], env
+
+
 def run_cli(args: list[str], log_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m diffusion_lab.train <args>`` with outputs under ``log_dir``, offline, no network."""
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "diffusion_lab.train", *args, f"paths.log_dir={log_dir}"]
+    cmd, env = _cli(args, log_dir)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     (log_dir / "cli.log").parent.mkdir(parents=True, exist_ok=True)
     (log_dir / "cli.log").write_text(proc.stdout + proc.stderr)  # kept in tmp_path for debugging
     return proc
+
+
+def start_cli(args: list[str], log_dir: Path, log: Path) -> subprocess.Popen:
+    """``run_cli`` without waiting: the process, its output going to ``log``."""
+    cmd, env = _cli(args, log_dir)
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 class RankProbe(pl.Callback):

@@ -4,6 +4,9 @@ Hydra multirun. No GPU here: bf16-mixed runs on CPU, 16-mixed and FSDP need a GP
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +19,7 @@ from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.wandb_offline import find_offline_runs
 
 from tests.conftest import compose_cfg
-from tests.multiproc import PROBE, load_probes, run_cli, tiny
+from tests.multiproc import PROBE, load_probes, run_cli, start_cli, tiny
 
 STEPS = 30
 # one optimizer step = the same 16 images in both set-ups (1 x 16 or 2 x 8); constant LR
@@ -132,6 +135,36 @@ def test_ddp_run_resumed_mid_epoch_ends_with_the_same_bits(ddp_run, tmp_path):
             assert torch.equal(a["unet"][k], b["unet"][k]), (a["rank"], k)
         assert all(torch.equal(x, y) for x, y in zip(a["ema"], b["ema"]))
         assert a["val_loss"] == b["val_loss"]
+
+
+def test_sigterm_under_ddp_saves_on_every_rank_and_resumes_to_the_same_bits(ddp_run, tmp_path):
+    """Preemption: SIGTERM to the launching process (rank 0) at step 15. Lightning forwards it to
+    rank 1; both ranks finish the step, write last.ckpt together and exit 143. Resumed with 2
+    processes to step 30, the run ends bit-identical to the unbroken one."""
+    marker, stopped = tmp_path / "paused", tmp_path / "stopped"
+    pause = f"+callbacks.pause={{_target_: tests.test_reliability.PauseAtStep, step: 15, marker: '{marker}'}}"
+    proc = start_cli(tiny("trainer=ddp_cpu", *CURVE, pause, f"hydra.run.dir={stopped}"), tmp_path, tmp_path / "stopped.log")
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), (tmp_path / "stopped.log").read_text()[-3000:]
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "stopped.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    last = stopped / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 15
+    assert f"SIGTERM: saved {last} at step 15" in (tmp_path / "stopped.log").read_text()
+
+    resumed = tmp_path / "resumed"
+    done = run_cli(tiny("trainer=ddp_cpu", *CURVE, *PROBE, f"ckpt_path={last}", f"hydra.run.dir={resumed}"), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for a, b in zip(load_probes(ddp_run), load_probes(resumed)):
+        assert b["global_step"] == STEPS
+        assert all(torch.equal(a["unet"][k], b["unet"][k]) for k in a["unet"])
+        assert all(torch.equal(x, y) for x, y in zip(a["ema"], b["ema"]))
 
 
 def test_multirun_with_ddp_neither_hangs_nor_duplicates(tmp_path):
