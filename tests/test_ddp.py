@@ -246,3 +246,19 @@ def test_latent_module_two_processes(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir() if "pipeline" in p.name) == ["pipeline"]
     assert (run_dir / "pipeline" / "model_index.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["run", "tiny_sd"]
+
+
+def test_fid_callback_under_ddp_runs_on_rank_zero_without_hanging(tmp_path):
+    """callbacks=with_fid in a 2-process run: rank 0 samples and scores (no collective inside, so
+    rank 1 just waits at the next gradient all-reduce), val/fid reaches the logger once per check,
+    and the ranks' weights stay identical."""
+    run_dir = tmp_path / "run"
+    args = tiny("trainer=ddp_cpu", "callbacks=with_fid", "data.resolution=8", "trainer.max_steps=4", "callbacks.fid.every_n_steps=2",
+                "callbacks.fid.num_images=16", "callbacks.fid.num_reference=64", "logger=csv", *PROBE, f"hydra.run.dir={run_dir}")
+    proc = run_cli(args, tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = load_probes(run_dir)
+    assert all(torch.equal(r0["unet"][k], r1["unet"][k]) for k in r0["unet"])
+    metrics = pd.read_csv(run_dir / "csv" / "metrics.csv")
+    fid = metrics.dropna(subset=["val/fid"])
+    assert fid["step"].tolist() == [2, 4] and (fid["val/fid"] > 0).all() and (fid["val/kid"].notna()).all()

@@ -16,7 +16,8 @@ class FIDCallback(pl.Callback):
     ``num_images`` samples with the EMA weights from fixed noise, and log ``val/fid`` and
     ``val/kid`` against ``num_reference`` training images (embedded once) in ``features`` space.
 
-    Rank zero computes; the numbers are logged with ``rank_zero_only`` so DDP does not wait.
+    Rank zero computes and logs (the other ranks wait at the next gradient all-reduce); the
+    torchmetrics metrics never sync across processes.
     A few hundred samples give a biased but comparable-across-steps FID, not a paper number.
     """
 
@@ -65,8 +66,11 @@ class FIDCallback(pl.Callback):
         if trainer.is_global_zero:
             values = self.measure(trainer, pl_module)
             self.history.append({"step": trainer.global_step, **values})
-            for k, v in values.items():
-                pl_module.log(k, v, rank_zero_only=True)
+            # straight to the loggers at this step (as the sample grids): ``self.log`` from a batch
+            # hook would repeat the value at every later step until the next measurement
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=trainer.global_step)
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})  # monitors, sweepers
             rank_zero_info(f"step {trainer.global_step}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
