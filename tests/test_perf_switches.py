@@ -203,7 +203,7 @@ def test_benchmark_harness_quick_run_writes_its_table(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "bench.py"
-    cmd = [sys.executable, str(script), "--quick", "--families", "pixel", "fixed_cost", "latent", "--only", "fused", "latent", "--out", str(tmp_path)]
+    cmd = [sys.executable, str(script), "--quick", "--families", "pixel", "fixed_cost", "latent", "--only", "fused", "latent", "--no-memory-probe", "--out", str(tmp_path)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     result = json.loads((tmp_path / "cpu_quick.json").read_text())
     families = result["families"]
@@ -216,3 +216,18 @@ def test_benchmark_harness_quick_run_writes_its_table(tmp_path):
     assert 1.3 < split["caching_bound"] < 1.6  # the SD-1.5-split fixture
     table = (tmp_path / "cpu_quick.md").read_text()
     assert "Framework overhead vs the plain loop" in table and "CPU-ms per step" in table and "caching can save at most" in table
+
+
+def test_benchmark_memory_probe_measures_each_case_in_a_fresh_process(tmp_path):
+    """On CPU the peak-memory column comes from one fresh process per case (the benchmark process
+    reuses freed memory): a positive number of MiB for the framework and the plain loop."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "bench.py"
+    cmd = [sys.executable, str(script), "--quick", "--families", "fixed_cost", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    cases = json.loads((tmp_path / "cpu_quick.json").read_text())["families"]["fixed_cost"]["cases"]
+    assert all(c["peak_mem_mib"] > 0 for c in cases.values()), {k: c["peak_mem_mib"] for k, c in cases.items()}

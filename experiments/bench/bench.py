@@ -16,6 +16,9 @@ and ``--steps`` timed steps, in an order rotated from round to round. A block's 
 images of the timed steps / their wall time, data loading included. A switch's effect is the
 median over rounds of its images/s / the baseline's images/s *in the same round*, so a slow
 spell of a shared machine hits both sides. The load average is recorded with the results.
+Peak memory: CUDA ``max_memory_allocated`` per block; on CPU one fresh process per case (the
+resident-set peak of a few steps above the size once model and data are built), because inside
+the benchmark process a block reuses memory that earlier cases freed.
 
 Framework = a ``pytorch_lightning.Trainer`` from the config with the per-step machinery on (loss
 and grad-norm logging, CSV logger, LR monitor, nan/inf guard, RNG/signal callbacks, gradient
@@ -350,6 +353,25 @@ def measure_block(built: Built, case: Case, warmup: int, steps: int, device: str
     return (lightning_block if case.loop == "lightning" else plain_block)(built, warmup, steps, device)
 
 
+def memory_probe(fam: Family, case: Case, args, work: Path) -> float:
+    """CPU peak memory of training (MiB), in a fresh process: the peak resident set size during a
+    few steps above the size once model and data are built (grads, optimizer state, activations,
+    cache). In the benchmark process, blocks reuse memory that earlier cases freed."""
+    built = build(fam.config + BENCH + case.overrides, work)
+    return measure_block(built, case, 1, 2, args.device).peak_mem_mib
+
+
+def probe_memory_in_subprocess(fam: Family, case: Case, tiny_sd_dir: Path) -> float | None:
+    """``memory_probe`` of one case in a new interpreter (same command line + ``--memory-probe``)."""
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--memory-probe", fam.name, case.name, "--tiny-sd-dir", str(tiny_sd_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("PEAK_MIB ")]
+    if proc.returncode != 0 or not lines:
+        print(f"  memory probe of {fam.name} / {case.name} failed:\n{proc.stderr[-1500:]}", flush=True)
+        return None
+    return float(lines[-1].split()[1])
+
+
 def flops_per_image(built: Built, device: str) -> int:
     """Model FLOPs (UNet forward + backward; frozen parts included when not cached) per image."""
     module = built.module.to(device)
@@ -469,6 +491,10 @@ def run_family(fam: Family, args, work: Path) -> dict:
             "peak_mem_mib": statistics.median(b.peak_mem_mib for b in runs),
             "startup_s": builds[tuple(case.overrides)].startup_s if case.loop == "lightning" else None,
         }
+    if args.device == "cpu" and not args.no_memory_probe:  # CPU: the in-process RSS growth says little
+        for case in fam.cases:
+            cases[case.name]["peak_mem_mib"] = probe_memory_in_subprocess(fam, case, args.tiny_sd_dir)
+            print(f"  peak memory {case.name}: {cases[case.name]['peak_mem_mib']} MiB", flush=True)
     info["cases"] = cases
     info["load_average_per_round"] = load
     # overhead = the framework's extra time per image = plain images/s / framework images/s - 1
@@ -525,7 +551,7 @@ def markdown(result: dict) -> str:
             w, t = c["speedup"], c["speedup_cpu_time"]
             row = (
                 f"| {case_name} | `{switch}` | {c['median_images_per_s']:.1f} | {w['median']:.2f}x [{w['q1']:.2f}, {w['q3']:.2f}] "
-                f"| {c['median_images_per_cpu_s']:.1f} | {t['median']:.2f}x [{t['q1']:.2f}, {t['q3']:.2f}] | {c['peak_mem_mib']:.0f} | {startup} |"
+                f"| {c['median_images_per_cpu_s']:.1f} | {t['median']:.2f}x [{t['q1']:.2f}, {t['q3']:.2f}] | {_mib(c['peak_mem_mib'])} | {startup} |"
             )
             if mfu:
                 row += f" {100 * c.get('mfu', float('nan')):.1f}% |"
@@ -552,6 +578,10 @@ def markdown(result: dict) -> str:
             )
         lines += [f"Attention: processors {fam['attention_processors']}; aten attention kernels in one training step: {fam['attention_kernels'] or 'none (math)'}.", ""]
     return "\n".join(lines)
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
 
 
 def git_commit() -> str:
@@ -585,6 +615,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sample-repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds x (1 warmup + 2 steps), small batches")
     p.add_argument("--out", default=str(REPO / "experiments" / "bench" / "results"))
+    p.add_argument("--no-memory-probe", action="store_true", help="CPU: skip the per-case peak memory runs in fresh processes")
+    p.add_argument("--memory-probe", nargs=2, metavar=("FAMILY", "CASE"), help=argparse.SUPPRESS)  # internal: one probe
+    p.add_argument("--tiny-sd-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.warmup, args.sample_repeats, args.sample_steps = 2, 2, 1, 1, 2
@@ -594,11 +627,20 @@ def main(argv: list[str] | None = None) -> dict:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(exists and is not empty|LeafSpec|requires torchvision).*")
 
+    if args.memory_probe:  # a child of probe_memory_in_subprocess: one case, print its peak
+        name, case_name = args.memory_probe
+        fam = next(f for f in families(args, Path(args.tiny_sd_dir)) if f.name == name)
+        case = next(c for c in fam.cases if c.name == case_name)
+        with tempfile.TemporaryDirectory(prefix="bench_probe_") as tmp:
+            print(f"PEAK_MIB {memory_probe(fam, case, args, Path(tmp)):.1f}", flush=True)
+        return {}
+
     load_start = os.getloadavg()
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         work = Path(tmp)
         tiny = tiny_sd.build(work / "tiny_sd", vae_kwargs=tiny_sd.SD15_SPLIT_VAE)
+        args.tiny_sd_dir = tiny
         fams = families(args, tiny)
         for fam in fams:
             if args.only:
