@@ -176,6 +176,7 @@ def test_unknown_key_hints_apply_the_group_choices_first():
 
     # caption_dropout exists in the latent model only: valid after experiment=sd_finetune_tiny
     assert unknown_key_hints(["experiment=sd_finetune_tiny", "model.caption_dropout=0.1", "trainer.max_steps=3"], "train") == []
+    assert unknown_key_hints(["paths.output_dir=/x", "ckpt_path=/y"], "train") == []  # ${hydra:...} values, None values
     (hint,) = unknown_key_hints(["model.caption_dropout=0.1", "+model.extra=1"], "train")
     assert hint.startswith("model.caption_dropout is not a config key ('caption_dropout' is not in model)")
     (hint,) = unknown_key_hints(["modle.optimizer.lr=3"], "train")

@@ -203,7 +203,6 @@ def optimized_metric(cfg: DictConfig, trainer) -> float | None:
 
 # ---- misspelled config keys ----------------------------------------------------------------
 _CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-_ABSENT = object()
 
 
 def unknown_key_hints(overrides: list[str], config_name: str) -> list[str]:
@@ -220,19 +219,20 @@ def unknown_key_hints(overrides: list[str], config_name: str) -> list[str]:
             cfg = compose(config_name=config_name, overrides=groups)
     except Exception:  # the group choices themselves fail (or are a sweep): Hydra's message says why
         return []
+    tree = OmegaConf.to_container(cfg, resolve=False)  # keys only: ${hydra:...} cannot resolve here
     hints = []
     for o in plain:
         key = o.split("=", 1)[0]
-        if "." not in key or OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
-            continue
-        parts, node, depth = key.split("."), cfg, 0
-        while isinstance(node, DictConfig) and parts[depth] in node:
+        parts, node, depth = key.split("."), tree, 0
+        while depth < len(parts) and isinstance(node, dict) and parts[depth] in node:
             node, depth = node[parts[depth]], depth + 1
+        if len(parts) == 1 or depth == len(parts):  # a group choice, or a key that exists
+            continue
         section = ".".join(parts[:depth]) or "the top level"
-        if not isinstance(node, DictConfig):
+        if not isinstance(node, dict):
             hints.append(f"{key}: {section} is a value, not a section.")
             continue
-        names = [str(k) for k in node.keys()]
+        names = [str(k) for k in node]
         close = difflib.get_close_matches(parts[depth], names, n=3, cutoff=0.6)
         prefix = ".".join(parts[:depth] + [""])
         guess = f" Did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
