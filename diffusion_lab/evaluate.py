@@ -1,7 +1,7 @@
 """Score a model: generate N samples (or read a folder), compare them with a reference set.
 
     python -m diffusion_lab.evaluate pipeline=outputs/ddpm_digits/runs/<date>/pipeline num_images=1000
-    python -m diffusion_lab.evaluate ckpt_path=<run dir>/checkpoints/last.ckpt scheduler=ddim num_inference_steps=50
+    python -m diffusion_lab.evaluate ckpt_path=<run dir>/checkpoints/last.ckpt sampler=ddim num_inference_steps=50
     python -m diffusion_lab.evaluate images_dir=<folder of PNGs> reference_dir=<folder of images> features=inception
     python -m diffusion_lab.evaluate pipeline=<sd run>/pipeline data=digits_captioned clip_model=<CLIP folder>
 
@@ -27,11 +27,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
 import diffusion_lab  # noqa: F401  (resolvers)
-from diffusion_lab.components.schedulers import scheduler_class
 from diffusion_lab.data.sources import IMAGE_EXTENSIONS, DigitsDataset, ImageFolderDataset
 from diffusion_lab.data.transforms import ImageTransform
+from diffusion_lab.diffusion.sampling import class_labels
+from diffusion_lab.inference import generate as G
 from diffusion_lab.metrics.distribution import distribution_metrics
 from diffusion_lab.metrics.features import FeatureExtractor
+from diffusion_lab.utils.config_path import CONFIG_PATH
 from diffusion_lab.utils.errors import ConfigError, DataError
 from diffusion_lab.utils.instantiate import instantiate_loggers
 from diffusion_lab.utils.io import atomic_write_bytes
@@ -53,7 +55,7 @@ class ImageSet:
 
 # ---- generated images -------------------------------------------------------------------------
 def generated_images(cfg: DictConfig, reference_captions: Callable[[], list[str] | None] = lambda: None) -> ImageSet:
-    """Samples from ``pipeline`` / ``ckpt_path`` (with ``diffusion_lab.sample``'s functions) or
+    """Samples from ``pipeline`` / ``ckpt_path`` (``diffusion_lab.inference``) or
     the images in ``images_dir``. A text-to-image model without ``prompt``/``prompts_file`` is
     prompted with the distinct ``reference_captions()``."""
     sources = [k for k in ("pipeline", "ckpt_path", "images_dir") if cfg.get(k)]
@@ -64,29 +66,25 @@ def generated_images(cfg: DictConfig, reference_captions: Callable[[], list[str]
         )
     if cfg.images_dir:
         return read_image_dir(cfg.images_dir)
-    from diffusion_lab import sample as S
-
-    device = S.pick_device(cfg.device)
+    device = G.pick_device(cfg.device)
     module = None
     if cfg.ckpt_path:
         from diffusion_lab.checkpoints import load_module
 
         module = load_module(cfg.ckpt_path, use_ema=cfg.use_ema)
     t0 = time.perf_counter()
-    pipe = S.load_text_pipeline(cfg, module)
+    pipe = G.load_text_pipeline(cfg, module)
     if pipe is not None:
-        prompts = S.read_prompts(cfg) if (cfg.prompt or cfg.prompts_file) else _prompts_from_reference(reference_captions())
-        pipe = S.prepare_pipeline(pipe, cfg, device)
-        images, used = S.generate_text_images(pipe, prompts, cfg)
+        prompts = G.read_prompts(cfg) if (cfg.prompt or cfg.prompts_file) else _prompts_from_reference(reference_captions())
+        pipe = G.prepare_pipeline(pipe, cfg, device)
+        images, used = G.generate_text_images(pipe, prompts, cfg)
         info = {"kind": "text-to-image", "scheduler": type(pipe.scheduler).__name__, "guidance_scale": cfg.guidance_scale}
         return ImageSet(images, prompts=used, info=info | _timing(t0, cfg))
-    unet, scheduler_config = S.load_unet_and_scheduler(cfg, device, module)
-    cls = scheduler_class(cfg.scheduler.class_name) if cfg.get("scheduler") else scheduler_class(scheduler_config["_class_name"])
-    images = S.generate_pixel_images(unet, cls.from_config(scheduler_config), cfg.num_images, cfg.batch_size, cfg.num_inference_steps, cfg.seed, device)
-    labels = None
-    if unet.config.num_class_embeds:  # generate_pixel_images draws classes 0..K-1 in turn
-        labels = torch.arange(len(images)) % unet.config.num_class_embeds
-    return ImageSet(images, labels=labels, info={"kind": "pixel", "scheduler": cls.__name__} | _timing(t0, cfg))
+    model = G.load_pixel_model(cfg, module)
+    images = model.generate(cfg.num_images, cfg.batch_size, cfg.num_inference_steps, cfg.seed, device)
+    labels = class_labels(0, len(images), model.num_classes) if model.num_classes else None  # the order generate draws them in
+    info = {"kind": "pixel", "process": model.kind, "scheduler": model.scheduler_name}
+    return ImageSet(images, labels=labels, info=info | _timing(t0, cfg))
 
 
 def _timing(t0: float, cfg: DictConfig) -> dict:
@@ -209,9 +207,7 @@ def run(cfg: DictConfig) -> dict:
     result = score(cfg, fake, real, extractor, is_digits)
     grid = None
     if cfg.save_images and not cfg.images_dir:
-        from diffusion_lab.sample import save_images
-
-        grid = save_images(fake.images, str(out / "samples"))
+        grid = G.save_images(fake.images, str(out / "samples"))
         if fake.prompts:
             (out / "samples" / "prompts.txt").write_text("".join(f"{i:06d}.png\t{p}\n" for i, p in enumerate(fake.prompts)))
     result.update(
@@ -239,7 +235,7 @@ def format_table(result: dict) -> str:
     return "\n".join(rows)
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with friendly_errors():
         run(cfg)

@@ -1,9 +1,11 @@
 """Draw what the forward (noising) process does to a few data images, as one PNG strip.
 
-    python -m diffusion_lab.noising                                    # digits, linear betas
-    python -m diffusion_lab.noising scheduler.beta_schedule=squaredcos_cap_v2 out=cosine.png
+    python -m diffusion_lab.noising                                    # digits, vp with linear betas
+    python -m diffusion_lab.noising process.scheduler.beta_schedule=squaredcos_cap_v2 out=cosine.png
+    python -m diffusion_lab.noising process=flow_matching              # or process=edm
 
-Rows are images, columns timesteps; each column is labelled with t and SNR(t).
+Rows are images, columns levels of the schedule; each column is labelled with t (vp) or the
+level, and the SNR there.
 """
 
 from __future__ import annotations
@@ -15,27 +17,27 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import diffusion_lab  # noqa: F401
+from diffusion_lab.utils.config_path import CONFIG_PATH
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.run import explain_unknown_keys, friendly_errors
 from diffusion_lab.viz import noising_strip
 
 
 def run(cfg: DictConfig) -> Path:
-    scheduler = instantiate(cfg.scheduler)
-    T = scheduler.config.num_train_timesteps
-    bad = [t for t in cfg.timesteps if not 0 <= int(t) < T]
+    process = instantiate(cfg.process)
+    bad = [v for v in cfg.levels if not 0 <= float(v) <= 1]
     if bad:
-        raise ConfigError(f"timesteps {bad} are outside [0, {T - 1}] (scheduler.num_train_timesteps={T}); pick values in that range.")
+        raise ConfigError(f"levels {bad} are outside [0, 1] (0 = clean data, 1 = the noisiest level of the schedule); pick values in that range.")
     datamodule = instantiate(cfg.data.datamodule)
     x0 = datamodule.sample_batch(cfg.num_images)["pixel_values"]
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    noising_strip(x0, scheduler, [int(t) for t in cfg.timesteps], seed=cfg.seed).save(out)
+    noising_strip(x0, process, [float(v) for v in cfg.levels], seed=cfg.seed).save(out)
     print(f"wrote {out}")
     return out
 
 
-@hydra.main(config_path="../conf", config_name="noising", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="noising", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with friendly_errors():
         run(cfg)

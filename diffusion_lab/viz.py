@@ -29,32 +29,33 @@ def image_grid(images: torch.Tensor, rows: int | None = None, upscale_to: int = 
 
 
 @torch.no_grad()
-def noising_strip(x0: torch.Tensor, scheduler, timesteps: Sequence[int], seed: int = 0, cell: int = 80, decode=None) -> Image.Image:
-    """Forward process q(x_t | x_0) for each image (rows) at each ``t`` (columns), labelled.
+def noising_strip(x0: torch.Tensor, process, levels: Sequence[float], seed: int = 0, cell: int = 80, decode=None) -> Image.Image:
+    """Forward process of ``process`` for each image (rows) at each ``level`` of its schedule
+    (columns; 0 = clean, 1 = the noisiest training level), labelled with the level and SNR.
 
-    Uses the scheduler's own ``add_noise`` with one fixed noise draw per image, so a row shows
-    the same noise growing as t grows. ``x0``: ``[N, C, H, W]``, images in [-1, 1] or, for a
-    latent model, latents with ``decode`` mapping them to images (the noise is added in latent
-    space, where the model sees it).
+    Uses the process's own noising (``Process.at_level``) with one fixed noise draw per image, so a
+    row shows the same noise growing. ``x0``: ``[N, C, H, W]``, images in [-1, 1] or, for a latent
+    model, latents with ``decode`` mapping them to images (the noise is added in latent space,
+    where the model sees it).
     """
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g)
     decode = decode or (lambda x: x)
-    cols = []
-    for t in timesteps:
-        tt = torch.full((x0.shape[0],), int(t), dtype=torch.long)
-        cols.append(decode(scheduler.add_noise(x0.float(), noise, tt)).clamp(-1, 1))
-    # [T, N, ...] -> row-major over images: image i, all t
+    cols, snrs = [], []
+    for level in levels:
+        x, snr = process.at_level(x0.float(), noise, float(level))
+        cols.append(decode(x).clamp(-1, 1))
+        snrs.append(snr)
+    # [T, N, ...] -> row-major over images: image i, all levels
     ordered = torch.stack(cols, 1).flatten(0, 1)
     pils = [p.convert("RGB").resize((cell, cell), Image.NEAREST) for p in to_pil(ordered)]
-    grid = make_image_grid(pils, rows=x0.shape[0], cols=len(timesteps))
+    grid = make_image_grid(pils, rows=x0.shape[0], cols=len(levels))
     header = 28
     canvas = Image.new("RGB", (grid.width, grid.height + header), "white")
     canvas.paste(grid, (0, header))
     draw = ImageDraw.Draw(canvas)
-    alphas = scheduler.alphas_cumprod
-    for j, t in enumerate(timesteps):
-        a = float(alphas[int(t)])
-        draw.text((j * cell + 4, 2), f"t={int(t)}", fill="black")
-        draw.text((j * cell + 4, 14), f"SNR={a / (1 - a):.2g}", fill="black")
+    for j, (level, snr) in enumerate(zip(levels, snrs)):
+        label = f"t={round(level * (process.num_train_timesteps - 1))}" if process.kind == "vp" else f"{float(level):.2f}"
+        draw.text((j * cell + 4, 2), label, fill="black")
+        draw.text((j * cell + 4, 14), f"SNR={snr:.2g}", fill="black")
     return canvas

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from tests.conftest import CONF_DIR, TINY, compose_cfg
 
 # Train-config groups whose options are swapped on the command line (group -> folder).
-GROUPS = ["scheduler", "data", "model", "model/unet", "trainer", "logger", "callbacks", "debug", "hparams_search"]
+GROUPS = ["process", "sampler", "data", "model", "model/unet", "trainer", "logger", "callbacks", "debug", "hparams_search"]
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 
 # How to shrink each experiment so it instantiates in seconds; pixel experiments swap the tiny
@@ -18,7 +18,7 @@ SHRINK: dict[str, list[str]] = {
     # the digits latent stack reads earlier stages' exports: tiny stand-ins of the same shapes
     "vae_digits": [],
     "ldm_digits": ["vae=tiny"],
-    "ldm_digits_lora": ["model/unet=ldm_digits", "vae=tiny", "text_encoder=vocab", "scheduler=dpmpp"],
+    "ldm_digits_lora": ["model/unet=ldm_digits", "vae=tiny", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
     # SD recipes load every part from model.pretrained: point it at a tiny random SD pipeline
     "sd_finetune": ["model.pretrained={tiny_sd}", "data.resolution=32"],
     "sd_finetune_tiny": ["model.pretrained={tiny_sd}"],
@@ -72,14 +72,14 @@ def test_experiment_instantiates(experiment, tmp_path, request):
     instantiate(cfg.trainer, logger=False, callbacks=[])
 
 
-@pytest.mark.parametrize("sched", ["ddpm", "ddim", "dpmpp", "euler", "heun", "pndm"])
-def test_scheduler_swap_keeps_noise_schedule(sched, tmp_path):
-    """`scheduler=X` changes the sampler class, not the training noise schedule."""
-    cfg = compose_cfg("train", [*TINY, f"scheduler={sched}"], tmp_path)
-    model = instantiate(cfg.model)
-    assert model.noise_scheduler.__class__.__name__ == cfg.scheduler.class_name.split(".")[-1]
-    ref = compose_cfg("train", [*TINY, "scheduler=ddpm"], tmp_path)
-    torch.testing.assert_close(model.train_scheduler.alphas_cumprod, instantiate(ref.model).train_scheduler.alphas_cumprod)
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp", "euler", "heun", "pndm", "unipc"])
+def test_sampler_swap_keeps_the_training_schedule(sampler, tmp_path):
+    """`sampler=X` changes the sampling class, not the training noise schedule."""
+    model = instantiate(compose_cfg("train", [*TINY, f"sampler={sampler}"], tmp_path).model)
+    ref = instantiate(compose_cfg("train", [*TINY, "sampler=default"], tmp_path).model)
+    assert type(model.sampling_scheduler()).__name__ == model.sampler.classes["vp"].split(".")[-1]
+    torch.testing.assert_close(model.process.scheduler.alphas_cumprod, ref.process.scheduler.alphas_cumprod)
+    torch.testing.assert_close(model.sampling_scheduler().alphas_cumprod, ref.process.scheduler.alphas_cumprod)
 
 
 def test_data_resolution_links_into_unet(tmp_path):

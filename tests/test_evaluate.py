@@ -165,7 +165,7 @@ def _eval_cfg(tmp_path, *overrides):
 
 
 def test_evaluate_pipeline_writes_json_logs_wandb_and_scores_its_own_folder(trained_pipeline, tmp_path):
-    cfg = _eval_cfg(tmp_path / "gen", f"pipeline={trained_pipeline}", "scheduler=ddim", "num_inference_steps=20", "num_images=200", "logger=wandb")
+    cfg = _eval_cfg(tmp_path / "gen", f"pipeline={trained_pipeline}", "sampler=ddim", "num_inference_steps=20", "num_images=200", "logger=wandb")
     result = run_evaluate(cfg)
     saved = json.loads((tmp_path / "gen" / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(result))
@@ -195,7 +195,7 @@ def test_more_sampler_steps_are_not_worse_than_very_few(trained_pipeline, digit_
 
     pipe = DDPMPipeline.from_pretrained(trained_pipeline)
     real, _ = digit_features.extract(real_digits("all", 8)[0])
-    rows, images = compare_samplers(pipe.unet.eval(), pipe.scheduler.config, real, digit_features, [("ddim", 2), ("ddim", 20), ("heun", 3)], num_images=200, kid_subsets=10)
+    rows, images = compare_samplers(pipe.unet.eval(), pipe.scheduler, real, digit_features, [("ddim", 2), ("ddim", 20), ("heun", 3)], num_images=200, kid_subsets=10)
     by = {(r["sampler"], r["steps"]): r for r in rows}
     assert by[("ddim", 2)]["nfe"] == 2 and by[("ddim", 20)]["nfe"] == 20
     assert by[("heun", 3)]["nfe"] == 5  # 2nd-order: two evaluations per step but the last

@@ -12,7 +12,7 @@ from diffusion_lab.utils.errors import ConfigError, DiffusionLabError
 
 from tests.conftest import compose_cfg
 
-GROUPS = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "model/unet=sd_tiny", "scheduler=sd", "data=digits_captioned", "logger=csv"]
+GROUPS = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "model/unet=sd_tiny", "process=vp_sd", "data=digits_captioned", "logger=csv"]
 
 
 def user_error(excinfo) -> DiffusionLabError:

@@ -212,7 +212,7 @@ def test_sample_text_to_image_prompts_file_negative_prompt_scheduler_memory_save
     out, _ = full_run
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# digits\na handwritten digit one\n\na handwritten digit two\n")
-    cfg = sample_cfg(tmp_path / "s", f"pipeline={out / 'pipeline'}", f"prompts_file={prompts}", "negative_prompt=blurry", "scheduler=ddim",
+    cfg = sample_cfg(tmp_path / "s", f"pipeline={out / 'pipeline'}", f"prompts_file={prompts}", "negative_prompt=blurry", "sampler=ddim",
                      "memory.attention_slicing=true", "memory.vae_slicing=true", "memory.vae_tiling=true")
     grid = run_sample(cfg)
     assert grid.exists() and (tmp_path / "s" / "000001.png").exists()

@@ -16,7 +16,7 @@ from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError
 from tests.conftest import TINY, compose_cfg
 
-LATENT = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "model/unet=sd_tiny", "scheduler=sd", "data=digits_captioned", "data.resolution=16", "logger=csv"]
+LATENT = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "model/unet=sd_tiny", "process=vp_sd", "data=digits_captioned", "data.resolution=16", "logger=csv"]
 
 
 def build_model(tmp_path, *overrides, base=TINY):

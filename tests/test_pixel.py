@@ -96,14 +96,14 @@ def test_export_loads_in_plain_diffusers(train_cfg):
     assert "(2, 16, 16, 1)" in res.stdout
 
 
-def test_sample_cli_two_schedulers(train_cfg, tmp_path):
+def test_sample_cli_two_samplers(train_cfg, tmp_path):
     cfg = train_cfg()
     train(cfg)
     run_dir = Path(cfg.paths.output_dir)
     grids = {}
     for sched in ("ddim", "dpmpp"):
         out = tmp_path / f"samples_{sched}"
-        scfg = compose_cfg("sample", [f"pipeline={run_dir / 'pipeline'}", f"scheduler={sched}", "num_inference_steps=4", "num_images=5", "batch_size=3", f"out_dir={out}"], out)
+        scfg = compose_cfg("sample", [f"pipeline={run_dir / 'pipeline'}", f"sampler={sched}", "num_inference_steps=4", "num_images=5", "batch_size=3", f"out_dir={out}"], out)
         grids[sched] = run_sample(scfg)
         pngs = sorted(out.glob("0*.png"))
         assert len(pngs) == 5 and Image.open(pngs[0]).size == (16, 16)
@@ -112,7 +112,7 @@ def test_sample_cli_two_schedulers(train_cfg, tmp_path):
     # from the checkpoint, and through the real command line
     out = tmp_path / "from_ckpt"
     res = subprocess.run(
-        [sys.executable, "-m", "diffusion_lab.sample", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "scheduler=euler", "num_inference_steps=3", "num_images=2", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+        [sys.executable, "-m", "diffusion_lab.sample", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "sampler=euler", "num_inference_steps=3", "num_images=2", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"],
         capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-2000:]
@@ -125,7 +125,7 @@ def test_sample_cli_needs_a_source(tmp_path, capsys):
 
 
 def test_noising_strip(tmp_path):
-    cfg = compose_cfg("noising", ["timesteps=[0,500,999]", "num_images=2", f"out={tmp_path / 'strip.png'}"], tmp_path)
+    cfg = compose_cfg("noising", ["levels=[0,0.5,1]", "num_images=2", f"out={tmp_path / 'strip.png'}"], tmp_path)
     path = run_noising(cfg)
     im = Image.open(path)
     assert im.width == 3 * 80 and im.height == 2 * 80 + 28

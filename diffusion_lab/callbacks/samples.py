@@ -75,11 +75,11 @@ class SampleGridCallback(pl.Callback):
 
 class NoisingStripCallback(pl.Callback):
     """At the start of training, save (and log) what the forward process does to a few training
-    images at ``timesteps``: ``noising.png`` in the run dir."""
+    images at ``levels`` of its schedule (0 = clean, 1 = noisiest): ``noising.png`` in the run dir."""
 
-    def __init__(self, path: str, timesteps: Sequence[int] = (0, 50, 100, 250, 500, 750, 999), num_images: int = 4) -> None:
+    def __init__(self, path: str, levels: Sequence[float] = (0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0), num_images: int = 4) -> None:
         self.path = path
-        self.timesteps = list(timesteps)
+        self.levels = list(levels)
         self.num_images = num_images
 
     @rank_zero_only
@@ -89,10 +89,8 @@ class NoisingStripCallback(pl.Callback):
             return
         batch = dm.sample_batch(self.num_images)
         x0 = pl_module.encode({k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in batch.items()}).cpu()
-        T = pl_module.train_scheduler.config.num_train_timesteps
-        ts = [min(int(t), T - 1) for t in self.timesteps]
         decode = lambda x: pl_module.decode(x.to(pl_module.device)).float().cpu()  # noqa: E731 (identity for pixels)
-        strip = noising_strip(x0.float(), pl_module.train_scheduler, ts, decode=decode)
+        strip = noising_strip(x0.float(), pl_module.process, self.levels, decode=decode)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         strip.save(self.path)
-        log_image(trainer, "noising", self.path, caption="forward process q(x_t|x_0)")
+        log_image(trainer, "noising", self.path, caption=f"forward process ({pl_module.process.kind})")

@@ -75,7 +75,7 @@ def resolve(pretrained: str | None, subfolder: str | None, key: str = "model.pre
     return str(pretrained)
 
 
-def _offline_error(pretrained: str, subfolder: str | None, key: str, err: Exception) -> ConfigError:
+def offline_error(pretrained: str, subfolder: str | None, key: str, err: Exception) -> ConfigError:
     return ConfigError(
         f"could not load {subfolder or 'the model'} of {key}={pretrained!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
         f"It is not in the local Hugging Face cache and the hub cannot be reached (no network, or HF_HUB_OFFLINE=1 / "
@@ -104,7 +104,7 @@ def from_pretrained(
     except (OSError, ValueError) as e:  # hub / cache misses surface as OSError subclasses (or ValueError offline)
         if Path(source).is_dir():
             raise ConfigError(f"could not load {class_name} from {source}/{subfolder or ''}: {e}. The folder is not a valid diffusers/transformers save.") from e
-        raise _offline_error(source, subfolder, key, e) from e
+        raise offline_error(source, subfolder, key, e) from e
 
 
 def load_scheduler(
@@ -123,6 +123,6 @@ def load_scheduler(
     try:
         config = dict(DDPMScheduler.load_config(source, subfolder=subfolder, local_files_only=local_files_only))
     except (OSError, ValueError) as e:
-        raise _offline_error(source, subfolder, key, e) from e
+        raise offline_error(source, subfolder, key, e) from e
     config.update({k: v for k, v in overrides.items() if v is not None})
     return build_scheduler(class_name or f"diffusers.{config['_class_name']}", **config)

@@ -94,9 +94,12 @@ def loss_weights(scheduler, timesteps: torch.Tensor, weighting: LossWeighting, p
     raise ValueError(f"prediction_type must be one of epsilon, v_prediction, sample; got {prediction_type!r}")
 
 
+def per_sample_loss(model_output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted MSE per sample ``[N]``: mean over pixels, times ``weights[N]`` (fp32)."""
+    per_sample = F.mse_loss(model_output.float(), target.float(), reduction="none").flatten(1).mean(1)
+    return per_sample if weights is None else per_sample * weights.to(per_sample)
+
+
 def diffusion_loss(model_output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted MSE: mean over pixels per sample, times ``weights[N]``, mean over the batch (fp32)."""
-    per_sample = F.mse_loss(model_output.float(), target.float(), reduction="none").flatten(1).mean(1)
-    if weights is not None:
-        per_sample = per_sample * weights.to(per_sample)
-    return per_sample.mean()
+    return per_sample_loss(model_output, target, weights).mean()

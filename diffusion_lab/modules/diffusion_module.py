@@ -1,8 +1,10 @@
 """``DiffusionModule``: the training step every diffusion model here shares.
 
-    encode(batch) -> x0 ; draw t, eps ; x_t = add_noise(x0, eps, t) ; UNet(x_t, t, cond) ;
-    target(prediction_type) ; weighted MSE
+    encode(batch) -> x0 ; noised = process.noised(x0) ;
+    out = UNet(noised.model_input, noised.timestep, **cond) ; process.loss(out, noised)
 
+The process (vp, flow_matching, edm: ``diffusion_lab/diffusion/processes.py``) says how data is
+noised and what the network learns; the sampler (``diffusion/sampling.py``) how samples are drawn.
 Subclasses (pixel, latent) only say how to encode/decode and what the conditioning is.
 """
 
@@ -14,11 +16,10 @@ from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
-from diffusers import DDPMScheduler
 
-from diffusion_lab.diffusion import objectives
-from diffusion_lab.diffusion.objectives import LossWeighting
-from diffusion_lab.diffusion.sampling import sample
+from diffusion_lab.diffusion.processes import Process
+from diffusion_lab.diffusion.sampling import Sampler, sample
+from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab import perf
 from diffusion_lab.perf import AttentionBackend, apply_speed_switches
 
@@ -44,41 +45,46 @@ class DiffusionModule(pl.LightningModule):
 
     Args:
         unet: the denoiser (``UNet2DModel`` / ``UNet2DConditionModel``).
-        noise_scheduler: a diffusers scheduler; its config gives the noise schedule and the
-            ``prediction_type``. Training noises with a ``DDPMScheduler`` built from that config
-            (every VP scheduler shares it); the scheduler's own class is used for previews/export.
+        process: the diffusion process (``process=vp|flow_matching|edm``): noising, target, weights.
+        sampler: how previews and the exported pipeline sample (``sampler=default|ddim|dpmpp|...``);
+            checked against the process here, before training.
         optimizer: ``functools.partial`` of an optimizer taking the parameters (Hydra ``_partial_``).
         lr_scheduler: partial of ``diffusers.optimization.get_scheduler`` (name, warmup) or None;
             ``num_training_steps`` is filled from the trainer.
-        loss_weighting: ``none`` or ``min_snr`` (with ``snr_gamma``).
-        offset_noise: strength of offset noise (0 = off).
         preview_steps: inference steps for sample grids during training.
+        guidance_rescale: of classifier-free guidance when sampling (Lin et al. 2024; 0 = off).
         compile_unet, channels_last, attention: speed switches (``diffusion_lab/perf.py``).
     """
 
     # constructor arguments that are built objects, kept out of hparams (subclasses extend it)
-    hparams_ignore: tuple[str, ...] = ("unet", "noise_scheduler", "optimizer", "lr_scheduler")
+    hparams_ignore: tuple[str, ...] = ("unet", "process", "sampler", "optimizer", "lr_scheduler")
+    # processes this model family can train and export (``process=``); others are a ConfigError
+    processes: tuple[str, ...] = ("vp", "flow_matching", "edm")
+    # why a process is missing from ``processes`` (for the error message)
+    process_limits: str = ""
+    # the ``model=`` option that builds this class (for messages)
+    family: str = "?"
 
     def __init__(
         self,
         unet: torch.nn.Module,
-        noise_scheduler,
+        process: Process,
+        sampler: Sampler,
         optimizer: OptimizerFactory,
         lr_scheduler: Callable | None = None,
-        loss_weighting: LossWeighting = "none",
-        snr_gamma: float = 5.0,
-        offset_noise: float = 0.0,
         preview_steps: int = 50,
+        guidance_rescale: float = 0.0,
         compile_unet: bool = False,
         channels_last: bool = False,
         attention: AttentionBackend = "sdpa",
     ) -> None:
         super().__init__()
+        self.check_process(process, sampler)
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
         unet = apply_speed_switches(unet, channels_last=channels_last, attention=attention)
         self.unet = torch.compile(unet) if compile_unet else unet
-        self.noise_scheduler = noise_scheduler
-        self.train_scheduler = DDPMScheduler.from_config(noise_scheduler.config)
+        self.process = process
+        self.sampler = sampler
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._t_batch_start: float | None = None
@@ -87,6 +93,17 @@ class DiffusionModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["diffusion_lab_config"] = self.run_config
+
+    @classmethod
+    def check_process(cls, process: Process, sampler: Sampler) -> None:
+        """ConfigError naming the keys when this family cannot train ``process`` or ``sampler``
+        cannot sample it (called when the config is instantiated, before training)."""
+        if process.kind not in cls.processes:
+            raise ConfigError(
+                f"process={process.kind} cannot be used with model={cls.family} ({cls.__name__} trains "
+                f"{', '.join(cls.processes)}). {cls.process_limits}".strip()
+            )
+        sampler.check(process.kind)
 
     # ---- what subclasses define -------------------------------------------------------------
     def encode(self, batch: dict) -> torch.Tensor:
@@ -107,10 +124,6 @@ class DiffusionModule(pl.LightningModule):
 
     # ---- shared -----------------------------------------------------------------------------
     @property
-    def prediction_type(self) -> str:
-        return self.train_scheduler.config.prediction_type
-
-    @property
     def base_unet(self) -> torch.nn.Module:
         """The UNet without a torch.compile wrapper (for saving and EMA)."""
         return getattr(self.unet, "_orig_mod", self.unet)
@@ -119,21 +132,13 @@ class DiffusionModule(pl.LightningModule):
         return self.unet(x_t, t, **cond).sample
 
     def diffusion_loss(self, batch: dict, train: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The process's loss on this batch; ``generator`` (validation) fixes noise and levels, drawn
+        on the CPU so every device sees the same numbers."""
         x0 = self.encode(batch)
         cond = self.conditioning(batch, train=train)
-        n = x0.shape[0]
-        if generator is None:
-            noise = torch.randn_like(x0)
-            t = objectives.sample_timesteps(n, self.train_scheduler.config.num_train_timesteps, x0.device)
-        else:  # deterministic (validation): draw on CPU so every device sees the same numbers
-            noise = torch.randn(x0.shape, generator=generator).to(x0)
-            t = objectives.sample_timesteps(n, self.train_scheduler.config.num_train_timesteps, generator=generator).to(x0.device)
-        noise = objectives.add_offset_noise(noise, self.hparams.offset_noise)
-        x_t = self.train_scheduler.add_noise(x0, noise, t)
-        target = objectives.training_target(self.train_scheduler, x0, noise, t, self.prediction_type)
-        output = self.denoise(x_t, t, **cond)
-        weights = objectives.loss_weights(self.train_scheduler, t, self.hparams.loss_weighting, self.prediction_type, self.hparams.snr_gamma)
-        return objectives.diffusion_loss(output, target, weights)
+        noised = self.process.noised(x0, generator=generator)
+        output = self.denoise(noised.model_input, noised.timestep, **cond)
+        return self.process.loss(output, noised)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._t_batch_start = time.perf_counter()
@@ -187,10 +192,10 @@ class DiffusionModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- sampling ---------------------------------------------------------------------------
-    def sampling_scheduler(self, scheduler_cls=None):
-        """A fresh scheduler (schedulers hold state) of the given class, from the training config."""
-        cls = scheduler_cls or type(self.noise_scheduler)
-        return cls.from_config(self.noise_scheduler.config)
+    def sampling_scheduler(self, sampler: Sampler | None = None):
+        """A fresh diffusers scheduler (they hold state) running ``sampler`` (default: the
+        configured one) on the trained schedule."""
+        return self.process.sampling_scheduler(sampler or self.sampler)
 
     def latent_shape(self, n: int) -> tuple[int, ...]:
         cfg = self.base_unet.config
@@ -224,6 +229,7 @@ class DiffusionModule(pl.LightningModule):
                 cond=cond,
                 uncond=uncond,
                 guidance_scale=guidance_scale,
+                guidance_rescale=self.hparams.guidance_rescale,
                 noise=noise,
             )
             images = self.decode(x0)

@@ -36,10 +36,16 @@ class LatentDiffusion(DiffusionModule):
         export_fused: LoRA runs also write ``<export dir>/fused``, a pipeline with the LoRA merged.
         safety_checker: folder/hub id with ``safety_checker/`` + ``feature_extractor/`` for exports (None = off).
         pretrained, local_files_only: where the parts came from (recorded; Hydra loads the parts).
-        **kwargs: the shared ``DiffusionModule`` arguments (``unet``, ``noise_scheduler``, ``optimizer``, ...).
+        **kwargs: the shared ``DiffusionModule`` arguments (``unet``, ``process``, ``sampler``, ``optimizer``, ...).
     """
 
     hparams_ignore = DiffusionModule.hparams_ignore + ("codec", "conditioner", "unet_lora", "text_lora")
+    family = "latent_sd"
+    processes = ("vp", "edm")
+    process_limits = (
+        "StableDiffusionPipeline cannot run a flow-matching sampler (diffusers' flow schedulers have no "
+        "scale_model_input / init_noise_sigma); use process=vp (or edm) for SD 1.x/SDXL UNets."
+    )
     # what ``text_states`` returns, and so what the cache holds per caption
     text_keys: tuple[str, ...] = ("encoder_hidden_states",)
     # per-image batch entries besides images and captions that the cache must carry along
@@ -48,7 +54,8 @@ class LatentDiffusion(DiffusionModule):
     def __init__(
         self,
         unet: torch.nn.Module,
-        noise_scheduler,
+        process,
+        sampler,
         optimizer,
         codec: VAECodec,
         conditioner: TextConditioner,
@@ -66,6 +73,7 @@ class LatentDiffusion(DiffusionModule):
         local_files_only: bool = False,
         **kwargs,
     ) -> None:
+        self.check_process(process, sampler)  # before the parts: a wrong process is the first thing to fix
         check_latent_parts(unet, codec, conditioner, resolution, image_channels)
         if not 0.0 <= caption_dropout < 1.0:
             raise ConfigError(f"model.caption_dropout={caption_dropout} must be in [0, 1).")
@@ -84,7 +92,7 @@ class LatentDiffusion(DiffusionModule):
             if not conditioner.frozen:
                 for encoder in conditioner.encoders:
                     encoder.gradient_checkpointing_enable()
-        super().__init__(unet, noise_scheduler, optimizer, **kwargs)
+        super().__init__(unet, process, sampler, optimizer, **kwargs)
         self.codec = codec
         self.conditioner = conditioner
         self.train()  # from_pretrained returns eval-mode models; Lightning keeps the mode it finds

@@ -33,13 +33,15 @@ class LatentDiffusionXL(LatentDiffusion):
         **kwargs: as ``LatentDiffusion`` (``unet_lora``/``text_lora``: LoRA on the UNet / both encoders).
     """
 
+    family = "latent_sdxl"
     text_keys = ("encoder_hidden_states", "text_embeds")
     cached_batch_keys = ("original_size", "crop_top_left")
 
     def __init__(
         self,
         unet: torch.nn.Module,
-        noise_scheduler,
+        process,
+        sampler,
         optimizer,
         codec,
         conditioner: DualTextConditioner,
@@ -49,7 +51,7 @@ class LatentDiffusionXL(LatentDiffusion):
         check_sdxl_parts(unet, conditioner)
         if kwargs.get("safety_checker"):
             raise ConfigError("model.safety_checker: SDXL pipelines have no safety checker; leave it null for model=latent_sdxl.")
-        super().__init__(unet, noise_scheduler, optimizer, codec, conditioner, **kwargs)
+        super().__init__(unet, process, sampler, optimizer, codec, conditioner, **kwargs)
 
     # ---- conditioning -----------------------------------------------------------------------
     def text_states(self, captions: list[str]) -> dict[str, torch.Tensor]:

@@ -80,7 +80,7 @@ def main() -> None:
     reference, _ = real_digits("all", size)
     real_features, _ = extractor.extract(reference, desc="reference features")
     rows, images = compare_samplers(
-        unet, pipe.scheduler.config, real_features, extractor, parse_settings(args.settings), args.num_images, args.batch_size, args.seed, args.device
+        unet, pipe.scheduler, real_features, extractor, parse_settings(args.settings), args.num_images, args.batch_size, args.seed, args.device
     )
     for r in rows:
         digits = score_digit_samples(images[f"{r['sampler']}-{r['steps']}"], classifier=extractor.classifier, reference=False)
