@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import diffusion_lab  # noqa: F401  (registers config resolvers)
+from diffusion_lab.utils.config_path import CONFIG_PATH
 from diffusion_lab.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from diffusion_lab.utils.run import explain_unknown_keys, friendly_errors, job_scope, optimized_metric, save_config
 from diffusion_lab.utils.validate import check_callbacks_fit_model, check_checkpoint_file, check_pixel_model_fits_data
@@ -47,7 +48,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
     return metric, {"trainer": trainer, "model": model, "datamodule": datamodule}
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     with friendly_errors():
         metric, objects = train(cfg)
