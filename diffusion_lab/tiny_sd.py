@@ -109,39 +109,41 @@ def tiny_vae(latent_channels: int = 4, block_out_channels: Sequence[int] = (16, 
     """A random ``AutoencoderKL``: 2 blocks = down-sampling 2 (SD's has 4 blocks = 8)."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
     n = len(block_out_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=latent_channels,
-        block_out_channels=tuple(block_out_channels),
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=layers_per_block,
-        norm_num_groups=8,
-        **kwargs,
-    )
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the run's global RNG
+        torch.manual_seed(seed)
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=latent_channels,
+            block_out_channels=tuple(block_out_channels),
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            layers_per_block=layers_per_block,
+            norm_num_groups=8,
+            **kwargs,
+        )
 
 
 def tiny_unet(sample_size: int = 16, in_channels: int = 4, cross_attention_dim: int = 32, block_out_channels: Sequence[int] = (32, 64), seed: int = 0, **kwargs):
     """A random ``UNet2DConditionModel`` with SD's block layout, two levels."""
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        layers_per_block=1,
-        block_out_channels=tuple(block_out_channels),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=16,
-        **kwargs,
-    )
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the run's global RNG
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            layers_per_block=1,
+            block_out_channels=tuple(block_out_channels),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=8,
+            norm_num_groups=16,
+            **kwargs,
+        )
 
 
 def sd_scheduler(prediction_type: str = "epsilon"):

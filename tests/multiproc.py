@@ -83,3 +83,16 @@ class RankProbe(pl.Callback):
 
 def load_probes(run_dir: Path) -> list[dict]:
     return [torch.load(p, weights_only=False) for p in sorted((run_dir / "probe").glob("rank*.pt"))]
+
+
+class CrashOnRank(pl.Callback):
+    """Raises in one DDP rank at the start of training step ``step`` (a GPU running out of memory,
+    a bad batch in one shard); the other ranks are left waiting in the next collective.
+    ``rank=-1`` never crashes (so a sweep over ``rank`` can crash one job only)."""
+
+    def __init__(self, rank: int = 1, step: int = 0) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            raise RuntimeError(f"simulated crash of rank {self.rank} at step {self.step}")

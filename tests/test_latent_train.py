@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from diffusion_lab import tiny_sd
 from diffusion_lab.components.adapters import KOHYA_FILE
+from diffusion_lab.export import build_pipeline
 from diffusion_lab.sample import run as run_sample
 from diffusion_lab.train import train
 from tests.conftest import compose_cfg
@@ -105,7 +106,7 @@ def test_lora_exports_load_in_diffusers_fused_and_kohya(lora_run, tiny_pipeline)
     from diffusion_lab.callbacks.ema import ema_weights
 
     with ema_weights(objects["trainer"], module):
-        np.testing.assert_allclose(generate(module.pipeline()), with_lora, atol=1e-4)
+        np.testing.assert_allclose(generate(build_pipeline(module)), with_lora, atol=1e-4)
     # kohya layout: webui key names, alpha = the training alpha, same images when diffusers loads it
     kohya = load_file(lora_dir / KOHYA_FILE)
     assert all(k.startswith(("lora_unet_", "lora_te1_")) for k in kohya)
@@ -185,7 +186,7 @@ def test_a_pipeline_folder_this_project_did_not_write(tmp_path):
     out = tmp_path / "run"
     _, objects = fit(out, f"model.pretrained={foreign}", "trainer.max_steps=2", "callbacks.sample_grid=null", *captioned_folder(tmp_path / "kohya", "kohya"))
     module = objects["model"]
-    assert module.prediction_type == "v_prediction" and module.codec.scaling_factor == 0.3
+    assert module.process.prediction_type == "v_prediction" and module.codec.scaling_factor == 0.3
     assert module.latent_shape(1) == (1, 8, 8, 8)
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
     assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.prediction_type == "v_prediction"

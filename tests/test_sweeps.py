@@ -20,21 +20,23 @@ ONE_STEP = ["trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.limi
 
 def test_multirun_one_wandb_group_distinct_names_and_a_failed_run_does_not_stop_it(tmp_path):
     sweep = tmp_path / "sweep"
-    # the middle job fails inside training (after W&B started); the third must still run
-    args = ["-m", *tiny("logger=wandb", *ONE_STEP), "process.loss_weighting=none,bogus,min_snr", f"hydra.sweep.dir={sweep}", "tags=[sweep_test]"]
+    # the middle job fails inside training (after W&B started: a config error would stop it before);
+    # the third must still run. CrashOnRank(rank=-1 / -2) never crashes, rank=0 crashes at step 0.
+    crash = ["+callbacks.crash._target_=tests.multiproc.CrashOnRank", "+callbacks.crash.rank=-1,0,-2"]
+    args = ["-m", *tiny("logger=wandb", *ONE_STEP), *crash, f"hydra.sweep.dir={sweep}", "tags=[sweep_test]"]
     proc = run_cli(args, tmp_path)
-    assert proc.returncode != 0 and "loss weighting must be 'none' or 'min_snr'" in proc.stderr  # reported at the end
+    assert proc.returncode != 0 and "simulated crash of rank 0 at step 0" in proc.stderr  # reported at the end
 
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["sweep"]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]
     runs = find_offline_runs(sweep)
     assert [r.path.parents[1].name for r in runs] == ["0", "1", "2"]  # one W&B run per job, in its own folder
-    assert [r.name for r in runs] == ["#0 loss_weighting=none", "#1 loss_weighting=bogus", "#2 loss_weighting=min_snr"]
+    assert [r.name for r in runs] == ["#0 rank=-1", "#1 rank=0", "#2 rank=-2"]
     assert {r.group for r in runs} == {"train-sweep"}  # <task_name>-<sweep folder>
     assert all(r.tags == ["sweep_test"] for r in runs)
     assert [r.exit_code for r in runs] == [0, 1, 0]  # the failed run was finished, marked failed
     # the whole resolved config is the run config
-    assert runs[2].config["process"]["loss_weighting"] == "min_snr"
+    assert runs[2].config["callbacks"]["crash"]["rank"] == -2 and runs[2].config["process"]["loss_weighting"] == "none"
     assert runs[2].config["paths"]["output_dir"] == str(sweep / "2")
     assert runs[2].config["logger"]["wandb"]["group"] == "train-sweep"
     # the run after the failure trained, logged and exported

@@ -6,11 +6,12 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from diffusion_lab.callbacks.ema import ema_weights
+from diffusion_lab.export import export
 
 
 class ExportCallback(pl.Callback):
-    """Calls ``pl_module.export(dirpath)`` inside the EMA scope at the end of ``fit``. The module
-    decides the format (DDPMPipeline, StableDiffusionPipeline, LoRA safetensors)."""
+    """Calls ``diffusion_lab.export.export(pl_module, dirpath)`` inside the EMA scope at the end of
+    ``fit``; the model family decides the format (DDPMPipeline, StableDiffusionPipeline, LoRA files)."""
 
     def __init__(self, dirpath: str, on_interrupt: bool = False) -> None:
         self.dirpath = dirpath
@@ -22,6 +23,6 @@ class ExportCallback(pl.Callback):
         if trainer.interrupted and not self.on_interrupt:
             return
         with ema_weights(trainer, pl_module):
-            pl_module.export(self.dirpath)
+            export(pl_module, self.dirpath)
         self.exported_to = self.dirpath
         rank_zero_info(f"exported pipeline to {self.dirpath}")

@@ -1,4 +1,5 @@
-"""Callbacks that keep long runs safe: exact RNG resume, stop on nan/inf, checkpoint on SIGTERM/Ctrl-C."""
+"""Callbacks that keep long runs safe: exact RNG resume, stop on nan/inf, checkpoint on SIGTERM/Ctrl-C,
+``last.ckpt`` at the end of training, a fresh ``trainer.max_time`` budget after a resume."""
 
 from __future__ import annotations
 
@@ -25,6 +26,36 @@ def last_checkpoint_path(trainer: pl.Trainer) -> Path:
         if isinstance(cb, ModelCheckpoint) and cb.dirpath:
             return Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
     return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+
+
+class FinalModelCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that also writes ``last.ckpt`` when training ends for any
+    reason (``max_steps`` off the ``every_n_train_steps`` grid, ``trainer.max_time``, early stop),
+    so ``last.ckpt`` is never older than the exported pipeline and the last sample grid.
+    Lightning's own only does so when it never saved at all. With ``enable_version_counter=false``
+    (conf/callbacks/default.yaml) a run started in a folder that already holds a ``last.ckpt``
+    overwrites it instead of adding ``last-v1.ckpt``."""
+
+    @property
+    def state_key(self) -> str:  # Lightning's name: checkpoints of either class resume with the other
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__) :]
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
+
+
+class FreshTimeBudget(pl.Callback):
+    """``trainer.max_time`` counts per launch: a run resumed from a checkpoint of a time-limited
+    run gets the whole budget again. (Lightning's ``Timer`` stores the time already spent in the
+    checkpoint and, put back, stops the resumed run at once: "Time limit reached".) The stored
+    time is dropped from the checkpoint before the callbacks' states are loaded."""
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        states = checkpoint.get("callbacks", {})
+        for key in [k for k in states if str(k).startswith("Timer")]:
+            del states[key]
 
 
 class RNGStateCallback(pl.Callback):

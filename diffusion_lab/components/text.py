@@ -36,6 +36,11 @@ class TextConditioner(torch.nn.Module):
         return (self.text_encoder,)
 
     @property
+    def tokenizers(self) -> tuple:
+        """The tokenizer of each encoder, in the same order."""
+        return (self.tokenizer,)
+
+    @property
     def frozen(self) -> bool:
         return not any(p.requires_grad for encoder in self.encoders for p in encoder.parameters())
 
@@ -78,6 +83,10 @@ class DualTextConditioner(TextConditioner):
     @property
     def encoders(self) -> tuple[torch.nn.Module, ...]:
         return (self.text_encoder, self.text_encoder_2)
+
+    @property
+    def tokenizers(self) -> tuple:
+        return (self.tokenizer, self.tokenizer_2)
 
     @property
     def hidden_size(self) -> int:

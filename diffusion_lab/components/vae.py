@@ -12,6 +12,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from diffusion_lab.components.pretrained import Dtype, torch_dtype
+from diffusion_lab.components.shapes import downsample_factor
 
 
 class VAECodec(torch.nn.Module):
@@ -53,7 +54,7 @@ class VAECodec(torch.nn.Module):
     @property
     def downsample_factor(self) -> int:
         """Pixels per latent along each side: 2 per down block after the first (8 for SD)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return downsample_factor(self.vae.config.block_out_channels)
 
     @torch.no_grad()
     def moments(self, images: torch.Tensor) -> torch.Tensor:
@@ -76,3 +77,32 @@ class VAECodec(torch.nn.Module):
         """Latents ``[N, c, h, w]`` -> images ``[N, C, h*f, w*f]`` (roughly [-1, 1], fp32)."""
         z = latents / self.scaling_factor + self.shift_factor
         return self.vae.decode(z.to(self.vae.dtype)).sample.float()
+
+
+class IdentityCodec(torch.nn.Module):
+    """Pixel space as a latent space (``vae=identity``): the diffused tensor is the image itself,
+    so a pixel model is a latent model whose first stage does nothing (as sgm's identity first stage).
+
+    Args:
+        channels: image channels (``data.channels``), which are also the "latent" channels.
+    """
+
+    sample_posterior = False
+    downsample_factor = 1
+    frozen = True
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.latent_channels = self.image_channels = int(channels)
+
+    def moments(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def latents(self, moments: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        return moments
+
+    def encode(self, images: torch.Tensor, sample: bool | None = None) -> torch.Tensor:
+        return images
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents

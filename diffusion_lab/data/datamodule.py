@@ -60,6 +60,19 @@ class SeededItems(Dataset):
         return self.dataset[index]
 
 
+class ResumableLoader(DataLoader):
+    """The training ``DataLoader``, marked resumable for Lightning (which otherwise warns "your
+    dataloader is not resumable" on every mid-epoch resume). Its position needs no state of its
+    own: ``DiffusionDataModule.load_state_dict`` runs before the loader is built, and the loader
+    is built with a ``ResumableSampler`` that starts where the checkpoint stopped."""
+
+    def state_dict(self) -> dict:
+        return {}  # the position is in the datamodule's state (``DiffusionDataModule.state_dict``)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
 class DiffusionDataModule(pl.LightningDataModule):
     """Wraps a built data set.
 
@@ -119,7 +132,7 @@ class DiffusionDataModule(pl.LightningDataModule):
         self.train_set = Subset(self.dataset, perm[n_val:]) if n_val else self.dataset
 
     def _loader(self, ds: Dataset, sampler: ResumableSampler | None, drop_last: bool) -> DataLoader:
-        return DataLoader(
+        return (ResumableLoader if sampler is not None else DataLoader)(
             ds,
             batch_size=self.per_device_batch_size,
             sampler=sampler,

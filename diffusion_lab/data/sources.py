@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Literal, Sequence
@@ -17,6 +18,8 @@ from diffusion_lab.data.transforms import ImageTransform
 from diffusion_lab.utils.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+log = logging.getLogger(__name__)
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -71,9 +74,22 @@ def _columns(path: Path) -> list[str] | str:
         return f"unreadable: {type(e).__name__}"
 
 
+def _auto_caption_column(rows: list[dict], columns: list[str]) -> str | None:
+    """The caption column when it is unambiguous: ``text`` (what diffusers' train_text_to_image.py
+    reads), ``caption``, or else the only column besides ``file_name`` that holds strings."""
+    named = [c for c in ("text", "caption") if c in columns]
+    if len(named) == 1:
+        return named[0]
+    if named:
+        return None  # both: the user must say which
+    strings = [c for c in columns if c != "file_name" and all(isinstance(r.get(c), str) for r in rows)]
+    return strings[0] if len(strings) == 1 else None
+
+
 def _read_metadata(root: Path, caption_column: str) -> dict[str, str] | None:
     """Captions from diffusers' imagefolder ``metadata.jsonl``/``metadata.csv`` (``file_name`` +
-    caption column), or None when there is no metadata file."""
+    caption column), or None when there is no metadata file. ``caption_column="auto"`` picks the
+    column with ``_auto_caption_column`` (and None when that is ambiguous, with a warning)."""
     for name in ("metadata.jsonl", "metadata.csv"):
         path = root / name
         if not path.exists():
@@ -91,6 +107,17 @@ def _read_metadata(root: Path, caption_column: str) -> dict[str, str] | None:
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f))
         columns = sorted({k for r in rows for k in r})
+        if caption_column == "auto":
+            picked = _auto_caption_column(rows, columns)
+            if picked is None or "file_name" not in columns:
+                warnings.warn(
+                    f"{path}: no unambiguous caption column (columns: {columns}); training without captions. "
+                    f"Set data.caption_column to the column that holds the captions.",
+                    stacklevel=2,
+                )
+                return None
+            log.info(f"captions: column {picked!r} of {path} (data.caption_column=auto; set it to choose another)")
+            caption_column = picked
         if "file_name" not in columns or caption_column not in columns:
             missing = "file_name" if "file_name" not in columns else caption_column
             raise DataError(
@@ -105,7 +132,10 @@ def _read_metadata(root: Path, caption_column: str) -> dict[str, str] | None:
 class ImageFolderDataset(Dataset):
     """Every image under ``root`` (recursive). Captions, when ``caption_column`` is set, come
     from ``metadata.jsonl``/``metadata.csv`` (diffusers imagefolder) or else from a ``.txt`` file
-    beside each image (kohya). ``on_bad_image``: ``fail`` (default, names the file) or ``skip``."""
+    beside each image (kohya). ``caption_column="auto"``: the metadata's unambiguous caption column
+    (``text``, ``caption`` or its only string column), else ``.txt`` files when every image has
+    one, else no captions (the reason is kept in ``caption_note`` for the model's check).
+    ``on_bad_image``: ``fail`` (default, names the file) or ``skip``."""
 
     def __init__(
         self,
@@ -133,8 +163,25 @@ class ImageFolderDataset(Dataset):
             files = self._check_images(files, on_bad_image)
         self.files = files
         self.captions: list[str] | None = None
-        if caption_column:
+        self.caption_note = "data.caption_column=null"
+        if caption_column == "auto":
+            self.captions = self._auto_captions()
+        elif caption_column:
             self.captions = self._captions(caption_column)
+
+    def _auto_captions(self) -> list[str] | None:
+        metadata = [self.root / n for n in ("metadata.jsonl", "metadata.csv") if (self.root / n).exists()]
+        if metadata:
+            meta = _read_metadata(self.root, "auto")
+            if meta is not None:
+                return self._captions_from(meta, "auto")
+            self.caption_note = f"no unambiguous caption column in {metadata[0]} (columns: {_columns(metadata[0])})"
+            return None
+        if all(p.with_suffix(".txt").exists() for p in self.files):
+            log.info(f"captions: the .txt file beside each image under {self.root} (data.caption_column=auto)")
+            return self._captions_from(None, "auto")
+        self.caption_note = f"no metadata.jsonl/metadata.csv and no .txt beside every image under {self.root}"
+        return None
 
     def _check_images(self, files: list[Path], on_bad_image: str) -> list[Path]:
         """Decode every image once, before training: unreadable files fail (naming the file) or
@@ -180,7 +227,9 @@ class ImageFolderDataset(Dataset):
         return good
 
     def _captions(self, caption_column: str) -> list[str]:
-        meta = _read_metadata(self.root, caption_column)
+        return self._captions_from(_read_metadata(self.root, caption_column), caption_column)
+
+    def _captions_from(self, meta: dict[str, str] | None, caption_column: str) -> list[str]:
         captions = []
         for path in self.files:
             rel = path.relative_to(self.root).as_posix()

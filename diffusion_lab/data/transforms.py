@@ -70,9 +70,14 @@ class ImageTransform:
         return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 in [0, 255] (same shape): the one [-1, 1] -> pixels formula."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """``[N, C, H, W]`` in [-1, 1] -> list of PIL images (L for 1 channel, RGB for 3)."""
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    arr = to_uint8(images).cpu().numpy()
     out = []
     for a in arr:
         out.append(Image.fromarray(a[0], "L") if a.shape[0] == 1 else Image.fromarray(a.transpose(1, 2, 0), "RGB"))

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from diffusion_lab.components.shapes import sample_size
 from diffusion_lab.data.transforms import to_pil
 from diffusion_lab.diffusion.sampling import Sampler, process_kind, sample_batches
 from diffusion_lab.utils.errors import ConfigError
@@ -52,9 +53,8 @@ class PixelModel:
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return (cfg.in_channels, size, size)
+        size = sample_size(self.unet.config)
+        return (self.unet.config.in_channels, size, size)
 
     def generate(self, num_images: int, batch_size: int, num_inference_steps: int, seed: int = 0, device="cpu", noise: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
         """``[num_images, C, H, W]`` in [-1, 1] (classes 0..K-1 in turn for class-conditional UNets)."""
@@ -100,10 +100,11 @@ def load_text_pipeline(cfg: DictConfig, module=None):
     from diffusers import DiffusionPipeline
 
     from diffusion_lab.components.pretrained import resolve, torch_dtype
+    from diffusion_lab.export import build_pipeline
     from diffusion_lab.modules import LatentDiffusion
 
     if module is not None:
-        return module.pipeline(fused=False) if isinstance(module, LatentDiffusion) else None
+        return build_pipeline(module) if isinstance(module, LatentDiffusion) else None
     source = resolve(cfg.pipeline, None, key="pipeline")
     try:
         index = DiffusionPipeline.load_config(source, local_files_only=cfg.local_files_only)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusion_lab.data.transforms import to_uint8
 from diffusion_lab.metrics.digits import DigitClassifier
 from diffusion_lab.utils.errors import ConfigError
 
@@ -28,7 +29,7 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
     """``[N, 1|3, H, W]`` in [-1, 1] -> ``[N, 3, H, W]`` uint8 in [0, 255]."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = to_uint8(images)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from diffusion_lab.components.shapes import sample_size
 from diffusion_lab.diffusion.sampling import load_sampler, sample_batches
 from diffusion_lab.metrics.distribution import distribution_metrics
 from diffusion_lab.metrics.features import FeatureExtractor
@@ -68,9 +69,8 @@ def compare_samplers(
     """One row per setting: ``sampler``, ``steps``, ``nfe``, ``seconds``, ``seconds_per_image``,
     ``fid``, ``kid_mean``, ``kid_std`` (+ ``is_mean``/``is_std`` with a classifier extractor);
     and the images per setting (``"ddim-20"`` -> ``[N, C, H, W]``)."""
-    cfg = unet.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    noise = torch.randn((num_images, cfg.in_channels, size, size), generator=torch.Generator().manual_seed(seed))
+    size = sample_size(unet.config)
+    noise = torch.randn((num_images, unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed))
     rows, images = [], {}
     for name, steps in tqdm(list(settings), desc="samplers"):
         x, nfe, seconds = draw(unet, base_scheduler, name, steps, noise, batch_size, seed, device)

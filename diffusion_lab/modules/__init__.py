@@ -1,6 +1,5 @@
 from diffusion_lab.modules.diffusion_module import DiffusionModule
 from diffusion_lab.modules.latent import LatentDiffusion
-from diffusion_lab.modules.pixel import PixelDiffusion
 from diffusion_lab.modules.sdxl import LatentDiffusionXL
 
-__all__ = ["DiffusionModule", "LatentDiffusion", "LatentDiffusionXL", "PixelDiffusion"]
+__all__ = ["DiffusionModule", "LatentDiffusion", "LatentDiffusionXL"]

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from diffusion_lab.components.shapes import downsample_factor, sample_size
 from diffusion_lab.modules.diffusion_module import OptimizerFactory
 from diffusion_lab.utils.errors import ConfigError
-from diffusion_lab.utils.io import atomic_dir
 
 Reconstruction = Literal["l1", "l2"]
 
@@ -39,7 +39,7 @@ def latent_statistics(vae: torch.nn.Module, batches, generator: torch.Generator 
 
 
 class AutoencoderModule(pl.LightningModule):
-    """Trains an ``AutoencoderKL``; ``export`` writes it as a diffusers folder whose config
+    """Trains an ``AutoencoderKL``; its export (``diffusion_lab.export``) writes a diffusers folder whose config
     carries the measured ``scaling_factor``.
 
     Args:
@@ -77,8 +77,8 @@ class AutoencoderModule(pl.LightningModule):
     def latent_shape(self, n: int) -> tuple[int, ...]:
         """Shape of the latents of ``n`` images of ``vae.config.sample_size``: ``(n, c, H/f, W/f)``."""
         cfg = self.vae.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return (n, cfg.latent_channels, size // 2 ** (len(cfg.block_out_channels) - 1), size // 2 ** (len(cfg.block_out_channels) - 1))
+        size = sample_size(cfg) // downsample_factor(cfg.block_out_channels)
+        return (n, cfg.latent_channels, size, size)
 
     def losses(self, x: torch.Tensor, sample: bool) -> dict[str, torch.Tensor]:
         """Images ``[N, C, H, W]`` in [-1, 1] -> reconstruction, KL (per latent element) and total loss."""
@@ -137,10 +137,3 @@ class AutoencoderModule(pl.LightningModule):
             for logger in self.trainer.loggers:
                 logger.log_metrics({f"latent/{k}": v for k, v in stats.items()}, step=self.trainer.global_step)
         return stats
-
-    def export(self, out_dir: str) -> None:
-        """Measure the scaling factor, then write a diffusers ``AutoencoderKL`` folder
-        (``AutoencoderKL.from_pretrained(out_dir)``; ``vae.config.scaling_factor`` is the measured one)."""
-        self.set_scaling_factor()
-        with atomic_dir(out_dir) as tmp:
-            self.vae.save_pretrained(tmp, safe_serialization=True)

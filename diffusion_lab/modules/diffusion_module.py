@@ -4,8 +4,13 @@
     out = UNet(noised.model_input, noised.timestep, **cond) ; process.loss(out, noised)
 
 The process (vp, flow_matching, edm: ``diffusion_lab/diffusion/processes.py``) says how data is
-noised and what the network learns; the sampler (``diffusion/sampling.py``) how samples are drawn.
-Subclasses (pixel, latent) only say how to encode/decode and what the conditioning is.
+noised and what the network learns; the sampler (``diffusion/sampling.py``) how samples are drawn;
+the codec (``vae=``) how images become the diffused tensor (pixel models: ``vae=identity``); the
+conditioner what else the network sees (``conditioning=none|class_labels``). A pixel model is this
+class with the identity codec; the text-to-image families (``LatentDiffusion``, ``...XL``) are
+subclasses because text conditioning, caption dropout and their pipelines demand it.
+The module holds the training step and the optimisers only: export is ``diffusion_lab/export``,
+latent caching ``callbacks/caching.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 import torch
 
+from diffusion_lab.components.conditioning import Unconditional
+from diffusion_lab.components.shapes import sample_size
+from diffusion_lab.components.vae import IdentityCodec
 from diffusion_lab.diffusion.processes import Process
 from diffusion_lab.diffusion.sampling import Sampler, sample
 from diffusion_lab.utils.errors import ConfigError
@@ -45,6 +53,11 @@ class DiffusionModule(pl.LightningModule):
 
     Args:
         unet: the denoiser (``UNet2DModel`` / ``UNet2DConditionModel``).
+        codec: images <-> diffused tensor (``VAECodec`` or ``IdentityCodec``; None = identity on
+            the UNet's channels).
+        conditioner: ``Unconditional`` / ``ClassLabels`` (None = unconditional); text families
+            pass their text conditioner and override ``conditioning``.
+        resolution: of the training images (``data.resolution``): sets the sampled shape.
         process: the diffusion process (``process=vp|flow_matching|edm``): noising, target, weights.
         sampler: how previews and the exported pipeline sample (``sampler=default|ddim|dpmpp|...``);
             checked against the process here, before training.
@@ -57,13 +70,13 @@ class DiffusionModule(pl.LightningModule):
     """
 
     # constructor arguments that are built objects, kept out of hparams (subclasses extend it)
-    hparams_ignore: tuple[str, ...] = ("unet", "process", "sampler", "optimizer", "lr_scheduler")
+    hparams_ignore: tuple[str, ...] = ("unet", "process", "sampler", "codec", "conditioner", "optimizer", "lr_scheduler")
     # processes this model family can train and export (``process=``); others are a ConfigError
     processes: tuple[str, ...] = ("vp", "flow_matching", "edm")
     # why a process is missing from ``processes`` (for the error message)
     process_limits: str = ""
     # the ``model=`` option that builds this class (for messages)
-    family: str = "?"
+    family: str = "pixel_ddpm"
 
     def __init__(
         self,
@@ -71,6 +84,9 @@ class DiffusionModule(pl.LightningModule):
         process: Process,
         sampler: Sampler,
         optimizer: OptimizerFactory,
+        codec: torch.nn.Module | None = None,
+        conditioner=None,
+        resolution: int | None = None,
         lr_scheduler: Callable | None = None,
         preview_steps: int = 50,
         guidance_rescale: float = 0.0,
@@ -85,6 +101,8 @@ class DiffusionModule(pl.LightningModule):
         self.unet = torch.compile(unet) if compile_unet else unet
         self.process = process
         self.sampler = sampler
+        self.codec = codec if codec is not None else IdentityCodec(unet.config.in_channels)
+        self.conditioner = conditioner if conditioner is not None else Unconditional()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._t_batch_start: float | None = None
@@ -105,22 +123,25 @@ class DiffusionModule(pl.LightningModule):
             )
         sampler.check(process.kind)
 
-    # ---- what subclasses define -------------------------------------------------------------
+    # ---- encode / decode / condition (the codec's and conditioner's) --------------------------
     def encode(self, batch: dict) -> torch.Tensor:
-        """Batch -> the tensor that is diffused, ``[N, C, H, W]``."""
-        raise NotImplementedError
+        """Batch -> the diffused tensor ``[N, c, H/f, W/f]``: the image itself for pixel models; for
+        latent models a fresh posterior sample while training and its mean in eval (deterministic
+        val/loss). Cached batches carry the posterior (``latent_moments``), so the draw is the same."""
+        moments = batch["latent_moments"] if "latent_moments" in batch else self.codec.moments(batch["pixel_values"])
+        return self.codec.latents(moments.to(self.device), sample=self.codec.sample_posterior and self.training)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Diffused tensor -> images in [-1, 1], ``[N, 3|1, H, W]``."""
-        raise NotImplementedError
+        return self.codec.decode(x0)
 
     def conditioning(self, batch: dict, train: bool) -> dict[str, torch.Tensor]:
         """Extra UNet keyword arguments for this batch (class labels, text states)."""
-        return {}
+        return self.conditioner(batch, train)
 
-    def export(self, out_dir: str) -> None:
-        """Write a diffusers pipeline folder (called by the export callback with EMA weights)."""
-        raise NotImplementedError
+    def sampling_conditioning(self, cond_batch: dict | None, n: int) -> tuple[dict, dict | None]:
+        """(cond, uncond) keyword arguments for sampling; unconditional models return ({}, None)."""
+        return self.conditioner.sampling(cond_batch, n, self.device)
 
     # ---- shared -----------------------------------------------------------------------------
     @property
@@ -198,9 +219,13 @@ class DiffusionModule(pl.LightningModule):
         return self.process.sampling_scheduler(sampler or self.sampler)
 
     def latent_shape(self, n: int) -> tuple[int, ...]:
-        cfg = self.base_unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return (n, cfg.in_channels, size, size)
+        """``(n, c, H/f, W/f)``: what the network samples (``resolution`` / the codec's factor; else
+        the UNet's ``sample_size``)."""
+        if self.hparams.resolution:
+            size = self.hparams.resolution // self.codec.downsample_factor
+        else:
+            size = sample_size(self.base_unet.config)
+        return (n, self.codec.latent_channels, size, size)
 
     @torch.no_grad()
     def generate(
@@ -236,6 +261,3 @@ class DiffusionModule(pl.LightningModule):
         self.train(was_training)
         return images.float().clamp(-1, 1)
 
-    def sampling_conditioning(self, cond_batch: dict | None, n: int) -> tuple[dict, dict | None]:
-        """(cond, uncond) keyword arguments for sampling; unconditional models return ({}, None)."""
-        return {}, None

@@ -7,13 +7,11 @@ micro-conditioning ("time ids") enter the UNet through ``added_cond_kwargs``. Di
 from __future__ import annotations
 
 import torch
-from diffusers import StableDiffusionXLPipeline
 
-from diffusion_lab.components.adapters import has_lora, lora_metadata, lora_state_dict
 from diffusion_lab.components.checks import check_sdxl_parts
 from diffusion_lab.components.text import DualTextConditioner
 from diffusion_lab.modules.diffusion_module import batch_len
-from diffusion_lab.modules.latent import LatentDiffusion, _float32
+from diffusion_lab.modules.latent import LatentDiffusion
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -91,30 +89,3 @@ class LatentDiffusionXL(LatentDiffusion):
         return self.unet(x_t.to(dtype), t, encoder_hidden_states=encoder_hidden_states.to(dtype), added_cond_kwargs=added).sample.float()
 
     # ---- export -----------------------------------------------------------------------------
-    def pipeline(self, fused: bool = False) -> StableDiffusionXLPipeline:
-        """A ``StableDiffusionXLPipeline`` of the current weights (see ``LatentDiffusion.pipeline``)."""
-        unet, (text_encoder, text_encoder_2) = self._pipeline_parts(fused)
-        return StableDiffusionXLPipeline(
-            vae=_float32(self.codec.vae),
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=self.conditioner.tokenizer,
-            tokenizer_2=self.conditioner.tokenizer_2,
-            unet=unet,
-            scheduler=self.sampling_scheduler(),
-            force_zeros_for_empty_prompt=self.hparams.force_zeros_for_empty_prompt,
-        )
-
-    def save_lora(self, out_dir: str) -> None:
-        """``pytorch_lora_weights.safetensors``: the UNet's LoRA and each text encoder's that has one,
-        in the layout ``StableDiffusionXLPipeline.load_lora_weights(dir)`` reads. No kohya file:
-        kohya's SDXL layout names UNet blocks differently (not written, not verified here)."""
-        encoders = {name: e for name, e in zip(("text_encoder", "text_encoder_2"), self.conditioner.encoders) if has_lora(e)}
-        StableDiffusionXLPipeline.save_lora_weights(
-            out_dir,
-            unet_lora_layers=lora_state_dict(self.base_unet),
-            unet_lora_adapter_metadata=lora_metadata(self.base_unet),
-            **{f"{name}_lora_layers": lora_state_dict(e) for name, e in encoders.items()},
-            **{f"{name}_lora_adapter_metadata": lora_metadata(e) for name, e in encoders.items()},
-            safe_serialization=True,
-        )

@@ -8,15 +8,31 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.errors import ConfigError, DataError
+
+
+def check_captions_for_text_model(module: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
+    """A text-conditioned model (one with a ``conditioner``: SD, SDXL) trains on image-caption
+    pairs: one real training item must carry a ``caption``, before ``fit`` rather than at step 1."""
+    if getattr(module, "conditioner", None) is None or "caption" in datamodule.dataset[0]:
+        return
+    why = getattr(datamodule.dataset, "caption_note", None)
+    raise DataError(
+        f"{type(module).__name__} trains on image-caption pairs but the data has no captions"
+        f"{f' ({why})' if why else ''}. Set data.caption_column to the caption column (data=image_folder: a "
+        f"column of metadata.jsonl/metadata.csv beside 'file_name', or auto for text/caption/.txt files beside the "
+        f"images; data=hf: the data set's caption column), or use data=digits_captioned."
+    )
 
 
 def check_pixel_model_fits_data(module: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
     """A pixel-space UNet must take and return images shaped like the data: compares
-    ``model.unet`` (in/out channels, sample_size) with one real training item ``[C, H, W]``."""
-    from diffusion_lab.modules.pixel import PixelDiffusion
+    ``model.unet`` (in/out channels, sample_size, how often its down blocks halve the size) with
+    one real training item ``[C, H, W]``."""
+    from diffusion_lab.components.vae import IdentityCodec
 
-    if not isinstance(module, PixelDiffusion):
+    check_captions_for_text_model(module, datamodule)
+    if not isinstance(getattr(module, "codec", None), IdentityCodec):
         return  # latent models check their parts when they are built (components/checks.py)
     channels, height, width = datamodule.dataset[0]["pixel_values"].shape
     cfg = module.base_unet.config
@@ -33,6 +49,18 @@ def check_pixel_model_fits_data(module: pl.LightningModule, datamodule: pl.Light
             f"model.unet.sample_size={size} but the data gives {height}x{width} images (data.resolution); "
             f"samples and the exported pipeline would have the wrong size. Set model.unet.sample_size=${{data.resolution}} "
             f"(the default) or data.resolution={size if isinstance(size, int) else size[0]}."
+        )
+    # every down block but the last halves the image (diffusers UNet2DModel), and the up path must
+    # double back to the same sizes to meet the skip connections
+    blocks = len(cfg.down_block_types)
+    factor = 2 ** (blocks - 1)
+    if height % factor or width % factor:
+        ok = max(factor, round(height / factor) * factor)
+        problems.append(
+            f"The UNet does not fit the data: its {blocks} down blocks (model.unet.down_block_types) halve the image "
+            f"{blocks - 1} times, so data.resolution must be a multiple of {factor}, and the data gives {height}x{width} "
+            f"images. Set data.resolution={ok} (or another multiple of {factor}), or pick a UNet with fewer down blocks "
+            f"for {height} px (model/unet=tiny or model/unet=ddpm_digits: 2 blocks, any multiple of 2)."
         )
     if problems:
         raise ConfigError(" ".join(problems))

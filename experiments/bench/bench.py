@@ -6,7 +6,8 @@ switch (a config key) on training images/s and peak memory.
     python experiments/bench/bench.py --device cuda           # + SD-1.5-sized UNet at 64x64 latents, bf16, MFU
     python experiments/bench/bench.py --quick                 # smoke run (2 rounds of 2 steps)
 
-Writes ``experiments/bench/results/<device>.json`` and ``.md`` (``--out DIR`` elsewhere).
+Writes ``<device>.json`` and ``.md`` into a new ``outputs/experiments/bench/<date>_<time>/``;
+``--out experiments/bench/results`` refreshes the committed results.
 
 Method. Every case of a family is the family's real config (``conf/``, composed as the CLI would)
 plus the overrides of one switch; cases with the same overrides share one built model. After a
@@ -50,7 +51,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # no caching progress bars in the lo
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
@@ -58,9 +58,10 @@ from hydra.utils import instantiate  # noqa: E402
 
 import diffusion_lab  # noqa: E402,F401  (config resolvers)
 from diffusion_lab import perf, tiny_sd  # noqa: E402
-from diffusion_lab.diffusion import objectives  # noqa: E402
+from diffusion_lab.modules import LatentDiffusion  # noqa: E402
 from diffusion_lab.modules.diffusion_module import batch_len  # noqa: E402
 from diffusion_lab.utils.instantiate import instantiate_callbacks, instantiate_loggers  # noqa: E402
+from diffusion_lab.utils.outputs import add_out_argument, run_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = str(REPO / "conf")
@@ -148,7 +149,7 @@ def families(args, tiny_sd_dir: Path) -> list[Family]:
             "sd15",
             [
                 "model=latent_sd", f"model/unet={args.sd15_unet}", "vae=tiny", "vae.vae.block_out_channels=[16,32,32,32]",
-                "text_encoder=tiny", "text_encoder.text_encoder.hidden_size=${model.unet.cross_attention_dim}", "scheduler=sd", "data=digits_captioned",
+                "text_encoder=tiny", "text_encoder.text_encoder.hidden_size=${model.unet.cross_attention_dim}", "process=vp_sd", "data=digits_captioned",
                 f"data.resolution={args.sd15_resolution}", f"data.batch_size={args.sd15_batch}", "model.cache=true",
                 "trainer=gpu" if args.device == "cuda" else "trainer=cpu", "trainer.precision=" + args.precision,
                 "model.optimizer.lr=1e-5",
@@ -283,18 +284,18 @@ def lightning_block(built: Built, warmup: int, steps: int, device: str) -> Block
 
 def plain_block(built: Built, warmup: int, steps: int, device: str) -> Block:
     """The same training step written as a plain PyTorch loop (diffusers-example style) over the
-    framework's own UNet, optimizer settings, LR schedule, gradient clipping and data loader."""
+    framework's own UNet, process (noising, target, loss), optimizer settings, LR schedule,
+    gradient clipping and data loader."""
     module, cfg = built.module.to(device), built.cfg
     module.train()
     unet = module.unet
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = module.optimizer_factory(params=params)
     lr_scheduler = module.lr_scheduler_factory(optimizer=optimizer, num_training_steps=warmup + steps) if module.lr_scheduler_factory else None
-    scheduler = module.train_scheduler
-    num_t = scheduler.config.num_train_timesteps
+    process = module.process  # the noising, target and loss the framework trains with
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled="bf16" in str(cfg.trainer.precision))
     clip = cfg.trainer.gradient_clip_val
-    latent = hasattr(module, "codec")
+    latent = isinstance(module, LatentDiffusion)  # pixel models have the identity codec
     if latent:
         vae, tokenizer, text_encoder = module.codec.vae, module.conditioner.tokenizer, module.conditioner.text_encoder
         p_drop = module.hparams.caption_dropout
@@ -321,13 +322,10 @@ def plain_block(built: Built, warmup: int, steps: int, device: str) -> Block:
                     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
                     states = text_encoder(ids.to(device))[0].float()
             cond = {"encoder_hidden_states": states}
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, num_t, (x0.shape[0],), device=device)
-        x_t = scheduler.add_noise(x0, noise, t)
-        target = objectives.training_target(scheduler, x0, noise, t, scheduler.config.prediction_type)
+        noised = process.noised(x0)
         with autocast:
-            pred = unet(x_t, t, **cond).sample
-        loss = F.mse_loss(pred.float(), target.float())
+            pred = unet(noised.model_input, noised.timestep, **cond).sample
+        loss = process.loss(pred, noised)
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
@@ -421,7 +419,7 @@ def sampling_speed(built: Built, spec: dict, repeats: int, device: str) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times[1:])
-    return {"images_per_s": n / dt, "num_images": n, "steps": spec["steps"], "scheduler": type(module.noise_scheduler).__name__, **{k: v for k, v in spec.items() if k == "guidance_scale"}}
+    return {"images_per_s": n / dt, "num_images": n, "steps": spec["steps"], "scheduler": type(module.sampling_scheduler()).__name__, **{k: v for k, v in spec.items() if k == "guidance_scale"}}
 
 
 def ratio_summary(ratios: list[float]) -> dict:
@@ -460,7 +458,7 @@ def run_family(fam: Family, args, work: Path) -> dict:
     with torch.no_grad():
         info["attention_kernels"] = dict(perf.attention_kernels(lambda: base.module.to(args.device).diffusion_loss(probe)))
     info["flops_per_image"] = flops_per_image(base, args.device)
-    if hasattr(base.module, "codec"):
+    if isinstance(base.module, LatentDiffusion):
         info["flops_split"] = frozen_parts_flops(base, args.device)
 
     blocks: dict[str, list[Block]] = {c.name: [] for c in fam.cases}
@@ -614,7 +612,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--sample-repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds x (1 warmup + 2 steps), small batches")
-    p.add_argument("--out", default=str(REPO / "experiments" / "bench" / "results"))
+    add_out_argument(p, "bench", "experiments/bench/results")
     p.add_argument("--no-memory-probe", action="store_true", help="CPU: skip the per-case peak memory runs in fresh processes")
     p.add_argument("--memory-probe", nargs=2, metavar=("FAMILY", "CASE"), help=argparse.SUPPRESS)  # internal: one probe
     p.add_argument("--tiny-sd-dir", help=argparse.SUPPRESS)
@@ -665,12 +663,11 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "families": results,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_dir(args.out, "bench")
     stem = args.device + ("_quick" if args.quick else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
-    print(f"\nwrote {out / stem}.json and .md")
+    print(f"\nwrote {stem}.json and {stem}.md to {out}")
     return result
 
 

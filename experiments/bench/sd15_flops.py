@@ -1,7 +1,8 @@
 """FLOPs of one SD-1.5 fine-tuning step per image, by part, counted on meta tensors (no weights,
 no GPU): what caching removes, and the MFU numerator of the GPU benchmark.
 
-    python experiments/bench/sd15_flops.py        # -> experiments/bench/results/sd15_flops.json
+    python experiments/bench/sd15_flops.py                                # -> outputs/experiments/bench/<date>_<time>/sd15_flops.json
+    python experiments/bench/sd15_flops.py --out experiments/bench/results   # refresh the committed results
 
 UNet: ``conf/model/unet/sd15.yaml`` at 64x64 latents, forward + backward. VAE encoder: SD's
 AutoencoderKL (128-256-512-512, 8x down-sampling) at 512 px, forward. Text encoder: CLIP ViT-L/14's
@@ -10,6 +11,7 @@ text model (12 layers, width 768) on 77 tokens, forward.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from diffusion_lab import perf
+from diffusion_lab.utils.outputs import add_out_argument, run_dir
 
 HERE = Path(__file__).resolve().parent
 SD_VAE = dict(
@@ -29,7 +32,10 @@ SD_VAE = dict(
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77)
 
 
-def main() -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_out_argument(p, "bench", "experiments/bench/results")
+    args = p.parse_args(argv)
     unet_cfg = OmegaConf.to_container(OmegaConf.load(HERE.parents[1] / "conf" / "model" / "unet" / "sd15.yaml"))
     unet_cfg = {k: v for k, v in unet_cfg.items() if not k.startswith("_")} | {"sample_size": 64}
     with torch.device("meta"):
@@ -42,10 +48,11 @@ def main() -> dict:
         }
     out["caching_speedup_bound_by_flops"] = (out["unet_train_step"] + out["vae_encode_512px"] + out["text_encoder_77_tokens"]) / out["unet_train_step"]
     out["unet_parameters"] = sum(p.numel() for p in unet.parameters())
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "sd15_flops.json").write_text(json.dumps(out, indent=1))
+    folder = run_dir(args.out, "bench")
+    (folder / "sd15_flops.json").write_text(json.dumps(out, indent=1))
     for k, v in out.items():
         print(f"{k}: {v / 1e12:.3f} TFLOP" if k.endswith(("step", "px", "tokens")) else f"{k}: {v:,.3f}")
+    print(f"wrote sd15_flops.json to {folder}")
     return out
 
 

@@ -1,10 +1,12 @@
 """Score the demo DDPM: are its samples recognisable digits of all ten classes?
 
     .venv/bin/python experiments/ddpm_digits/score.py --pipeline outputs/ddpm_digits/runs/<date>/pipeline
+    .venv/bin/python experiments/ddpm_digits/score.py --pipeline ... --out experiments/ddpm_digits   # refresh the committed results
 
-Draws N unconditional samples (fixed seed), classifies them with the digit classifier trained on
-real digits (diffusion_lab.metrics.digits), and compares with held-out real digits at the same
-resolution. Writes results.json, results.md and samples.png beside this file (or --out).
+Draws N unconditional samples (fixed seed, ``--sampler``: a conf/sampler option), classifies them
+with the digit classifier trained on real digits (diffusion_lab.metrics.digits), and compares with
+held-out real digits at the same resolution. Writes results.json, results.md and samples.png into
+a new outputs/experiments/ddpm_digits/<date>_<time>/ (or --out).
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
-import torch
+from omegaconf import OmegaConf
 
 from diffusion_lab.checkpoints import load_module
-from diffusion_lab.components.schedulers import scheduler_class
+from diffusion_lab.diffusion.sampling import load_sampler
+from diffusion_lab.inference.generate import load_pixel_model
 from diffusion_lab.metrics.digits import DIGIT_NAMES, score_digit_samples
-from diffusion_lab.sample import generate_pixel_images
+from diffusion_lab.utils.outputs import add_out_argument, run_dir
 from diffusion_lab.viz import image_grid
 
 
@@ -29,29 +31,23 @@ def main() -> None:
     src.add_argument("--pipeline", help="exported DDPMPipeline folder")
     src.add_argument("--ckpt", help="or a training checkpoint (EMA weights)")
     p.add_argument("--num-images", type=int, default=500)
-    p.add_argument("--scheduler", default="ddim", help="ddpm | ddim | dpmpp | euler | heun | pndm")
+    p.add_argument("--sampler", default="ddim", help="a conf/sampler option: ddim, ddpm, dpmpp, euler, heun, pndm, unipc, ...")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(Path(__file__).parent))
+    p.add_argument("--batch-size", type=int, default=250)
+    add_out_argument(p, "ddpm_digits", "experiments/ddpm_digits")
     args = p.parse_args()
 
-    if args.pipeline:
-        from diffusers import DDPMPipeline
-
-        pipe = DDPMPipeline.from_pretrained(args.pipeline)
-        unet, scheduler_config = pipe.unet, pipe.scheduler.config
-    else:
-        module = load_module(args.ckpt, use_ema=True)
-        unet, scheduler_config = module.base_unet, module.noise_scheduler.config
-    scheduler = scheduler_class(args.scheduler).from_config(scheduler_config)
+    sampler = load_sampler(args.sampler)
+    module = load_module(args.ckpt, use_ema=True) if args.ckpt else None
+    model = load_pixel_model(OmegaConf.create({"pipeline": args.pipeline, "local_files_only": True}), module=module, sampler=sampler)
     t0 = time.perf_counter()
-    images = generate_pixel_images(unet.eval(), scheduler, args.num_images, 250, args.steps, args.seed, "cpu")
+    images = model.generate(args.num_images, args.batch_size, args.steps, args.seed, "cpu")
     seconds = time.perf_counter() - t0
     scores = score_digit_samples(images)
-    scores.update({"source": args.pipeline or args.ckpt, "scheduler": args.scheduler, "steps": args.steps, "seed": args.seed, "sampling_seconds": round(seconds, 1)})
+    scores.update({"source": args.pipeline or args.ckpt, "sampler": args.sampler, "steps": args.steps, "seed": args.seed, "sampling_seconds": round(seconds, 1)})
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_dir(args.out, "ddpm_digits")
     (out / "results.json").write_text(json.dumps(scores, indent=2))
     image_grid(images[:100], rows=10).save(out / "samples.png")
     real = scores["real_heldout"]
@@ -69,7 +65,7 @@ def main() -> None:
     ]
     (out / "results.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
-    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'samples.png'}")
+    print(f"\nwrote results.json, results.md and samples.png to {out}")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,16 @@
     OMP_NUM_THREADS=1 .venv/bin/python experiments/ldm_digits/score.py --pipeline outputs/ldm_digits/pipeline \
         --lora outputs/ldm_digits/lora --trigger thick --out experiments/ldm_digits/results/lora_thick
 
-For each digit k, ``--per-class`` samples of "a handwritten digit k" (DPM-Solver++, ``--steps``,
-classifier-free guidance ``--guidance``), classified -> per-class and overall accuracy. Also the
+For each digit k, ``--per-class`` samples of "a handwritten digit k" (``--sampler``, default
+DPM-Solver++, ``--steps``, classifier-free guidance ``--guidance``), classified -> per-class and
+overall accuracy. Also the
 classifier's accuracy on the pipeline VAE's reconstructions of held-out real digits (what the
 first stage alone loses). With ``--lora``: the same prompts with and without the trigger word;
 the concept is measured by mean brightness (ink) and classifier accuracy, next to the same
 numbers on real digits drawn thick (``--trigger thick``) or on the samples inverted back
-(``--trigger inverted``). Writes results.json, results.md and grids to ``--out``.
+(``--trigger inverted``). Writes results.json, results.md and grids into a new
+outputs/experiments/ldm_digits/<date>_<time>/, or ``--out`` (``--out experiments/ldm_digits/results/base``
+refreshes the committed results).
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ import torch
 from omegaconf import OmegaConf
 
 from diffusion_lab.checkpoints import load_module
+from diffusion_lab.diffusion.sampling import load_sampler
+from diffusion_lab.export import build_pipeline
+from diffusion_lab.inference.generate import generate_text_images
 from diffusion_lab.metrics.digits import DIGIT_NAMES, DigitClassifier, real_digits
-from diffusion_lab.sample import generate_text_images
+from diffusion_lab.utils.outputs import add_out_argument, run_dir
 from diffusion_lab.viz import image_grid
 
 
@@ -91,20 +97,20 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "base"))
+    p.add_argument("--sampler", default="dpmpp", help="a conf/sampler option (dpmpp, ddim, pndm, euler, unipc, ...)")
+    add_out_argument(p, "ldm_digits", "experiments/ldm_digits/results/base")
     args = p.parse_args()
 
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     if args.ckpt:
-        pipe = load_module(args.ckpt).pipeline()
+        pipe = build_pipeline(load_module(args.ckpt))
     else:
         pipe = StableDiffusionPipeline.from_pretrained(args.pipeline, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = load_sampler(args.sampler).scheduler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
     classifier = DigitClassifier.load_or_train()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_dir(args.out, "ldm_digits")
     sample = lambda template: generate(pipe, prompts_for(template), args.per_class, args.steps, args.guidance, args.seed, args.batch_size)  # noqa: E731
 
     results = {k: v for k, v in vars(args).items() if k != "out"}
@@ -134,7 +140,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
     print(markdown(results))
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and grids")
+    print(f"wrote results.json, results.md and grids to {out}")
 
 
 def markdown(r: dict) -> str:
@@ -143,7 +149,7 @@ def markdown(r: dict) -> str:
         f"VAE scaling_factor {r['scaling_factor']:.4f}; classifier on held-out real digits {r['vae']['real']:.3f}, "
         f"on their VAE reconstructions {r['vae']['reconstructed']:.3f} (L1 {r['vae']['l1']:.4f}, n={r['vae']['n']})",
         "",
-        f"{r['per_class']} samples per digit, {r['steps']} DPM-Solver++ steps, guidance {r['guidance']}:",
+        f"{r['per_class']} samples per digit, {r['steps']} steps of sampler={r.get('sampler', 'dpmpp')}, guidance {r['guidance']}:",
         "",
         "| prompt | overall | " + " | ".join(str(k) for k in range(10)) + " | mean brightness |",
         "|---|---|" + "---|" * 10 + "---|",

@@ -1,13 +1,15 @@
 """Sampler study: quality versus cost on the digits DDPM, every sampler from the same x_T.
 
     .venv/bin/python experiments/samplers/run.py --pipeline outputs/ddpm_digits/runs/<date>/pipeline
+    .venv/bin/python experiments/samplers/run.py --pipeline ... --out experiments/samplers   # refresh the committed results
 
-Draws --num-images samples with each (scheduler, steps) setting (default: DDPM 1000, DDIM 50
-and 20, DPM-Solver++ 20 and 10, Euler 50, Heun 25) from one fixed noise tensor, counts network
-evaluations (NFE), times them, and scores them against all 1,797 real digits with FID / KID / IS
-in the digit classifier's feature space (diffusion_lab.metrics). Writes results.json,
-results.md (the table), fid_vs_cost.png (FID vs NFE and vs wall time) and samples.png (one row
-per setting, same seeds) to --out (default: beside this file).
+Draws --num-images samples with each (sampler, steps) setting (conf/sampler names; default: DDPM
+1000, DDIM 50 and 20, DPM-Solver++ 20 and 10, Euler 50, Heun 25) from one fixed noise tensor,
+counts network evaluations (NFE), times them, and scores them against all 1,797 real digits with
+FID / KID / IS in the digit classifier's feature space (diffusion_lab.metrics). Writes
+results.json, results.md (the table), fid_vs_cost.png (FID vs NFE and vs wall time) and
+samples.png (one row per setting, same seeds) into a new outputs/experiments/samplers/<date>_<time>/
+(or --out).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from diffusion_lab.metrics.digits import real_digits, score_digit_samples
 from diffusion_lab.metrics.features import DigitFeatures
 from diffusion_lab.metrics.samplers import DEFAULT_SETTINGS, compare_samplers
+from diffusion_lab.utils.outputs import add_out_argument, run_dir
 from diffusion_lab.viz import image_grid
 
 NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp": "DPM-Solver++", "euler": "Euler", "heun": "Heun", "pndm": "PNDM"}
@@ -62,11 +65,11 @@ def main() -> None:
     p.add_argument("--pipeline", required=True, help="exported DDPMPipeline folder (<run dir>/pipeline)")
     p.add_argument("--num-images", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--settings", default=",".join(f"{n}:{s}" for n, s in DEFAULT_SETTINGS), help="scheduler:steps,...")
+    p.add_argument("--settings", default=",".join(f"{n}:{s}" for n, s in DEFAULT_SETTINGS), help="sampler:steps,... (conf/sampler names)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy small machine)")
-    p.add_argument("--out", default=str(Path(__file__).parent))
+    add_out_argument(p, "samplers", "experiments/samplers")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,8 +89,7 @@ def main() -> None:
         digits = score_digit_samples(images[f"{r['sampler']}-{r['steps']}"], classifier=extractor.classifier, reference=False)
         r["digit_confidence"], r["digit_marginal_entropy"] = digits["confidence"], digits["marginal_entropy"]
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_dir(args.out, "samplers")
     meta = {
         "pipeline": str(args.pipeline),
         "num_images": args.num_images,
@@ -114,7 +116,7 @@ def main() -> None:
     grid = torch.cat([images[f"{r['sampler']}-{r['steps']}"][:12] for r in rows])
     image_grid(grid, rows=len(rows)).save(out / "samples.png")
     print("\n".join(table))
-    print(f"\nwrote {out / 'results.json'}, results.md, fid_vs_cost.png, samples.png")
+    print(f"\nwrote results.json, results.md, fid_vs_cost.png and samples.png to {out}")
 
 
 if __name__ == "__main__":

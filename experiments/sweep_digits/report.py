@@ -1,13 +1,16 @@
 """Table and plots of a prediction-type x beta-schedule sweep, built from what the runs logged.
 
-    .venv/bin/python experiments/sweep_digits/report.py --sweep outputs/sweep_digits
+    .venv/bin/python experiments/sweep_digits/report.py --sweep <sweep dir>
+    .venv/bin/python experiments/sweep_digits/report.py --sweep <sweep dir> --out experiments/sweep_digits   # refresh the committed results
 
 For every job folder of the sweep: its offline W&B run (name, config, val/loss history, images/s)
 read with diffusion_lab.utils.wandb_offline, and its exported pipeline scored on N samples
-(DDIM, fixed seed) with the digit classifier: Frechet distance of classifier features to held-out
-real digits (FD, lower is better; the floor is half of the real set against the other half; val/loss is not comparable across prediction types, each has
-its own target) and the classifier's class-marginal entropy (log 10 = 2.303 when every digit
-appears equally often). Writes results.json, results.md, curves.png and samples.png (--out).
+(``--sampler``, default DDIM, fixed seed) with the digit classifier: Frechet distance of
+classifier features to held-out real digits (FD, lower is better; the floor is half of the real
+set against the other half; val/loss is not comparable across prediction types, each has its own
+target) and the classifier's class-marginal entropy (log 10 = 2.303 when every digit appears
+equally often). Writes results.json, results.md, curves.png and samples.png into a new
+outputs/experiments/sweep_digits/<date>_<time>/ (or --out).
 """
 
 from __future__ import annotations
@@ -21,22 +24,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
-from diffusion_lab.components.schedulers import scheduler_class  # noqa: E402
+from diffusion_lab.diffusion.sampling import Sampler, load_sampler  # noqa: E402
+from diffusion_lab.inference.generate import load_pixel_model  # noqa: E402
 from diffusion_lab.metrics.digits import class_scores, real_digits  # noqa: E402
 from diffusion_lab.metrics.distribution import fid  # noqa: E402
 from diffusion_lab.metrics.features import DigitFeatures  # noqa: E402
-from diffusion_lab.sample import generate_pixel_images  # noqa: E402
+from diffusion_lab.utils.outputs import add_out_argument, run_dir  # noqa: E402
 from diffusion_lab.utils.wandb_offline import find_offline_runs  # noqa: E402
 from diffusion_lab.viz import image_grid  # noqa: E402
 
 
-def score(pipeline: Path, features: DigitFeatures, real_feats: torch.Tensor, n: int, steps: int, seed: int) -> tuple[dict, torch.Tensor]:
-    from diffusers import DDPMPipeline
-
-    pipe = DDPMPipeline.from_pretrained(pipeline)
-    scheduler = scheduler_class("ddim").from_config(pipe.scheduler.config)
-    images = generate_pixel_images(pipe.unet.eval(), scheduler, n, 256, steps, seed, "cpu")
+def score(pipeline: Path, sampler: Sampler, features: DigitFeatures, real_feats: torch.Tensor, n: int, steps: int, seed: int) -> tuple[dict, torch.Tensor]:
+    model = load_pixel_model(OmegaConf.create({"pipeline": str(pipeline), "local_files_only": True}), sampler=sampler)
+    images = model.generate(n, 256, steps, seed, "cpu", progress=False)
     feats, logits = features.extract(images)
     scores = class_scores(logits.softmax(-1))
     return {"fd": fid(real_feats, feats), "marginal_entropy": scores["marginal_entropy"], "confidence": scores["confidence"]}, images
@@ -46,15 +48,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", required=True, help="the multirun folder (hydra.sweep.dir)")
     p.add_argument("--num-images", type=int, default=500)
+    p.add_argument("--sampler", default="ddim", help="a conf/sampler option (ddim, dpmpp, ddpm, ...)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(Path(__file__).parent))
+    add_out_argument(p, "sweep_digits", "experiments/sweep_digits")
     args = p.parse_args()
     torch.set_num_threads(1)
 
     runs = find_offline_runs(args.sweep)
     if not runs:
         raise SystemExit(f"no offline W&B runs under {args.sweep}: run the sweep with logger=wandb first")
+    sampler = load_sampler(args.sampler)
     features = DigitFeatures()
     real, _ = real_digits("heldout", runs[0].config["data"]["resolution"])
     real_feats, real_logits = features.extract(real)
@@ -66,30 +70,30 @@ def main() -> None:
     rows, grids = [], []
     for run in runs:
         job_dir = run.path.parents[1]
-        sched = run.config["scheduler"]
+        process = run.config["process"]
+        prediction_type, beta_schedule = process["prediction_type"], process["scheduler"]["beta_schedule"]
         val = run.metric("val/loss")
         ips = [v for _, v in run.metric("train/images_per_sec")]
-        sample_scores, images = score(job_dir / "pipeline", features, real_feats, args.num_images, args.steps, args.seed)
+        sample_scores, images = score(job_dir / "pipeline", sampler, features, real_feats, args.num_images, args.steps, args.seed)
         rows.append({
             "job": job_dir.name,
             "name": run.name,
             "group": run.group,
-            "prediction_type": sched["prediction_type"],
-            "beta_schedule": sched["beta_schedule"],
+            "prediction_type": prediction_type,
+            "beta_schedule": beta_schedule,
             "steps": run.config["trainer"]["max_steps"],
             "final_val_loss": val[-1][1],
             "val_loss_curve": val,
             "images_per_sec": sorted(ips)[len(ips) // 2] if ips else None,
             **sample_scores,
         })
-        grids.append((f"{sched['prediction_type']} / {sched['beta_schedule']}", image_grid(images[:36], rows=6)))
+        grids.append((f"{prediction_type} / {beta_schedule}", image_grid(images[:36], rows=6)))
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"sweep": str(args.sweep), "num_images": args.num_images, "ddim_steps": args.steps,
+    out = run_dir(args.out, "sweep_digits")
+    (out / "results.json").write_text(json.dumps({"sweep": str(args.sweep), "num_images": args.num_images, "sampler": args.sampler, "steps": args.steps,
                                                   "reference_heldout_real": reference, "runs": rows}, indent=2))
     lines = [
-        f"W&B group: `{rows[0]['group']}`; {args.num_images} samples per run (DDIM {args.steps} steps, seed {args.seed}).",
+        f"W&B group: `{rows[0]['group']}`; {args.num_images} samples per run (sampler={args.sampler}, {args.steps} steps, seed {args.seed}).",
         "",
         "| run | prediction type | beta schedule | final val/loss* | FD to real (lower better) | class entropy (max 2.303) | confidence |",
         "|---|---|---|---|---|---|---|",
@@ -118,6 +122,7 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out / "samples.png", dpi=100)
     print("\n".join(lines))
+    print(f"\nwrote results.json, results.md, curves.png and samples.png to {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""Latent caching (``model.cache=true``): VAE posteriors and frozen text states, computed once.
+
+At the start of ``fit`` the datamodule's train/val sets are replaced by ``CachedLatentDataset``s
+(``data/caching.py``) holding each image's posterior (mean, logvar) and the text states of each
+distinct caption; the module's ``encode``/``conditioning`` read them from the batch. The latent is
+still drawn fresh each step from the cached posterior, so a cached run is the same run.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytorch_lightning as pl
+
+from diffusion_lab.data.caching import CachedLatentDataset, cache_latents
+from diffusion_lab.utils.errors import ConfigError
+
+
+class LatentCacheCallback(pl.Callback):
+    """Swap the data sets for cached ones when ``enabled`` (linked to ``model.cache``).
+
+    Text states are cached only while every text encoder is frozen (a trained encoder changes)."""
+
+    def __init__(self, enabled: bool = False) -> None:
+        self.enabled = enabled
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not self.enabled:
+            return
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "train_set"):
+            raise ConfigError("model.cache=true needs the data module of data.datamodule (diffusion_lab.data.DiffusionDataModule).")
+        _warn_if_random_transform(dm.train_set)
+        frozen_text = hasattr(pl_module, "text_states") and pl_module.conditioner.frozen
+        text_fn = pl_module.text_states if frozen_text else None
+        keep = getattr(pl_module, "cached_batch_keys", ())
+        for name in ("train_set", "val_set"):
+            ds = getattr(dm, name)
+            if ds is not None and not isinstance(ds, CachedLatentDataset):
+                setattr(dm, name, cache_latents(ds, pl_module.codec.moments, text_fn, pl_module.device, dm.per_device_batch_size, keep=keep))
+
+
+def _warn_if_random_transform(dataset) -> None:
+    base = getattr(dataset, "dataset", dataset)  # a Subset of the split
+    transform = getattr(base, "transform", None)
+    if getattr(transform, "crop", "center") == "random" or getattr(transform, "random_flip", False):
+        warnings.warn(
+            "model.cache=true with random crops/flips: the cache holds one crop/flip per image, so training sees "
+            "less augmentation than without it (set data.crop=center data.random_flip=false, or model.cache=false).",
+            stacklevel=2,
+        )
