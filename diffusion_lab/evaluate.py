@@ -27,9 +27,9 @@ from diffusion_lab.data.sources import DigitsDataset
 from diffusion_lab.inference import generate as G
 from diffusion_lab.metrics.evaluation import format_table, generated_images, log_results, reference_images, score
 from diffusion_lab.metrics.features import FeatureExtractor
+from diffusion_lab.utils.cli import explain_unknown_keys, friendly_errors
 from diffusion_lab.utils.config_path import CONFIG_PATH
 from diffusion_lab.utils.io import atomic_write_bytes
-from diffusion_lab.utils.run import explain_unknown_keys, friendly_errors
 
 SCHEMA_VERSION = 1
 

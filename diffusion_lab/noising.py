@@ -17,10 +17,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import diffusion_lab  # noqa: F401
+from diffusion_lab.diffusion.noising_strip import noising_strip
+from diffusion_lab.utils.cli import explain_unknown_keys, friendly_errors
 from diffusion_lab.utils.config_path import CONFIG_PATH
 from diffusion_lab.utils.errors import ConfigError
-from diffusion_lab.utils.run import explain_unknown_keys, friendly_errors
-from diffusion_lab.viz import noising_strip
 
 
 def run(cfg: DictConfig) -> Path:

@@ -20,9 +20,9 @@ from omegaconf import DictConfig
 
 import diffusion_lab  # noqa: F401
 from diffusion_lab.inference import generate as G
+from diffusion_lab.utils.cli import explain_unknown_keys, friendly_errors
 from diffusion_lab.utils.config_path import CONFIG_PATH
 from diffusion_lab.utils.errors import ConfigError
-from diffusion_lab.utils.run import explain_unknown_keys, friendly_errors
 
 
 def run(cfg: DictConfig) -> Path:
@@ -31,7 +31,7 @@ def run(cfg: DictConfig) -> Path:
     device = G.pick_device(cfg.device)
     module = None
     if cfg.ckpt_path:
-        from diffusion_lab.checkpoints import load_module
+        from diffusion_lab.inference.checkpoints import load_module
 
         module = load_module(cfg.ckpt_path, use_ema=cfg.use_ema)
     pipe = G.load_text_pipeline(cfg, module)

@@ -19,9 +19,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import diffusion_lab  # noqa: F401  (registers config resolvers)
+from diffusion_lab.utils.cli import explain_unknown_keys, friendly_errors
 from diffusion_lab.utils.config_path import CONFIG_PATH
+from diffusion_lab.utils.ddp_jobs import job_scope
 from diffusion_lab.utils.instantiate import instantiate_callbacks, instantiate_loggers
-from diffusion_lab.utils.run import explain_unknown_keys, friendly_errors, job_scope, optimized_metric, save_config
+from diffusion_lab.utils.results import optimized_metric, save_config
 from diffusion_lab.utils.validate import check_callbacks_fit_model, check_checkpoint_file, check_pixel_model_fits_data
 
 log = logging.getLogger(__name__)

@@ -471,16 +471,16 @@ SHRINK: dict[str, list[str]] = {
 
 @pytest.fixture(scope="module")
 def tiny_sd_dir(tmp_path_factory) -> str:
-    from diffusion_lab import tiny_sd
+    from diffusion_lab.components import tiny
 
-    return str(tiny_sd.build(tmp_path_factory.mktemp("tiny") / "tiny_sd"))
+    return str(tiny.build(tmp_path_factory.mktemp("tiny") / "tiny_sd"))
 
 
 @pytest.fixture(scope="module")
 def tiny_sdxl_dir(tmp_path_factory) -> str:
-    from diffusion_lab import tiny_sd
+    from diffusion_lab.components import tiny
 
-    return str(tiny_sd.build(tmp_path_factory.mktemp("tiny") / "tiny_sdxl", kind="sdxl"))
+    return str(tiny.build(tmp_path_factory.mktemp("tiny") / "tiny_sdxl", kind="sdxl"))
 
 
 def _codec_geometry(cfg: DictConfig) -> tuple[int, int]:

@@ -172,7 +172,7 @@ def test_misspelled_key_on_the_cli_gets_the_closest_keys(tmp_path):
 
 
 def test_unknown_key_hints_apply_the_group_choices_first():
-    from diffusion_lab.utils.run import unknown_key_hints
+    from diffusion_lab.utils.cli import unknown_key_hints
 
     # caption_dropout exists in the latent model only: valid after experiment=sd_finetune_tiny
     assert unknown_key_hints(["experiment=sd_finetune_tiny", "model.caption_dropout=0.1", "trainer.max_steps=3"], "train") == []

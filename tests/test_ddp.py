@@ -16,10 +16,10 @@ from hydra.utils import instantiate
 
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError
-from diffusion_lab.utils.wandb_offline import find_offline_runs
 
 from tests.conftest import compose_cfg
 from tests.multiproc import PROBE, load_probes, run_cli, start_cli, tiny
+from tests.wandb_offline import find_offline_runs
 
 STEPS = 30
 # one optimizer step = the same 16 images in both set-ups (1 x 16 or 2 x 8); constant LR
@@ -169,7 +169,7 @@ def test_sigterm_under_ddp_saves_on_every_rank_and_resumes_to_the_same_bits(ddp_
 
 def test_multirun_with_ddp_neither_hangs_nor_duplicates(tmp_path):
     """Each job of the sweep is its own 2-process group in its own folder (Lightning re-runs the
-    command line for rank 1: without utils/run.job_scope that would restart the whole sweep)."""
+    command line for rank 1: without utils/ddp_jobs.job_scope that would restart the whole sweep)."""
     sweep = tmp_path / "sweep"
     args = ["-m", *tiny("trainer=ddp_cpu", "logger=wandb", "data.batch_size=16", "trainer.max_steps=1", "trainer.val_check_interval=1",
                         "callbacks.sample_grid=null", "callbacks.noising_strip=null"), "model.optimizer.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"]
@@ -209,13 +209,13 @@ def test_fsdp_config_wraps_transformer_blocks_of_the_latent_unet(train_cfg):
     from diffusers.models.attention import BasicTransformerBlock
     from pytorch_lightning.strategies import FSDPStrategy
 
-    from diffusion_lab import tiny_sd
+    from diffusion_lab.components.tiny import tiny_unet
 
     cfg = train_cfg(*tiny("trainer=fsdp"), tiny=False)
     strategy = instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, FSDPStrategy)
     policy = strategy.kwargs["auto_wrap_policy"]
-    unet = tiny_sd.tiny_unet()
+    unet = tiny_unet()
     wrapped = [m for m in unet.modules() if policy._module_classes and isinstance(m, tuple(policy._module_classes))]
     assert wrapped and all(isinstance(m, BasicTransformerBlock) for m in wrapped)
     mp = strategy.mixed_precision
@@ -227,9 +227,9 @@ def test_fsdp_config_wraps_transformer_blocks_of_the_latent_unet(train_cfg):
 def test_latent_module_two_processes(tmp_path):
     """The tiny Stable Diffusion fine-tune (VAE + CLIP text encoder frozen, UNet trained) under
     2-process DDP: same weights and EMA on both ranks, one pipeline, one set of checkpoints."""
-    from diffusion_lab import tiny_sd
+    from diffusion_lab.components.tiny import build
 
-    pretrained = tiny_sd.build(tmp_path / "tiny_sd")
+    pretrained = build(tmp_path / "tiny_sd")
     run_dir = tmp_path / "run"
     args = ["experiment=sd_finetune_tiny", f"model.pretrained={pretrained}", "trainer=ddp_cpu", "data.batch_size=8", "trainer.max_steps=4",
             "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "callbacks.sample_grid.every_n_steps=0",

@@ -3,7 +3,7 @@ it still run, and the sweep reports the failure at the end (exit status 1), as w
 
 Lightning's launcher watches the ranks it starts and SIGKILLs the launching process when one of
 them fails; under Hydra's multirun that process is the whole sweep (exit 137, later jobs never
-run, W&B left open). ``utils/run.LaunchedRanks`` watches them instead."""
+run, W&B left open). ``utils/ddp_jobs.LaunchedRanks`` watches them instead."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import subprocess
 
 import pytest
 
-from diffusion_lab.utils.run import LaunchedRanks, RankFailed
-from diffusion_lab.utils.wandb_offline import find_offline_runs
+from diffusion_lab.utils.ddp_jobs import LaunchedRanks, RankFailed
 
 from tests.multiproc import start_cli, tiny
+from tests.wandb_offline import find_offline_runs
 
 CRASH = ["+callbacks.crash._target_=tests.multiproc.CrashOnRank"]  # rank=-1: no crash
 

@@ -5,7 +5,7 @@ import torch
 from hydra.utils import instantiate
 from transformers import CLIPTokenizer
 
-from diffusion_lab import tiny_sd
+from diffusion_lab.components import tiny
 from diffusion_lab.components.pretrained import from_pretrained, load_scheduler
 from diffusion_lab.components.vae import VAECodec
 from diffusion_lab.utils.errors import ConfigError, DiffusionLabError
@@ -25,7 +25,7 @@ def user_error(excinfo) -> DiffusionLabError:
 
 
 def test_tiny_pipeline_tokenizer_is_a_real_clip_tokenizer(tmp_path):
-    out = tiny_sd.build(tmp_path / "sd")
+    out = tiny.build(tmp_path / "sd")
     from_folder = CLIPTokenizer.from_pretrained(out / "tokenizer")
     from_vocab = CLIPTokenizer(vocab=str(out / "tokenizer" / "vocab.json"), merges=str(out / "tokenizer" / "merges.txt"))
     text = "A handwritten digit SEVEN, with wings!"
@@ -38,7 +38,7 @@ def test_tiny_pipeline_tokenizer_is_a_real_clip_tokenizer(tmp_path):
 
 
 def test_codec_reads_scaling_and_shift_from_the_vae_config():
-    vae = tiny_sd.tiny_vae(scaling_factor=0.5, shift_factor=0.1)
+    vae = tiny.tiny_vae(scaling_factor=0.5, shift_factor=0.1)
     codec = VAECodec(vae, sample_posterior=False)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     z = codec.encode(x)
@@ -120,7 +120,7 @@ def test_pretrained_errors_say_what_to_do(tmp_path):
 
 
 def test_scheduler_and_prediction_type_come_from_the_pipeline(tmp_path):
-    out = tiny_sd.build(tmp_path / "sd_v", prediction_type="v_prediction")
+    out = tiny.build(tmp_path / "sd_v", prediction_type="v_prediction")
     sched = load_scheduler(str(out))
     assert type(sched).__name__ == "PNDMScheduler" and sched.config.prediction_type == "v_prediction"
     assert sched.config.beta_schedule == "scaled_linear"

@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from diffusion_lab import tiny_sd
+from diffusion_lab.components import tiny
 from diffusion_lab.components.adapters import KOHYA_FILE
 from diffusion_lab.export import build_pipeline
 from diffusion_lab.sample import run as run_sample
@@ -34,7 +34,7 @@ PROMPT = "a handwritten digit seven"
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
-    return str(tiny_sd.build(tmp_path_factory.mktemp("tiny") / "tiny_sd"))
+    return str(tiny.build(tmp_path_factory.mktemp("tiny") / "tiny_sd"))
 
 
 def fit(out, *overrides):
@@ -248,8 +248,8 @@ def test_sample_needs_a_prompt_for_text_to_image(tiny_pipeline, tmp_path):
 def test_sdxl_base_refiner_recipe(tmp_path):
     from PIL import Image
 
-    base = tiny_sd.build(tmp_path / "xl", kind="sdxl")
-    refiner = tiny_sd.build(tmp_path / "xl_refiner", kind="sdxl-refiner")
+    base = tiny.build(tmp_path / "xl", kind="sdxl")
+    refiner = tiny.build(tmp_path / "xl_refiner", kind="sdxl-refiner")
     common = ["recipe=sdxl_refiner", f"pipeline={base}", "dtype=float32", f"prompt={PROMPT}", "num_inference_steps=4"]
     cfg = sample_cfg(tmp_path / "both", *common, f"refiner={refiner}")
     assert cfg.refiner_start == 0.8 and cfg.guidance_scale == 5.0 and cfg.height == 32

@@ -121,10 +121,20 @@ def test_top_level_typo_on_the_cli_gets_the_closest_key(tmp_path, typo, hint):
     [("sample", "num_image=4", "num_images"), ("evaluate", "images=out", "images_dir"), ("train", "data.resolutio=8", "data.resolution")],
 )
 def test_unknown_key_hints_at_every_entry_point(config_name, typo, meant):
-    from diffusion_lab.utils.run import unknown_key_hints
+    from diffusion_lab.utils.cli import unknown_key_hints
 
     (hint,) = unknown_key_hints([typo], config_name)
     assert "Did you mean" in hint and meant in hint.split("Did you mean", 1)[1].split("?")[0]
+
+
+def test_a_group_at_package_choice_is_not_taken_for_a_misspelled_key():
+    """README's `optimizer@model.optimizer=adamw_8bit` swaps a group into another package: when a
+    typo elsewhere fails the command, only the typo is named, not the swap."""
+    from diffusion_lab.utils.cli import unknown_key_hints
+
+    hints = unknown_key_hints(["optimizer@model.optimizer=adamw_8bit", "model.optimizer.lr=3e-4", "trainer.max_stepz=5"], "train")
+    assert len(hints) == 1 and hints[0].startswith("trainer.max_stepz is not a config key"), hints
+    assert "Did you mean trainer.max_steps" in hints[0]
 
 
 def test_tiny_component_factories_leave_the_run_seed_in_charge(tmp_path):
@@ -133,7 +143,7 @@ def test_tiny_component_factories_leave_the_run_seed_in_charge(tmp_path):
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
-    from diffusion_lab.tiny_sd import tiny_unet, tiny_vae
+    from diffusion_lab.components.tiny import tiny_unet, tiny_vae
 
     cfg = compose_cfg("train", ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "model/unet=sd_tiny"], tmp_path)
     draws = []
@@ -170,9 +180,9 @@ def _captioned_folder(root, columns: dict[str, str] | None) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_sd_folder(tmp_path_factory):
-    from diffusion_lab import tiny_sd
+    from diffusion_lab.components.tiny import build
 
-    return str(tiny_sd.build(tmp_path_factory.mktemp("tiny") / "tiny_sd", resolution=16))
+    return str(build(tmp_path_factory.mktemp("tiny") / "tiny_sd", resolution=16))
 
 
 SD_FAST = ["experiment=sd_finetune_tiny", "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.sample_grid=null", "callbacks.export=null"]

@@ -9,9 +9,10 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 from torch.utils.data import Subset
 
-from diffusion_lab import perf
+from diffusion_lab.components import speed, tiny
+from diffusion_lab.components.tiny import tiny_unet
 from diffusion_lab.data.caching import cache_latents
-from diffusion_lab.tiny_sd import tiny_unet
+from diffusion_lab.metrics import profiling
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError
 from tests.conftest import TINY, compose_cfg
@@ -43,19 +44,19 @@ def test_attention_switch_sets_the_processor_and_the_kernel_that_runs(tmp_path):
     sdpa, eager = build_model(tmp_path), build_model(tmp_path, "model.attention=eager")
     x, t = pixel_inputs()
     # sdpa is diffusers' default processor, and F.scaled_dot_product_attention is what runs
-    assert perf.attention_processors(sdpa.unet) == {"AttnProcessor2_0"}
-    kernels = perf.attention_kernels(lambda: sdpa.denoise(x, t))
-    assert sum(kernels.values()) == len(perf.attention_modules(sdpa.unet)) and all("scaled_dot_product" in k for k in kernels)
-    assert perf.attention_processors(eager.unet) == {"AttnProcessor"}
-    assert not perf.attention_kernels(lambda: eager.denoise(x, t))
+    assert speed.attention_processors(sdpa.unet) == {"AttnProcessor2_0"}
+    kernels = profiling.attention_kernels(lambda: sdpa.denoise(x, t))
+    assert sum(kernels.values()) == len(speed.attention_modules(sdpa.unet)) and all("scaled_dot_product" in k for k in kernels)
+    assert speed.attention_processors(eager.unet) == {"AttnProcessor"}
+    assert not profiling.attention_kernels(lambda: eager.denoise(x, t))
     with torch.no_grad():
         torch.testing.assert_close(eager.denoise(x, t), sdpa.denoise(x, t), atol=1e-5, rtol=1e-4)
     # the SD UNet's self- and cross-attention blocks switch too
     unet = tiny_unet()
-    perf.set_attention(unet, "eager")
-    assert perf.attention_processors(unet) == {"AttnProcessor"} and len(perf.attention_modules(unet)) == 8  # self + cross in 4 transformers
+    speed.set_attention(unet, "eager")
+    assert speed.attention_processors(unet) == {"AttnProcessor"} and len(speed.attention_modules(unet)) == 8  # self + cross in 4 transformers
     with pytest.raises(ConfigError, match="model.attention='flash'"):
-        perf.set_attention(unet, "flash")
+        speed.set_attention(unet, "flash")
 
 
 def test_fused_adamw_is_the_optimizer_that_trains(train_cfg):
@@ -126,24 +127,24 @@ def test_flop_counter_counts_the_cpu_attention_kernel(tmp_path):
     def step():
         return unet(x, t, encoder_hidden_states=states).sample.square().mean()
 
-    sdpa = perf.train_step_flops(step)
-    perf.set_attention(unet, "eager")
-    eager = perf.train_step_flops(step)
-    perf.set_attention(unet, "sdpa")
+    sdpa = profiling.train_step_flops(step)
+    speed.set_attention(unet, "eager")
+    eager = profiling.train_step_flops(step)
+    speed.set_attention(unet, "sdpa")
     with torch.utils.flop_counter.FlopCounterMode(display=False) as uncounted:  # torch's table alone
         step().backward()
     assert uncounted.get_total_flops() < sdpa
     assert abs(sdpa - eager) / eager < 0.05
     # one linear layer, exact: forward 2*N*I*O, backward (weight grad only) 2*N*I*O
     linear, inputs = torch.nn.Linear(8, 3, bias=False), torch.randn(5, 8)
-    assert perf.train_step_flops(lambda: linear(inputs).sum()) == 2 * (2 * 5 * 8 * 3)
+    assert profiling.train_step_flops(lambda: linear(inputs).sum()) == 2 * (2 * 5 * 8 * 3)
 
 
 def test_peak_flops_lookup():
-    assert perf.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert perf.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
-    assert perf.peak_bf16_flops("NVIDIA H200") == 989e12
-    assert perf.peak_bf16_flops("some CPU") is None
+    assert profiling.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert profiling.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert profiling.peak_bf16_flops("NVIDIA H200") == 989e12
+    assert profiling.peak_bf16_flops("some CPU") is None
 
 
 class GradNormAfterStep(pl.Callback):
@@ -170,24 +171,22 @@ def test_fused_adamw_clips_gradients_under_bf16_mixed(train_cfg):
 
 def test_forward_flops_of_a_linear_layer_are_exact():
     linear, inputs = torch.nn.Linear(8, 3, bias=False), torch.randn(5, 8)
-    assert perf.forward_flops(lambda: linear(inputs)) == 2 * 5 * 8 * 3
+    assert profiling.forward_flops(lambda: linear(inputs)) == 2 * 5 * 8 * 3
 
 
 def test_sd15_split_fixture_has_sd15s_vae_to_unet_cost_ratio(tmp_path):
     """The benchmark's tiny SD: VAE encoder FLOPs / UNet training-step FLOPs near SD 1.5's 0.46
     (experiments/bench/results/sd15_flops.json); the test fixture's is far below it."""
-    from diffusion_lab import tiny_sd
-
     unet = tiny_unet(sample_size=8)
     latents, t, states = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
-    unet_step = perf.train_step_flops(lambda: unet(latents, t, encoder_hidden_states=states).sample.square().mean())
+    unet_step = profiling.train_step_flops(lambda: unet(latents, t, encoder_hidden_states=states).sample.square().mean())
 
     def vae_ratio(vae) -> float:
-        return perf.forward_flops(lambda: vae.encode(torch.randn(1, 3, 16, 16))) / unet_step
+        return profiling.forward_flops(lambda: vae.encode(torch.randn(1, 3, 16, 16))) / unet_step
 
-    assert 0.35 < vae_ratio(tiny_sd.tiny_vae(**tiny_sd.SD15_SPLIT_VAE)) < 0.55
-    assert vae_ratio(tiny_sd.tiny_vae()) < 0.15
-    out = tiny_sd.build(tmp_path / "split", vae_kwargs=tiny_sd.SD15_SPLIT_VAE)
+    assert 0.35 < vae_ratio(tiny.tiny_vae(**tiny.SD15_SPLIT_VAE)) < 0.55
+    assert vae_ratio(tiny.tiny_vae()) < 0.15
+    out = tiny.build(tmp_path / "split", vae_kwargs=tiny.SD15_SPLIT_VAE)
     import json
 
     config = json.loads((out / "vae" / "config.json").read_text())

@@ -206,10 +206,10 @@ def test_noising_strip_of_every_process(process, tmp_path):
 
 
 def test_latent_sd_refuses_flow_matching_before_training(tmp_path):
-    from diffusion_lab import tiny_sd
+    from diffusion_lab.components import tiny
 
-    tiny = tiny_sd.build(tmp_path / "tiny_sd")
-    cfg = compose_cfg("train", ["experiment=sd_finetune_tiny", f"model.pretrained={tiny}", "process=flow_matching"], tmp_path / "run")
+    folder = tiny.build(tmp_path / "tiny_sd")
+    cfg = compose_cfg("train", ["experiment=sd_finetune_tiny", f"model.pretrained={folder}", "process=flow_matching"], tmp_path / "run")
     with pytest.raises(Exception, match=r"process=flow_matching cannot be used with model=latent_sd") as e:
         instantiate(cfg.model)
     assert "StableDiffusionPipeline" in str(e.value)

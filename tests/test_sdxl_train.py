@@ -11,8 +11,8 @@ from diffusers import StableDiffusionXLPipeline
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from diffusion_lab import tiny_sd
 from diffusion_lab.callbacks.ema import ema_weights
+from diffusion_lab.components import tiny
 from diffusion_lab.components.checks import check_sdxl_parts
 from diffusion_lab.data.caching import cache_latents
 from diffusion_lab.sample import run as run_sample
@@ -30,7 +30,7 @@ PROMPT = "a handwritten digit seven"
 
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory):
-    return str(tiny_sd.build(tmp_path_factory.mktemp("tiny") / "tiny_sdxl", kind="sdxl"))
+    return str(tiny.build(tmp_path_factory.mktemp("tiny") / "tiny_sdxl", kind="sdxl"))
 
 
 def fit(out, *overrides):
@@ -175,7 +175,7 @@ def test_time_ids_default_to_the_resolution_follow_the_data_and_reach_the_unet(t
 
 
 def test_an_sd1_folder_or_unet_is_a_config_error(tiny_sdxl, tmp_path):
-    sd1 = tiny_sd.build(tmp_path / "tiny_sd")
+    sd1 = tiny.build(tmp_path / "tiny_sd")
     with pytest.raises(Exception) as excinfo:
         build_module(tmp_path, str(sd1))
     message = str(user_error(excinfo))
@@ -186,7 +186,7 @@ def test_an_sd1_folder_or_unet_is_a_config_error(tiny_sdxl, tmp_path):
     message = str(user_error(excinfo))
     assert "model.unet has addition_embed_type=None" in message and "6 time ids" in message and re.search(r"model=latent_sd\b", message)
     # the SDXL refiner's UNet: 5 time ids (aesthetic score) x 8 + pooled 32 = 72, not 6 x 8 + 32 = 80
-    refiner = tiny_sd.tiny_sdxl_pipeline(refiner=True).unet
+    refiner = tiny.tiny_sdxl_pipeline(refiner=True).unet
     with pytest.raises(ConfigError, match=r"projection_class_embeddings_input_dim=72.*\(8\) = 80"):
         check_sdxl_parts(refiner, build_module(tmp_path, tiny_sdxl).conditioner)
 

@@ -8,10 +8,11 @@ import yaml
 from omegaconf import OmegaConf
 
 from diffusion_lab.train import train
-from diffusion_lab.utils.run import _child_argv, optimized_metric
-from diffusion_lab.utils.wandb_offline import find_offline_runs
+from diffusion_lab.utils.ddp_jobs import _child_argv
+from diffusion_lab.utils.results import optimized_metric
 
 from tests.multiproc import run_cli, tiny
+from tests.wandb_offline import find_offline_runs
 
 # fast_dev_run would replace every logger by Lightning's DummyLogger (nothing reaches W&B), so
 # the "fast" runs here are one optimizer step plus one validation batch instead.

@@ -10,7 +10,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.ema import ema_weights
-from diffusion_lab.viz import image_grid, noising_strip
+from diffusion_lab.data.transforms import image_grid
+from diffusion_lab.diffusion.noising_strip import noising_strip
 
 
 def log_image(trainer, key: str, path: str, caption: str | None = None) -> None:

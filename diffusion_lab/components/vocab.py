@@ -5,19 +5,22 @@
     save_text_model(tok, enc, "outputs/digits_text")                      # tokenizer/ + text_encoder/
 
 The tokenizer is a real ``CLIPTokenizer`` (byte-level BPE): its merges are learned with
-``tiny_sd``'s BPE until every caption word is a single token, so "a handwritten digit seven"
+BPE (``learn_merges``) until every caption word is a single token, so "a handwritten digit seven"
 is four tokens; any other word still tokenizes, byte by byte. ``model_max_length`` is short
 (captions are a few words), which keeps the text encoder and cross-attention cheap.
+``components/tiny.py`` builds the tiny SD tokenizer and text encoders with the same
+``clip_vocab`` and ``clip_text_encoder``.
 """
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 from typing import Sequence
 
+import torch
 
 from diffusion_lab.data.sources import DIGIT_NAMES
-from diffusion_lab.tiny_sd import clip_text_encoder, learn_merges
 
 
 def caption_words(templates: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
@@ -29,11 +32,38 @@ def caption_words(templates: Sequence[str], extra: Sequence[str] = ()) -> list[s
     return list(dict.fromkeys(words + [w.lower() for w in extra]))
 
 
+def learn_merges(words: Sequence[str], num_merges: int) -> list[tuple[str, str]]:
+    """Byte-pair encoding (Sennrich et al. 2016) on ``words`` with CLIP's ``</w>`` word end."""
+    vocab = collections.Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in words)
+    merges = []
+    for _ in range(num_merges):
+        pairs = collections.Counter()
+        for word, n in vocab.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        merges.append(best)
+        merged = collections.Counter()
+        for word, n in vocab.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i : i + 2] == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        vocab = merged
+    return merges
+
+
 def clip_vocab(words: Sequence[str], num_merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(vocab, merges) of a byte-level CLIP BPE: 512 byte tokens (+ ``</w>`` forms), up to
     ``num_merges`` merges learned on ``words``, then ``<|startoftext|>`` and ``<|endoftext|>``."""
     from tokenizers import pre_tokenizers
-
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     merges = learn_merges(list(words), num_merges=num_merges)
@@ -48,6 +78,28 @@ def vocab_tokenizer(words: Sequence[str], model_max_length: int = 16):
 
     vocab, merges = clip_vocab(words, num_merges=sum(len(w) for w in words))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def clip_text_encoder(tokenizer, hidden_size: int, num_hidden_layers: int = 2, num_attention_heads: int = 4, with_projection: bool = False, seed: int = 0):
+    """A random ``CLIPTextModel`` (or ``...WithProjection``, SDXL's second encoder) for ``tokenizer``:
+    states ``[N, tokenizer.model_max_length, hidden_size]``. Seeded without touching the global RNG."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=hidden_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
 def vocab_text_encoder(tokenizer, hidden_size: int = 64, num_hidden_layers: int = 2, num_attention_heads: int = 4, seed: int = 0):

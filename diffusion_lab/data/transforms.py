@@ -1,14 +1,16 @@
-"""Image transforms without torchvision: resize, crop, flip, scale to [-1, 1]."""
+"""Image transforms without torchvision: resize, crop, flip, scale to [-1, 1]; and back, from
+[-1, 1] to uint8, PIL images and one grid image."""
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from diffusion_lab.utils.errors import ConfigError
 
@@ -82,3 +84,21 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     for a in arr:
         out.append(Image.fromarray(a[0], "L") if a.shape[0] == 1 else Image.fromarray(a.transpose(1, 2, 0), "RGB"))
     return out
+
+
+def image_grid(images: torch.Tensor, rows: int | None = None, upscale_to: int = 64, pad: int = 2) -> Image.Image:
+    """``[N, C, H, W]`` in [-1, 1] -> one grid image (``make_image_grid``); tiny images are
+    upscaled (nearest) to ``upscale_to`` px so an 8 px digit is visible, and each cell gets a
+    ``pad`` px grey border so images that fill their frame stay apart."""
+    from diffusers.utils import make_image_grid  # here: loading data does not import diffusers
+
+    pils = to_pil(images)
+    n = len(pils)
+    rows = rows or max(1, int(math.sqrt(n)))
+    cols = math.ceil(n / rows)
+    pils += [Image.new(pils[0].mode, pils[0].size)] * (rows * cols - n)
+    if pils[0].width < upscale_to:
+        pils = [p.resize((upscale_to, upscale_to), Image.NEAREST) for p in pils]
+    if pad:
+        pils = [ImageOps.expand(p, border=pad, fill=128 if p.mode == "L" else (128, 128, 128)) for p in pils]
+    return make_image_grid(pils, rows=rows, cols=cols)

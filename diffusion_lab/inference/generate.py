@@ -17,10 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffusion_lab.components.shapes import sample_size
-from diffusion_lab.data.transforms import to_pil
+from diffusion_lab.data.transforms import image_grid, to_pil
 from diffusion_lab.diffusion.sampling import Sampler, process_kind, sample_batches
 from diffusion_lab.utils.errors import ConfigError
-from diffusion_lab.viz import image_grid
 
 
 def pick_device(name: str) -> torch.device:

@@ -22,7 +22,7 @@ from diffusion_lab.metrics.distribution import distribution_metrics
 from diffusion_lab.metrics.features import FeatureExtractor
 from diffusion_lab.utils.errors import ConfigError, DataError
 from diffusion_lab.utils.instantiate import instantiate_loggers
-from diffusion_lab.utils.run import finish_loggers
+from diffusion_lab.utils.results import finish_loggers
 
 
 @dataclass
@@ -52,7 +52,7 @@ def generated_images(cfg: DictConfig, reference_captions: Callable[[], list[str]
     device = G.pick_device(cfg.device)
     module = None
     if cfg.ckpt_path:
-        from diffusion_lab.checkpoints import load_module
+        from diffusion_lab.inference.checkpoints import load_module
 
         module = load_module(cfg.ckpt_path, use_ema=cfg.use_ema)
     t0 = time.perf_counter()

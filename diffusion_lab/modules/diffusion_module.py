@@ -24,12 +24,11 @@ import torch
 
 from diffusion_lab.components.conditioning import Unconditional
 from diffusion_lab.components.shapes import sample_size
+from diffusion_lab.components.speed import AttentionBackend, apply_speed_switches, clip_fused_gradients
 from diffusion_lab.components.vae import IdentityCodec
 from diffusion_lab.diffusion.processes import Process
 from diffusion_lab.diffusion.sampling import Sampler, sample
 from diffusion_lab.utils.errors import ConfigError
-from diffusion_lab import perf
-from diffusion_lab.perf import AttentionBackend, apply_speed_switches
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -66,7 +65,7 @@ class DiffusionModule(pl.LightningModule):
             ``num_training_steps`` is filled from the trainer.
         preview_steps: inference steps for sample grids during training.
         guidance_rescale: of classifier-free guidance when sampling (Lin et al. 2024; 0 = off).
-        compile_unet, channels_last, attention: speed switches (``diffusion_lab/perf.py``).
+        compile_unet, channels_last, attention: speed switches (``diffusion_lab/components/speed.py``).
     """
 
     # constructor arguments that are built objects, kept out of hparams (subclasses extend it)
@@ -198,8 +197,8 @@ class DiffusionModule(pl.LightningModule):
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # a fused optimizer under bf16-mixed: Lightning refuses to clip it, perf clips it
-        if not perf.clip_fused_gradients(self.trainer, optimizer, gradient_clip_val, gradient_clip_algorithm):
+        # a fused optimizer under bf16-mixed: Lightning refuses to clip it, components.speed clips it
+        if not clip_fused_gradients(self.trainer, optimizer, gradient_clip_val, gradient_clip_algorithm):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def trainable_parameters(self):

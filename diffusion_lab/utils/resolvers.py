@@ -15,12 +15,12 @@ def _wandb_mode() -> str:
 
 
 def _run_naming(name: str):
-    """Resolver that defers to ``diffusion_lab.utils.run`` (imported late: it pulls in Lightning)."""
+    """Resolver that defers to ``diffusion_lab.utils.run_names`` (imported late: it pulls in Hydra's internals)."""
 
     def resolve(*args):
-        from diffusion_lab.utils import run
+        from diffusion_lab.utils import run_names
 
-        return getattr(run, name)(*args)
+        return getattr(run_names, name)(*args)
 
     return resolve
 
@@ -31,7 +31,7 @@ def register_resolvers() -> None:
         "div": lambda a, b: int(a) // int(b),
         "mul": lambda a, b: a * b,
         "wandb_mode": _wandb_mode,
-        # W&B run name from the swept overrides / W&B group = the sweep (see utils/run.py)
+        # W&B run name from the swept overrides / W&B group = the sweep (see utils/run_names.py)
         "run_name": _run_naming("run_name"),
         "sweep_group": _run_naming("sweep_group"),
     }

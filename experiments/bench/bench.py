@@ -57,7 +57,8 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 import diffusion_lab  # noqa: E402,F401  (config resolvers)
-from diffusion_lab import perf, tiny_sd  # noqa: E402
+from diffusion_lab.components import speed, tiny  # noqa: E402
+from diffusion_lab.metrics import profiling  # noqa: E402
 from diffusion_lab.modules import LatentDiffusion  # noqa: E402
 from diffusion_lab.modules.diffusion_module import batch_len  # noqa: E402
 from diffusion_lab.utils.instantiate import instantiate_callbacks, instantiate_loggers  # noqa: E402
@@ -377,7 +378,7 @@ def flops_per_image(built: Built, device: str) -> int:
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled="bf16" in str(built.cfg.trainer.precision))
     with autocast:
-        flops = perf.train_step_flops(lambda: module.diffusion_loss(batch))
+        flops = profiling.train_step_flops(lambda: module.diffusion_loss(batch))
     module.zero_grad(set_to_none=True)
     return flops // batch_len(batch)
 
@@ -393,9 +394,9 @@ def frozen_parts_flops(built: Built, device: str) -> dict:
         states = text_encoder(ids)[0].float()
     x, t = torch.zeros(module.latent_shape(1), device=device), torch.tensor([500], device=device)
     out = {
-        "unet_train_step": perf.train_step_flops(lambda: module.unet(x, t, encoder_hidden_states=states).sample.float().square().mean()),
-        "vae_encode": perf.forward_flops(lambda: vae.encode(torch.zeros(1, 3, res, res, device=device, dtype=vae.dtype))),
-        "text_encoder": perf.forward_flops(lambda: text_encoder(ids)),
+        "unet_train_step": profiling.train_step_flops(lambda: module.unet(x, t, encoder_hidden_states=states).sample.float().square().mean()),
+        "vae_encode": profiling.forward_flops(lambda: vae.encode(torch.zeros(1, 3, res, res, device=device, dtype=vae.dtype))),
+        "text_encoder": profiling.forward_flops(lambda: text_encoder(ids)),
     }
     module.zero_grad(set_to_none=True)
     out["caching_bound"] = sum(out.values()) / out["unet_train_step"]
@@ -441,7 +442,7 @@ def run_family(fam: Family, args, work: Path) -> dict:
     base = builds[()]
     info: dict = {"config": fam.config, "batch_size": int(base.cfg.data.batch_size)}
     info["unet_parameters"] = sum(p.numel() for p in base.module.base_unet.parameters())
-    info["attention_processors"] = sorted(perf.attention_processors(base.module.base_unet))
+    info["attention_processors"] = sorted(speed.attention_processors(base.module.base_unet))
 
     # prime: one-off costs (cache, compile, workers), and the first steps
     for case in fam.cases:
@@ -456,7 +457,7 @@ def run_family(fam: Family, args, work: Path) -> dict:
     probe = next(iter(base.datamodule.train_dataloader()))
     probe = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in probe.items()}
     with torch.no_grad():
-        info["attention_kernels"] = dict(perf.attention_kernels(lambda: base.module.to(args.device).diffusion_loss(probe)))
+        info["attention_kernels"] = dict(profiling.attention_kernels(lambda: base.module.to(args.device).diffusion_loss(probe)))
     info["flops_per_image"] = flops_per_image(base, args.device)
     if isinstance(base.module, LatentDiffusion):
         info["flops_split"] = frozen_parts_flops(base, args.device)
@@ -503,7 +504,7 @@ def run_family(fam: Family, args, work: Path) -> dict:
         "cpu_time": {k: 100 * (v - 1) for k, v in plain["speedup_cpu_time"].items() if k != "per_round"},
     }
     if args.device == "cuda":
-        peak = args.peak_tflops * 1e12 if args.peak_tflops else perf.peak_bf16_flops(torch.cuda.get_device_name())
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else profiling.peak_bf16_flops(torch.cuda.get_device_name())
         info["peak_bf16_flops"] = peak
         if peak:
             for c in cases.values():
@@ -637,9 +638,9 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         work = Path(tmp)
-        tiny = tiny_sd.build(work / "tiny_sd", vae_kwargs=tiny_sd.SD15_SPLIT_VAE)
-        args.tiny_sd_dir = tiny
-        fams = families(args, tiny)
+        tiny_dir = tiny.build(work / "tiny_sd", vae_kwargs=tiny.SD15_SPLIT_VAE)
+        args.tiny_sd_dir = tiny_dir
+        fams = families(args, tiny_dir)
         for fam in fams:
             if args.only:
                 fam.cases = fam.cases[:2] + [c for c in fam.cases[2:] if any(c.name.startswith(o) for o in args.only)]

@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from diffusion_lab import perf
+from diffusion_lab.metrics import profiling
 from diffusion_lab.utils.outputs import add_out_argument, run_dir
 
 HERE = Path(__file__).resolve().parent
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
         unet, vae, text = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**SD_VAE), CLIPTextModel(CLIPTextConfig(**CLIP_L))
         latents, t, states = torch.randn(1, 4, 64, 64), torch.tensor([500]), torch.randn(1, 77, 768)
         out = {
-            "unet_train_step": perf.train_step_flops(lambda: unet(latents, t, encoder_hidden_states=states).sample.float().square().mean()),
-            "vae_encode_512px": perf.forward_flops(lambda: vae.encode(torch.randn(1, 3, 512, 512))),
-            "text_encoder_77_tokens": perf.forward_flops(lambda: text(torch.zeros(1, 77, dtype=torch.long))),
+            "unet_train_step": profiling.train_step_flops(lambda: unet(latents, t, encoder_hidden_states=states).sample.float().square().mean()),
+            "vae_encode_512px": profiling.forward_flops(lambda: vae.encode(torch.randn(1, 3, 512, 512))),
+            "text_encoder_77_tokens": profiling.forward_flops(lambda: text(torch.zeros(1, 77, dtype=torch.long))),
         }
     out["caching_speedup_bound_by_flops"] = (out["unet_train_step"] + out["vae_encode_512px"] + out["text_encoder_77_tokens"]) / out["unet_train_step"]
     out["unet_parameters"] = sum(p.numel() for p in unet.parameters())

@@ -17,12 +17,12 @@ import time
 
 from omegaconf import OmegaConf
 
-from diffusion_lab.checkpoints import load_module
+from diffusion_lab.data.transforms import image_grid
 from diffusion_lab.diffusion.sampling import load_sampler
+from diffusion_lab.inference.checkpoints import load_module
 from diffusion_lab.inference.generate import load_pixel_model
 from diffusion_lab.metrics.digits import DIGIT_NAMES, score_digit_samples
 from diffusion_lab.utils.outputs import add_out_argument, run_dir
-from diffusion_lab.viz import image_grid
 
 
 def main() -> None:

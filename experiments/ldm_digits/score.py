@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from diffusion_lab.checkpoints import load_module
+from diffusion_lab.data.transforms import image_grid
 from diffusion_lab.diffusion.sampling import load_sampler
 from diffusion_lab.export import build_pipeline
+from diffusion_lab.inference.checkpoints import load_module
 from diffusion_lab.inference.generate import generate_text_images
 from diffusion_lab.metrics.digits import DIGIT_NAMES, DigitClassifier, real_digits
 from diffusion_lab.utils.outputs import add_out_argument, run_dir
-from diffusion_lab.viz import image_grid
 
 
 def prompts_for(template: str) -> list[str]:

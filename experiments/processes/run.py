@@ -97,7 +97,7 @@ def score(args) -> None:
 
 
 def write(rows: list[dict], grids: list[torch.Tensor], out: Path, args) -> None:
-    from diffusion_lab.viz import image_grid
+    from diffusion_lab.data.transforms import image_grid
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"num_images": args.num_images, "seed": args.seed, "rows": rows}, indent=2) + "\n")

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
+from diffusion_lab.data.transforms import image_grid
 from diffusion_lab.metrics.digits import real_digits, score_digit_samples
 from diffusion_lab.metrics.features import DigitFeatures
 from diffusion_lab.metrics.samplers import DEFAULT_SETTINGS, compare_samplers
 from diffusion_lab.utils.outputs import add_out_argument, run_dir
-from diffusion_lab.viz import image_grid
 
 NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp": "DPM-Solver++", "euler": "Euler", "heun": "Heun", "pndm": "PNDM"}
 

@@ -4,7 +4,7 @@
     .venv/bin/python experiments/sweep_digits/report.py --sweep <sweep dir> --out experiments/sweep_digits   # refresh the committed results
 
 For every job folder of the sweep: its offline W&B run (name, config, val/loss history, images/s)
-read with diffusion_lab.utils.wandb_offline, and its exported pipeline scored on N samples
+read with the repo's tests/wandb_offline.py, and its exported pipeline scored on N samples
 (``--sampler``, default DDIM, fixed seed) with the digit classifier: Frechet distance of
 classifier features to held-out real digits (FD, lower is better; the floor is half of the real
 set against the other half; val/loss is not comparable across prediction types, each has its own
@@ -17,23 +17,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import matplotlib
+# The offline W&B reader is test tooling (tests/wandb_offline.py), not part of the library: put the
+# repo root on sys.path so the repo's `tests` package imports when this script is run as a file.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from diffusion_lab.data.transforms import image_grid  # noqa: E402
 from diffusion_lab.diffusion.sampling import Sampler, load_sampler  # noqa: E402
 from diffusion_lab.inference.generate import load_pixel_model  # noqa: E402
 from diffusion_lab.metrics.digits import class_scores, real_digits  # noqa: E402
 from diffusion_lab.metrics.distribution import fid  # noqa: E402
 from diffusion_lab.metrics.features import DigitFeatures  # noqa: E402
 from diffusion_lab.utils.outputs import add_out_argument, run_dir  # noqa: E402
-from diffusion_lab.utils.wandb_offline import find_offline_runs  # noqa: E402
-from diffusion_lab.viz import image_grid  # noqa: E402
+from tests.wandb_offline import find_offline_runs  # noqa: E402
 
 
 def score(pipeline: Path, sampler: Sampler, features: DigitFeatures, real_feats: torch.Tensor, n: int, steps: int, seed: int) -> tuple[dict, torch.Tensor]:

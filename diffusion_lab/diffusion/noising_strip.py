@@ -1,31 +1,15 @@
-"""Pictures: sample grids and forward-noising strips (PIL images, saved as PNG)."""
+"""The forward process as a picture: each image noised to a row of levels of its schedule (a PIL
+image, saved as PNG by ``diffusion_lab.noising`` and the noising-strip callback)."""
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from diffusers.utils import make_image_grid
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
 from diffusion_lab.data.transforms import to_pil
-
-
-def image_grid(images: torch.Tensor, rows: int | None = None, upscale_to: int = 64, pad: int = 2) -> Image.Image:
-    """``[N, C, H, W]`` in [-1, 1] -> one grid image (``make_image_grid``); tiny images are
-    upscaled (nearest) to ``upscale_to`` px so an 8 px digit is visible, and each cell gets a
-    ``pad`` px grey border so images that fill their frame stay apart."""
-    pils = to_pil(images)
-    n = len(pils)
-    rows = rows or max(1, int(math.sqrt(n)))
-    cols = math.ceil(n / rows)
-    pils += [Image.new(pils[0].mode, pils[0].size)] * (rows * cols - n)
-    if pils[0].width < upscale_to:
-        pils = [p.resize((upscale_to, upscale_to), Image.NEAREST) for p in pils]
-    if pad:
-        pils = [ImageOps.expand(p, border=pad, fill=128 if p.mode == "L" else (128, 128, 128)) for p in pils]
-    return make_image_grid(pils, rows=rows, cols=cols)
 
 
 @torch.no_grad()
