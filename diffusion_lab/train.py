@@ -2,7 +2,7 @@
 
     python -m diffusion_lab.train                               # pixel DDPM on digits
     python -m diffusion_lab.train experiment=ddpm_flowers       # the lecture recipe (GPU + data)
-    python -m diffusion_lab.train scheduler=ddim logger=csv trainer.max_steps=200
+    python -m diffusion_lab.train process=flow_matching sampler=dpmpp logger=csv trainer.max_steps=200
     python -m diffusion_lab.train -m model.optimizer.lr=1e-4,3e-4   # a sweep
 
 Seed, build data, model, callbacks, loggers, trainer; fit; the export callback writes the

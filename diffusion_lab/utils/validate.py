@@ -12,9 +12,11 @@ from diffusion_lab.utils.errors import ConfigError, DataError
 
 
 def check_captions_for_text_model(module: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
-    """A text-conditioned model (one with a ``conditioner``: SD, SDXL) trains on image-caption
-    pairs: one real training item must carry a ``caption``, before ``fit`` rather than at step 1."""
-    if getattr(module, "conditioner", None) is None or "caption" in datamodule.dataset[0]:
+    """A text-conditioned model (``LatentDiffusion``: SD, SDXL) trains on image-caption pairs: one
+    real training item must carry a ``caption``, before ``fit`` rather than at step 1."""
+    from diffusion_lab.modules import LatentDiffusion
+
+    if not isinstance(module, LatentDiffusion) or "caption" in datamodule.dataset[0]:
         return
     why = getattr(datamodule.dataset, "caption_note", None)
     raise DataError(
