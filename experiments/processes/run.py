@@ -104,14 +104,14 @@ def write(rows: list[dict], grids: list[torch.Tensor], out: Path, args) -> None:
     table = [
         f"{args.num_images} samples per setting (same x_T, seed {args.seed}) vs 1,797 real digits, digit-classifier features",
         "",
-        "| process | sampler | steps | NFE | s / image | FID | KID x1000 | confidence | per digit (min-max of 500) | train min |",
+        "| process | sampler | steps | NFE | s / image | FID | KID | confidence | per digit (min-max of 500) | train min |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         train_min = f"{r['train_seconds'] / 60:.1f}" if r["train_seconds"] else "-"
         table.append(
             f"| {r['process']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['seconds_per_image']:.4f} | {r['fid']:.2f} | "
-            f"{1000 * r['kid_mean']:.1f} | {r['digit_confidence']:.3f} | {r['class_min']}-{r['class_max']} | {train_min} |"
+            f"{r['kid_mean']:.1f} | {r['digit_confidence']:.3f} | {r['class_min']}-{r['class_max']} | {train_min} |"
         )
     (out / "results.md").write_text("\n".join(table) + "\n")
     plot(rows, out / "quality.png")
@@ -141,7 +141,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[2].axhline(0.995, color="grey", ls="--", lw=1, label="held-out real digits")
     axes[2].legend(fontsize=7)
-    fig.suptitle("digits, demo recipe (2,500 steps), one process per run", fontsize=10)
+    fig.suptitle("digits, demo recipe with equal training steps, one process per run (experiments/processes/README.md)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
