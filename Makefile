@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job: train the default pixel DDPM on scikit-learn digits, sample, export.
+## The main job: train the demo pixel diffusion model (flow matching) on scikit-learn digits, sample, export.
 demo: $(STAMP)
 	$(BIN)/python -m diffusion_lab.train experiment=ddpm_digits
 

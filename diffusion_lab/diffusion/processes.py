@@ -18,6 +18,7 @@ math lives in ``objectives`` (vp), ``flow`` and ``edm``; this module only wires 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -112,7 +113,8 @@ class Process:
         return per_sample.mean() if reduce else per_sample
 
 
-def _batch(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _on_device_of(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Noise levels drawn on the CPU (a seeded generator) moved to the batch's device."""
     return values.to(like.device)
 
 
@@ -217,7 +219,7 @@ class FlowMatchingProcess(Process):
 
     def _noised(self, x0, noise, generator):
         sigma, t = flow.sample_sigmas(self.scheduler, len(x0), self.density, self.logit_mean, self.logit_std, self.mode_scale, generator=generator)
-        sigma, t = _batch(sigma, x0), _batch(t, x0)
+        sigma, t = _on_device_of(sigma, x0), _on_device_of(t, x0)
         x_t = flow.noisy(x0, noise, sigma)
         weight = flow.loss_weights(self.loss_weighting, sigma)
         return Noised(x_t, x_t, t, flow.target(x0, noise), weight, level=sigma, sigma=sigma)
@@ -254,12 +256,12 @@ class EDMProcess(Process):
         return float(self.scheduler.config.sigma_data)
 
     def _noised(self, x0, noise, generator):
-        sigma = _batch(edm.sample_sigmas(len(x0), self.p_mean, self.p_std, generator=generator), x0)
+        sigma = _on_device_of(edm.sample_sigmas(len(x0), self.p_mean, self.p_std, generator=generator), x0)
         x_t = edm.noisy(x0, noise, sigma)
         model_input, c_noise = edm.model_inputs(self.scheduler, x_t, sigma)
-        cfg = self.scheduler.config
-        level = (sigma.log() - torch.log(torch.tensor(cfg.sigma_min))) / (torch.log(torch.tensor(cfg.sigma_max)) - torch.log(torch.tensor(cfg.sigma_min)))
-        return Noised(x_t, model_input, c_noise, x0, edm.loss_weight(sigma, self.sigma_data), level=level.clamp(0, 1), sigma=sigma)
+        lo, hi = math.log(self.scheduler.config.sigma_min), math.log(self.scheduler.config.sigma_max)
+        level = ((sigma.log() - lo) / (hi - lo)).clamp(0, 1)  # position in the sampling range, log-sigma
+        return Noised(x_t, model_input, c_noise, x0, edm.loss_weight(sigma, self.sigma_data), level=level, sigma=sigma)
 
     def prediction(self, model_output, noised):
         return edm.denoised(self.scheduler, noised.x_t, model_output, noised.sigma)

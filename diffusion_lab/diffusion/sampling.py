@@ -79,7 +79,8 @@ class Sampler:
                 f"sampler={self.name} ({cls.__name__}) cannot sample a zero-terminal-SNR schedule "
                 f"(process.zero_terminal_snr=true); use sampler=ddim, dpmpp, euler, unipc or ddpm."
             )
-        return cls.from_config({k: v for k, v in scheduler_config.items() if not k.startswith("_")}, **options)
+        accepted = inspect.signature(cls.__init__).parameters  # a flow schedule's `shift` means nothing to DPM-Solver
+        return cls.from_config({k: v for k, v in scheduler_config.items() if k in accepted}, **options)
 
 
 def load_sampler(name: str) -> Sampler:

@@ -31,21 +31,21 @@ def main() -> None:
     src.add_argument("--pipeline", help="exported DDPMPipeline folder")
     src.add_argument("--ckpt", help="or a training checkpoint (EMA weights)")
     p.add_argument("--num-images", type=int, default=500)
-    p.add_argument("--sampler", default="ddim", help="a conf/sampler option: ddim, ddpm, dpmpp, euler, heun, pndm, unipc, ...")
+    p.add_argument("--sampler", default=None, help="a conf/sampler option (ddim, dpmpp, euler, flow_euler, ...); default: the one the model was trained with")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
     add_out_argument(p, "ddpm_digits", "experiments/ddpm_digits")
     args = p.parse_args()
 
-    sampler = load_sampler(args.sampler)
+    sampler = load_sampler(args.sampler) if args.sampler else None
     module = load_module(args.ckpt, use_ema=True) if args.ckpt else None
     model = load_pixel_model(OmegaConf.create({"pipeline": args.pipeline, "local_files_only": True}), module=module, sampler=sampler)
     t0 = time.perf_counter()
     images = model.generate(args.num_images, args.batch_size, args.steps, args.seed, "cpu")
     seconds = time.perf_counter() - t0
     scores = score_digit_samples(images)
-    scores.update({"source": args.pipeline or args.ckpt, "sampler": args.sampler, "steps": args.steps, "seed": args.seed, "sampling_seconds": round(seconds, 1)})
+    scores.update({"source": args.pipeline or args.ckpt, "sampler": args.sampler or model.scheduler_name, "steps": args.steps, "seed": args.seed, "sampling_seconds": round(seconds, 1)})
 
     out = run_dir(args.out, "ddpm_digits")
     (out / "results.json").write_text(json.dumps(scores, indent=2))
