@@ -28,6 +28,7 @@ from diffusion_lab.components.speed import AttentionBackend, apply_speed_switche
 from diffusion_lab.components.vae import IdentityCodec
 from diffusion_lab.diffusion.processes import Process
 from diffusion_lab.diffusion.sampling import Sampler, sample
+from diffusion_lab.metrics.stratified import LossByLevel
 from diffusion_lab.utils.errors import ConfigError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -65,6 +66,8 @@ class DiffusionModule(pl.LightningModule):
             ``num_training_steps`` is filled from the trainer.
         preview_steps: inference steps for sample grids during training.
         guidance_rescale: of classifier-free guidance when sampling (Lin et al. 2024; 0 = off).
+        val_buckets: validation loss is also logged per noise-level bucket, ``val/loss_t<k>`` for
+            k < ``val_buckets`` equal-width buckets of the level (``metrics/stratified.py``; 0 = off).
         compile_unet, channels_last, attention: speed switches (``diffusion_lab/components/speed.py``).
     """
 
@@ -89,6 +92,7 @@ class DiffusionModule(pl.LightningModule):
         lr_scheduler: Callable | None = None,
         preview_steps: int = 50,
         guidance_rescale: float = 0.0,
+        val_buckets: int = 8,
         compile_unet: bool = False,
         channels_last: bool = False,
         attention: AttentionBackend = "sdpa",
@@ -104,6 +108,7 @@ class DiffusionModule(pl.LightningModule):
         self.conditioner = conditioner if conditioner is not None else Unconditional()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self.val_loss_by_level = LossByLevel(val_buckets) if val_buckets > 0 else None
         self._t_batch_start: float | None = None
         self.run_config: dict | None = None  # set by train.py; stored in checkpoints
 
@@ -151,14 +156,19 @@ class DiffusionModule(pl.LightningModule):
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         return self.unet(x_t, t, **cond).sample
 
-    def diffusion_loss(self, batch: dict, train: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The process's loss on this batch; ``generator`` (validation) fixes noise and levels, drawn
-        on the CPU so every device sees the same numbers."""
+    def per_sample_losses(self, batch: dict, train: bool = True, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the process's loss of each example ``[N]``, its noise level in [0, 1] ``[N]``);
+        ``generator`` (validation) fixes noise and levels, drawn on the CPU so every device sees
+        the same numbers."""
         x0 = self.encode(batch)
         cond = self.conditioning(batch, train=train)
         noised = self.process.noised(x0, generator=generator)
         output = self.denoise(noised.model_input, noised.timestep, **cond)
-        return self.process.loss(output, noised)
+        return self.process.loss(output, noised, reduce=False), noised.level
+
+    def diffusion_loss(self, batch: dict, train: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The process's loss on this batch (the mean of ``per_sample_losses``)."""
+        return self.per_sample_losses(batch, train=train, generator=generator)[0].mean()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._t_batch_start = time.perf_counter()
@@ -185,9 +195,24 @@ class DiffusionModule(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Fixed noise and timesteps per batch: val/loss is comparable across epochs and runs.
         g = torch.Generator().manual_seed(1000 + batch_idx)
-        loss = self.diffusion_loss(batch, train=False, generator=g)
+        losses, levels = self.per_sample_losses(batch, train=False, generator=g)
+        loss = losses.mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_len(batch))
+        if self.val_loss_by_level is not None:
+            self.val_loss_by_level.update(losses, levels)
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        if self.val_loss_by_level is not None:
+            self.val_loss_by_level.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss_by_level is None:
+            return
+        by_level = self.val_loss_by_level.compute()  # summed over ranks: the same on every rank
+        for k, value in enumerate(by_level.tolist()):
+            if value == value:  # an empty bucket (NaN) is not logged
+                self.log(f"val/loss_t{k}", value)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._logging_step(self.global_step + 1):  # the step this update completes
