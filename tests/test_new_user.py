@@ -127,6 +127,15 @@ def test_unknown_key_hints_at_every_entry_point(config_name, typo, meant):
     assert "Did you mean" in hint and meant in hint.split("Did you mean", 1)[1].split("?")[0]
 
 
+@pytest.mark.parametrize("old", ["scheduler=ddim", "scheduler.prediction_type=v_prediction"])
+def test_the_old_scheduler_key_names_its_replacements(old):
+    """Commands from before the processes redesign say what scheduler= became."""
+    from diffusion_lab.utils.cli import unknown_key_hints
+
+    (hint,) = unknown_key_hints([old], "train")
+    assert "process=" in hint and "sampler=" in hint and "Did you mean" not in hint
+
+
 def test_a_group_at_package_choice_is_not_taken_for_a_misspelled_key():
     """README's `optimizer@model.optimizer=adamw_8bit` swaps a group into another package: when a
     typo elsewhere fails the command, only the typo is named, not the swap."""

@@ -15,6 +15,13 @@ from diffusion_lab.utils.hydra_context import _cli_overrides, _hydra_cfg, _is_mu
 
 log = logging.getLogger(__name__)
 
+# keys that earlier versions had, and what replaced them (shown instead of a close-match guess)
+RENAMED = {
+    "scheduler": "scheduler= was split in two: process= is what training does (vp, vp_sd, vp_pretrained, "
+    "flow_matching, edm; e.g. process.prediction_type=v_prediction, process.scheduler.beta_schedule=...) and "
+    "sampler= how samples are drawn (default, ddpm, ddim, dpmpp, euler, heun, pndm, unipc, flow_euler, edm_euler, edm_dpmpp).",
+}
+
 
 def _leaf_paths(tree: dict, prefix: str = "") -> list[str]:
     """Every key of a nested dict as a dotted path, sections and values alike."""
@@ -66,6 +73,9 @@ def unknown_key_hints(overrides: list[str], config_name: str) -> list[str]:
         if o in groups:
             continue
         parts, node, depth = key.split("."), tree, 0
+        if parts[0] in RENAMED and parts[0] not in tree:
+            hints.append(f"{key}: {RENAMED[parts[0]]}")
+            continue
         while depth < len(parts) and isinstance(node, dict) and parts[depth] in node:
             node, depth = node[parts[depth]], depth + 1
         if depth == len(parts):  # a key that exists
