@@ -150,7 +150,8 @@ def test_cache_gives_the_same_loss_curve(tiny_sdxl, tmp_path):
         curves[cache] = losses(out)
         train_set = objects["datamodule"].train_set
         assert type(train_set).__name__ == ("CachedLatentDataset" if cache else "Subset")
-    assert set(train_set[0]) == {"latent_moments", "caption", "encoder_hidden_states", "text_embeds"}
+    # the folder records each image's size and crop (SDXL's time ids): the cache carries them along
+    assert set(train_set[0]) == {"latent_moments", "caption", "encoder_hidden_states", "text_embeds", "original_size", "crop_top_left"}
     assert len(curves[True]) == 3
     np.testing.assert_allclose(curves[True], curves[False], rtol=1e-4)
 

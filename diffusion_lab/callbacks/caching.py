@@ -31,13 +31,22 @@ class LatentCacheCallback(pl.Callback):
         if dm is None or not hasattr(dm, "train_set"):
             raise ConfigError("model.cache=true needs the data module of data.datamodule (diffusion_lab.data.DiffusionDataModule).")
         _warn_if_random_transform(dm.train_set)
+        base = getattr(dm.train_set, "dataset", dm.train_set)  # a Subset of the split
+        if getattr(base, "bucket_ids", None) is not None:
+            raise ConfigError(
+                "model.cache=true with data.buckets=true: the latent cache holds latents of one shape, and bucketed "
+                "images have several. Set model.cache=false (the VAE then runs every step) or data.buckets=false."
+            )
         frozen_text = hasattr(pl_module, "text_states") and pl_module.conditioner.frozen
         text_fn = pl_module.text_states if frozen_text else None
-        keep = getattr(pl_module, "cached_batch_keys", ())
+        # the module's per-image entries, and the data's paired images / loss masks (small: kept as they are)
+        keep = (*getattr(pl_module, "cached_batch_keys", ()), *getattr(base, "paired_keys", ()))
+        states_dir = getattr(pl_module, "cache_states_dir", None)  # SD3/Flux model.cache_text_dir: T5 states on disk
         for name in ("train_set", "val_set"):
             ds = getattr(dm, name)
             if ds is not None and not isinstance(ds, CachedLatentDataset):
-                setattr(dm, name, cache_latents(ds, pl_module.codec.moments, text_fn, pl_module.device, dm.per_device_batch_size, keep=keep))
+                disk = {"states_dir": f"{states_dir}/{name}.rank{trainer.global_rank}"} if states_dir and text_fn else {}
+                setattr(dm, name, cache_latents(ds, pl_module.codec.moments, text_fn, pl_module.device, dm.per_device_batch_size, keep=keep, **disk))
 
 
 def _warn_if_random_transform(dataset) -> None:

@@ -1,4 +1,5 @@
-"""One LightningDataModule for every data source: split, batch, load; resumable mid-epoch."""
+"""One LightningDataModule for every data source: split, batch, load; resumable mid-epoch; batches
+of one aspect-ratio bucket each when the data set is bucketed (``data.buckets=true``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from diffusion_lab.data.buckets import bucket_batches
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -31,13 +33,59 @@ class ResumableSampler(DistributedSampler):
             self.start = 0
         super().set_epoch(epoch)
 
+    def _indices(self) -> list[int]:
+        """This rank's dataset indices for ``self.epoch``, in training order."""
+        return list(super().__iter__())
+
     def __iter__(self):
         # a generator: runs at the first next(), after Lightning's set_epoch
-        indices = list(super().__iter__())
+        indices = self._indices()
         start, self.start = self.start, 0
         epoch = self.epoch
         for index in indices[start:]:
             yield epoch, index
+
+
+class BucketSampler(ResumableSampler):
+    """A ``ResumableSampler`` whose order comes in runs of ``batch_size`` (the per-device batch)
+    from one aspect-ratio bucket each (``buckets.bucket_batches``: seeded by ``seed + epoch``, each
+    rank its slice of every global batch), so the loader's consecutive batches never mix shapes.
+    ``start`` (positions on this rank) resumes it as it does the plain sampler. ``shuffle=False``
+    (validation on several ranks): the buckets in order."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        bucket_ids: list[int],
+        batch_size: int,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        epoch: int = 0,
+        start: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, seed=seed, epoch=epoch, start=start)
+        self.bucket_ids, self.batch_size, self.shuffle = list(bucket_ids), batch_size, shuffle
+
+    def _batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch) if self.shuffle else None
+        return bucket_batches(self.bucket_ids, self.batch_size, self.num_replicas, self.rank, generator)
+
+    def _indices(self) -> list[int]:
+        return [i for batch in self._batches() for i in batch]
+
+    def __len__(self) -> int:
+        return len(self._batches()) * self.batch_size  # padded: every batch is full
+
+
+def bucket_ids_of(dataset: Dataset) -> list[int] | None:
+    """The aspect-ratio bucket of each item (``ImageFolderDataset.bucket_ids``, through ``Subset``s),
+    or None when the data is not bucketed."""
+    if isinstance(dataset, Subset):
+        ids = bucket_ids_of(dataset.dataset)
+        return None if ids is None else [ids[i] for i in dataset.indices]
+    return getattr(dataset, "bucket_ids", None)
 
 
 class SeededItems(Dataset):
@@ -145,21 +193,36 @@ class DiffusionDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.shuffle_seed),
         )
 
+    def _rank_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        sampler = ResumableSampler(
-            self.train_set,
-            num_replicas=world,
-            rank=rank,
-            seed=self.shuffle_seed,
-            epoch=self._resume.get("epoch", 0),
-            start=self._resume.get("samples", 0) // world,
-        )
+        rank, world = self._rank_world()
+        position = dict(num_replicas=world, rank=rank, seed=self.shuffle_seed, epoch=self._resume.get("epoch", 0), start=self._resume.get("samples", 0) // world)
+        buckets = bucket_ids_of(self.train_set)
+        if buckets is None:
+            sampler = ResumableSampler(self.train_set, **position)
+        else:
+            sampler = BucketSampler(self.train_set, buckets, self.per_device_batch_size, **position)
         self._resume = {}
         return self._loader(SeededItems(self.train_set, self.shuffle_seed), sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, sampler=None, drop_last=False) if self.val_set is not None else []
+        if self.val_set is None:
+            return []
+        buckets = bucket_ids_of(self.val_set)
+        if buckets is None:
+            return self._loader(self.val_set, sampler=None, drop_last=False)
+        rank, world = self._rank_world()
+        bs = self.per_device_batch_size
+        keys = SeededItems(self.val_set, self.shuffle_seed)  # (epoch, index) keys, as in training
+        loader = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers)
+        if world == 1:  # each bucket whole, its last batch short: every item once
+            batches = [[(0, i) for i in batch] for batch in bucket_batches(buckets, bs, pad=False)]
+            return DataLoader(keys, batch_sampler=batches, **loader)
+        # several ranks need equal shares: padded, and a DistributedSampler, so Lightning keeps it
+        sampler = BucketSampler(self.val_set, buckets, bs, world, rank, self.shuffle_seed, shuffle=False)
+        return DataLoader(keys, batch_size=bs, sampler=sampler, generator=torch.Generator().manual_seed(self.shuffle_seed), **loader)
 
     def state_dict(self) -> dict:
         """Where training is in the data (stored in every checkpoint): the shuffle seed, the epoch
@@ -176,7 +239,12 @@ class DiffusionDataModule(pl.LightningDataModule):
         self._resume = dict(state_dict)
 
     def sample_batch(self, n: int) -> dict:
-        """The first ``n`` training items as one batch (noising strips, conditioning for grids)."""
+        """The first ``n`` training items as one batch (noising strips, conditioning for grids);
+        bucketed data: the first ``n`` of the first item's bucket (one batch has one shape)."""
         self.setup()
-        items = [self.train_set[i] for i in range(min(n, len(self.train_set)))]
+        order = range(len(self.train_set))
+        buckets = bucket_ids_of(self.train_set)
+        if buckets is not None:
+            order = [i for i in order if buckets[i] == buckets[0]]
+        items = [self.train_set[i] for i in order[:n]]
         return torch.utils.data.default_collate(items)

@@ -94,9 +94,33 @@ def loss_weights(scheduler, timesteps: torch.Tensor, weighting: LossWeighting, p
     raise ValueError(f"prediction_type must be one of epsilon, v_prediction, sample; got {prediction_type!r}")
 
 
-def per_sample_loss(model_output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Weighted MSE per sample ``[N]``: mean over pixels, times ``weights[N]`` (fp32)."""
-    per_sample = F.mse_loss(model_output.float(), target.float(), reduction="none").flatten(1).mean(1)
+def downsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """A pixel loss mask ``[N, 1, H, W]`` -> ``[N, 1, H/f, W/f]`` for latents of a codec with
+    down-sampling ``factor`` (``codec.downsample_factor``): the mean over each f x f patch (area
+    pooling), so a latent counts as much as the pixels it covers. ``factor=1`` returns ``mask``."""
+    if factor == 1:
+        return mask
+    if mask.shape[-2] % factor or mask.shape[-1] % factor:
+        raise ValueError(f"a loss mask of {tuple(mask.shape[-2:])} pixels does not divide by the codec's factor {factor}")
+    return F.avg_pool2d(mask.float(), factor)
+
+
+def per_sample_loss(model_output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted MSE per sample ``[N]``: mean over pixels, times ``weights[N]`` (fp32).
+
+    ``mask`` ``[N, 1, H, W]`` in [0, 1] (the target's spatial size; ``downsample_mask`` for latents)
+    weights each pixel (all channels): the loss is then the mask-weighted mean, sum(m * e) / sum(m)
+    over the image, so an image counts as much whatever its mask's area (an all-ones mask gives
+    exactly the plain mean; an all-zeros mask gives 0)."""
+    error = F.mse_loss(model_output.float(), target.float(), reduction="none")
+    if mask is None:
+        per_sample = error.flatten(1).mean(1)
+    else:
+        if mask.shape[0] != error.shape[0] or mask.shape[1] != 1 or mask.shape[2:] != error.shape[2:]:
+            raise ValueError(f"loss mask of shape {tuple(mask.shape)} does not fit the target {tuple(error.shape)}: it must be [N, 1, H, W]")
+        mask = mask.to(error)
+        coverage = mask.flatten(1).mean(1)  # all ones: exactly 1.0
+        per_sample = (error * mask).flatten(1).mean(1) / coverage.clamp_min(torch.finfo(error.dtype).tiny)
     return per_sample if weights is None else per_sample * weights.to(per_sample)
 
 

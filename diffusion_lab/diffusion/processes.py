@@ -107,9 +107,10 @@ class Process:
         """A noised batch for ``x0`` ``[N, C, H, W]``; ``generator`` fixes noise and levels."""
         return self._noised(x0, self.draw_noise(x0, generator), generator)
 
-    def loss(self, model_output: torch.Tensor, noised: Noised, reduce: bool = True) -> torch.Tensor:
-        """Weighted MSE (fp32); ``reduce=False`` gives the per-sample losses ``[N]``."""
-        per_sample = objectives.per_sample_loss(self.prediction(model_output, noised), noised.target, noised.weight)
+    def loss(self, model_output: torch.Tensor, noised: Noised, reduce: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted MSE (fp32); ``reduce=False`` gives the per-sample losses ``[N]``. ``mask``
+        ``[N, 1, H, W]`` in [0, 1], at the target's size: a per-pixel loss mask (``per_sample_loss``)."""
+        per_sample = objectives.per_sample_loss(self.prediction(model_output, noised), noised.target, noised.weight, mask)
         return per_sample.mean() if reduce else per_sample
 
 

@@ -60,17 +60,27 @@ class LatentDiffusionXL(LatentDiffusion):
         """``[n, 6]``: (original size h, w; crop top, left; target size h, w) per image, the order of
         ``StableDiffusionXLPipeline._get_add_time_ids`` (SDXL's size/crop micro-conditioning, sec. 2.2).
 
-        Taken from the batch's ``original_size`` / ``crop_top_left`` (``[n, 2]`` each) when the data
-        records them. The data sources here do not (they resize and crop without saying how), so
-        every image counts as a native, uncropped ``resolution`` image: (r, r, 0, 0, r, r), which is
-        also what the pipeline uses by default at height = width = r. diffusers' script records the
-        size before resizing instead; that tells SDXL a small source was upscaled."""
+        Original size and crop come from the batch's ``original_size`` / ``crop_top_left`` (``[n, 2]``
+        each) where the data records them (``data=image_folder`` does: the size before resizing and
+        the crop in the resized image, as diffusers' SDXL script records them); the target size is
+        the batch's image size (an aspect-ratio bucket, ``data.buckets=true``). Without them every
+        image counts as a native, uncropped ``resolution`` square: (r, r, 0, 0, r, r), which is also
+        what the pipeline uses by default at height = width = r."""
         batch = batch or {}
         r = self.hparams.resolution
-        target = torch.tensor([[r, r]], dtype=torch.float32).expand(n, 2)
+        target = torch.tensor([self._image_size(batch) or (r, r)], dtype=torch.float32).expand(n, 2)
         original = batch.get("original_size", target)
         crop = batch.get("crop_top_left", torch.zeros(n, 2))
         return torch.cat([torch.as_tensor(v).float().to(self.device) for v in (original, crop, target)], dim=1)
+
+    def _image_size(self, batch: dict) -> tuple[int, int] | None:
+        """(h, w) of the batch's images, from the pixels or the cached latents (x the VAE factor)."""
+        if "pixel_values" in batch:
+            return tuple(batch["pixel_values"].shape[-2:])
+        if "latent_moments" in batch:
+            f = self.codec.downsample_factor
+            return tuple(s * f for s in batch["latent_moments"].shape[-2:])
+        return None
 
     def conditioning(self, batch: dict, train: bool) -> dict[str, torch.Tensor]:
         return {**super().conditioning(batch, train), "time_ids": self.time_ids(batch_len(batch), batch)}
