@@ -5,6 +5,8 @@
     python -m diffusion_lab.tiny_sd outputs/tiny_sdxl --kind sdxl       # SDXL base
     python -m diffusion_lab.tiny_sd outputs/tiny_sdxl_refiner --kind sdxl-refiner
     python -m diffusion_lab.tiny_sd outputs/tiny_sd_split --sd15-split  # VAE/UNet cost split of SD 1.5
+    python -m diffusion_lab.tiny_sd outputs/tiny_sd3 --kind sd3        # SD3.5 layout (MMDiT, 2 CLIP + T5)
+    python -m diffusion_lab.tiny_sd outputs/tiny_flux --kind flux      # FLUX.1-dev layout (guidance embedding)
 
 The command line only: the parts and the pipelines are built by ``diffusion_lab.components.tiny``,
 whose factories are also the ``_target_`` of ``vae=tiny``, ``text_encoder=tiny`` and
@@ -22,7 +24,7 @@ from diffusion_lab.components.tiny import SD15_SPLIT_VAE, build
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", help="folder to write (replaced atomically)")
-    p.add_argument("--kind", default="sd", choices=["sd", "sdxl", "sdxl-refiner"])
+    p.add_argument("--kind", default="sd", choices=["sd", "sdxl", "sdxl-refiner", "sd3", "flux"])
     p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)

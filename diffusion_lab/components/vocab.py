@@ -115,3 +115,61 @@ def save_text_model(tokenizer, text_encoder, out: str | Path) -> Path:
         tokenizer.save_pretrained(Path(tmp) / "tokenizer")
         text_encoder.save_pretrained(Path(tmp) / "text_encoder", safe_serialization=True)
     return Path(out)
+
+
+# ---- T5 (SD3's third and Flux's second text encoder) -------------------------------------------
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2: pad, end of sequence, unknown
+
+
+def t5_vocab(words: Sequence[str], vocab_size: int = 200) -> list[tuple[str, float]]:
+    """(piece, log-probability) pairs of a SentencePiece-style unigram vocabulary (Kudo 2018) learned
+    offline on ``words`` by the ``tokenizers`` library's ``UnigramTrainer``, as T5's ``spiece.model``
+    is: ``<pad>``, ``</s>``, ``<unk>`` first, ``▁`` marking word starts, every ASCII letter, digit and
+    punctuation mark kept as a piece so any ASCII text tokenizes (other characters are ``<unk>``)."""
+    import json
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)]
+    )
+    alphabet = list(string.ascii_letters + string.digits + string.punctuation)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=list(T5_SPECIALS), unk_token="<unk>", initial_alphabet=alphabet, show_progress=False
+    )
+    tokenizer.train_from_iterator([" ".join(words)], trainer)
+    return [(piece, float(score)) for piece, score in json.loads(tokenizer.to_str())["model"]["vocab"]]
+
+
+def t5_tokenizer(words: Sequence[str], vocab_size: int = 200, model_max_length: int = 512):
+    """A real ``T5TokenizerFast`` on the ``t5_vocab`` of ``words`` (no sentinel ``<extra_id_*>``
+    tokens: they are for T5's span-corruption pre-training, which text encoders never see)."""
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast(vocab=t5_vocab(words, vocab_size), extra_ids=0, model_max_length=model_max_length)
+
+
+def t5_text_encoder(tokenizer, d_model: int, num_layers: int = 2, num_heads: int = 4, seed: int = 0):
+    """A random ``T5EncoderModel`` (T5 v1.1 layout: gated-GELU feed-forward) for ``tokenizer``:
+    states ``[N, L, d_model]``. Seeded without touching the global RNG."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=d_model // num_heads,
+        d_ff=2 * d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return T5EncoderModel(config)

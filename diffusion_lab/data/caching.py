@@ -60,11 +60,14 @@ def cache_latents(
     device: torch.device | str,
     batch_size: int = 16,
     keep: Sequence[str] = (),
+    states_dir: str | None = None,
 ) -> CachedLatentDataset:
     """Run ``moments_fn`` (images ``[N, C, H, W]`` -> ``[N, 2c, h, w]``) over ``dataset`` and,
     if given, ``text_fn`` (captions -> ``[N, L, D]``, or a dict of ``[N, ...]``) over its distinct
-    captions; the batch entries named in ``keep`` are carried along when present. Kept on CPU."""
+    captions; the batch entries named in ``keep`` are carried along when present. Kept on CPU;
+    ``states_dir``: the text states in memory-mapped files there instead (``disk_states``)."""
     moments, captions, extras = [], [], {}
+    keep = tuple(dict.fromkeys(keep))  # a key named twice (module and data both ask for it) is kept once
     # own generator: creating a loader iterator draws a seed, which must not move the global RNG
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
     for batch in tqdm(loader, desc="caching latents", leave=False):
@@ -78,10 +81,36 @@ def cache_latents(
     if text_fn is not None and captions:
         distinct = list(dict.fromkeys(captions))
         position = {c: i for i, c in enumerate(distinct)}
-        chunks = [text_fn(distinct[i : i + batch_size]) for i in range(0, len(distinct), batch_size)]
-        if isinstance(chunks[0], dict):
-            states = {k: torch.cat([c[k].cpu() for c in chunks]) for k in chunks[0]}
+        chunks = (text_fn(distinct[i : i + batch_size]) for i in range(0, len(distinct), batch_size))
+        if states_dir is not None:
+            states = disk_states(chunks, len(distinct), states_dir)
         else:
-            states = torch.cat([c.cpu() for c in chunks])
+            chunks = list(chunks)
+            if isinstance(chunks[0], dict):
+                states = {k: torch.cat([c[k].cpu() for c in chunks]) for k in chunks[0]}
+            else:
+                states = torch.cat([c.cpu() for c in chunks])
         index = torch.tensor([position[c] for c in captions])
     return CachedLatentDataset(torch.cat(moments), captions or None, states, index, {k: torch.cat(v) for k, v in extras.items()})
+
+
+def disk_states(chunks, n: int, folder: str) -> dict[str, torch.Tensor]:
+    """Text-state chunks (dicts of ``[b, ...]``, ``n`` rows in all) written into one memory-mapped file
+    per key in ``folder`` (``torch.from_file(shared=True)``): the cache holds a file-backed tensor, so
+    large states (T5's ``[L, 4096]`` per caption) page in from disk as batches need them instead of
+    living in RAM. The files are rewritten by every run that caches."""
+    from pathlib import Path
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    states, row = {}, 0
+    for chunk in chunks:
+        chunk = chunk if isinstance(chunk, dict) else {"encoder_hidden_states": chunk}
+        for k, v in chunk.items():
+            if k not in states:
+                shape = (n, *v.shape[1:])
+                path = Path(folder) / f"{k}.bin"
+                path.unlink(missing_ok=True)
+                states[k] = torch.from_file(str(path), shared=True, size=int(torch.Size(shape).numel()), dtype=v.dtype).view(shape)
+            states[k][row : row + len(v)] = v.cpu()
+        row += len(v)
+    return states

@@ -118,6 +118,7 @@ def sample(
     guidance_rescale: float = 0.0,
     noise: torch.Tensor | None = None,
     progress: bool = False,
+    schedule: dict | None = None,
 ) -> torch.Tensor:
     """Draw ``shape`` samples; returns the final ``x_0`` estimate ``[N, C, H, W]``.
 
@@ -126,11 +127,13 @@ def sample(
     (Ho & Salimans 2022): ``out = u + w * (c - u)``, both halves in one batched call;
     ``guidance_rescale`` (Lin et al. 2024, eq. 16) rescales it back towards the conditional std.
     ``noise`` fixes x_T (e.g. for sample grids that are comparable across steps).
+    ``schedule``: extra ``set_timesteps`` arguments, as a pipeline passes them (Flux: custom
+    ``sigmas`` and the resolution shift ``mu``).
     """
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
     cond = cond or {}
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    scheduler.set_timesteps(num_inference_steps, device=device, **(schedule or {}))
     if noise is None:
         noise = torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32)
     x = noise.to(device=device, dtype=torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
