@@ -1,24 +1,76 @@
-"""EMA of the trainable UNet weights (diffusers ``EMAModel``), kept in checkpoints."""
+"""EMA of the trainable weights (diffusers ``EMAModel``), kept in checkpoints."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from typing import Literal
 
 import pytorch_lightning as pl
+import torch
 from diffusers.training_utils import EMAModel
+
+# where an EMA copy lives: beside the weights ("model": the module's device) or in host memory
+EMADevice = Literal["model", "cpu"]
+
+
+def trainable_named_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of what an EMA follows: the module's trainable parameters. Full training:
+    every UNet weight; ``adapter=lora``: only the LoRA weights (UNet, and the text encoders' with
+    ``adapter.train_text_encoder``). Names drop ``torch.compile``'s ``_orig_mod.``."""
+    return [(n.replace("_orig_mod.", ""), p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def ema_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of ``trainable_named_parameters``, in order (``inference.load_module`` copies
+    a checkpoint's EMA back in this order)."""
+    return [p for _, p in trainable_named_parameters(module)]
+
+
+def ema_device(device: EMADevice, pl_module: pl.LightningModule) -> torch.device:
+    return torch.device("cpu") if device == "cpu" else pl_module.device
+
+
+def ema_step(ema: EMAModel, params: list[torch.nn.Parameter]) -> None:
+    """``ema.step(params)`` with the EMA on another device than ``params`` (``device=cpu``): the
+    weights are copied over first (``EMAModel.step`` mixes its tensors with the parameters in
+    place, which needs one device). The copies keep ``requires_grad``, which ``step`` reads (a
+    parameter without it is copied, not averaged)."""
+    where = ema.shadow_params[0].device if ema.shadow_params else None
+    if where is not None and params and params[0].device != where:
+        params = [p.detach().to(where).requires_grad_(p.requires_grad) for p in params]
+    ema.step(params)
 
 
 class EMACallback(pl.Callback):
-    """Keeps an exponential moving average of ``pl_module.base_unet``'s trainable parameters.
+    """Keeps an exponential moving average of ``pl_module``'s trainable parameters (``ema_parameters``).
 
     ``decay`` is the final decay; with ``use_ema_warmup`` the decay ramps up as
     ``1 - (1 + step / inv_gamma) ** -power`` (diffusers' warmup), so early EMA is not stuck on the
     random init. Updated once per optimizer step; identical on every DDP rank because the
-    gradients (hence the weights) are. Sampling and export use the EMA weights via ``ema_weights``.
+    gradients (hence the weights) are. Sampling and export use the EMA weights via ``ema_weights``
+    (a LoRA run's export writes the EMA of its LoRA weights).
+
+    ``device="cpu"`` keeps the copy in host memory, for models whose EMA does not fit beside them
+    on the accelerator (each step then copies the trainable weights to the host); the numbers are
+    those of ``device="model"``. ``foreach``: ``EMAModel``'s multi-tensor update (faster on GPUs).
     """
 
-    def __init__(self, decay: float = 0.9999, use_ema_warmup: bool = True, inv_gamma: float = 1.0, power: float = 2 / 3, update_after_step: int = 0) -> None:
-        self.kwargs = dict(decay=decay, use_ema_warmup=use_ema_warmup, inv_gamma=inv_gamma, power=power, update_after_step=update_after_step)
+    def __init__(
+        self,
+        decay: float = 0.9999,
+        use_ema_warmup: bool = True,
+        inv_gamma: float = 1.0,
+        power: float = 2 / 3,
+        update_after_step: int = 0,
+        device: EMADevice = "model",
+        foreach: bool = False,
+    ) -> None:
+        if device not in ("model", "cpu"):
+            from diffusion_lab.utils.errors import ConfigError
+
+            raise ConfigError(f"callbacks.ema.device={device!r}: use model (the EMA beside the weights) or cpu (in host memory).")
+        self.kwargs = dict(decay=decay, use_ema_warmup=use_ema_warmup, inv_gamma=inv_gamma, power=power, update_after_step=update_after_step, foreach=foreach)
+        self.device = device
         self.ema: EMAModel | None = None
         self._pending_state: dict | None = None
         self._last_step = -1
@@ -29,7 +81,7 @@ class EMACallback(pl.Callback):
         return "ema"
 
     def _params(self, pl_module):
-        return [p for p in pl_module.base_unet.parameters() if p.requires_grad]
+        return ema_parameters(pl_module)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.ema is None:
@@ -39,17 +91,17 @@ class EMACallback(pl.Callback):
                 self._pending_state = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.ema.to(pl_module.device)
+        self.ema.to(ema_device(self.device, pl_module))
         self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step > self._last_step:  # an optimizer step happened (accumulation-aware)
-            self.ema.step(self._params(pl_module))
+            ema_step(self.ema, self._params(pl_module))
             self._last_step = trainer.global_step
 
     @contextmanager
     def swapped(self, pl_module):
-        """Temporarily load EMA weights into the UNet."""
+        """Temporarily load EMA weights into the module's trainable parameters."""
         params = self._params(pl_module)
         self.ema.store(params)
         self.ema.copy_to(params)
@@ -69,8 +121,9 @@ class EMACallback(pl.Callback):
         else:
             self.ema.load_state_dict(state_dict)
 
+
 def ema_weights(trainer, pl_module):
-    """Context manager: EMA weights in the UNet if an ``EMACallback`` is active, else no-op."""
+    """Context manager: EMA weights in the module if an ``EMACallback`` is active, else no-op."""
     for cb in trainer.callbacks if trainer is not None else []:
         if isinstance(cb, EMACallback) and cb.ema is not None:
             return cb.swapped(pl_module)

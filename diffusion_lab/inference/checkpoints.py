@@ -27,7 +27,11 @@ def load_module(ckpt_path: str, use_ema: bool = True, map_location: str = "cpu")
     if use_ema:
         ema_state = ckpt.get("callbacks", {}).get("ema")
         if ema_state and ema_state.get("shadow_params"):
-            params = [p for p in module.base_unet.parameters() if p.requires_grad]
+            from diffusion_lab.callbacks.ema import ema_parameters
+
+            params = ema_parameters(module)  # the order EMACallback tracks them in
+            if len(params) != len(ema_state["shadow_params"]):
+                raise ConfigError(f"{ckpt_path}: its EMA holds {len(ema_state['shadow_params'])} tensors, the rebuilt model has {len(params)} trainable ones; load it with use_ema=false.")
             with torch.no_grad():
                 for p, s in zip(params, ema_state["shadow_params"]):
                     p.copy_(s)
