@@ -1,4 +1,8 @@
-"""LoRA through peft (Hu et al. 2021): add, export in diffusers and kohya layouts, fuse.
+"""LoRA and its variants through peft: add, export in diffusers and kohya layouts, fuse.
+
+``variant``: ``lora`` (Hu et al. 2021), ``dora`` (weight-decomposed LoRA, Liu et al. 2024: a
+learned magnitude per output row times the LoRA-updated direction), ``lokr`` (Kronecker-product
+factors, LyCORIS) or ``loha`` (Hadamard product of two low-rank updates, Hyeon-Woo et al. 2022).
 
 Only the LoRA weights train; the base model is frozen (and may be held in half precision: the
 trainable LoRA weights are cast back to fp32 with diffusers' ``cast_training_params`` so fp16
@@ -8,13 +12,13 @@ loss scaling can unscale their gradients).
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from diffusers import ModelMixin
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
@@ -22,6 +26,8 @@ from peft.utils import get_peft_model_state_dict
 UNET_ATTENTION = ("to_k", "to_q", "to_v", "to_out.0")
 CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 KOHYA_FILE = "lora_kohya.safetensors"  # not *pytorch_lora_weights*: load_lora_weights(dir) picks the diffusers file
+Variant = Literal["lora", "dora", "lokr", "loha"]
+VARIANTS: tuple[str, ...] = ("lora", "dora", "lokr", "loha")
 
 
 def lora_config(
@@ -31,15 +37,40 @@ def lora_config(
     target_modules: Sequence[str] = UNET_ATTENTION,
     enabled: bool = True,
     init: str | bool = "gaussian",
-) -> LoraConfig | None:
-    """A ``LoraConfig`` (``alpha`` defaults to ``rank``: scale alpha/rank = 1), or None when not ``enabled``."""
+    variant: Variant = "lora",
+) -> PeftConfig | None:
+    """The peft config of ``variant`` (``alpha`` defaults to ``rank``: scale alpha/rank = 1), or None
+    when not ``enabled``. Every variant starts as the identity (its update is zero at step 0):
+    LoRA/DoRA with ``init`` (B = 0), LoKr/LoHa with peft's default init (one factor zero).
+    ``dropout`` is LoRA's input dropout, LoKr/LoHa's ``rank_dropout``."""
     if not enabled:
         return None
-    return LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, init_lora_weights=init, target_modules=list(target_modules))
+    alpha = alpha or rank
+    if variant in ("lora", "dora"):
+        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=init, target_modules=list(target_modules), use_dora=variant == "dora")
+    if variant == "lokr":
+        return LoKrConfig(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=list(target_modules))
+    if variant == "loha":
+        return LoHaConfig(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=list(target_modules))
+    from diffusion_lab.utils.errors import ConfigError
+
+    raise ConfigError(f"adapter.variant={variant!r} is not one of {', '.join(VARIANTS)} (adapter=lora|dora|lokr|loha sets it).")
 
 
-def add_lora(model: torch.nn.Module, config: LoraConfig) -> torch.nn.Module:
-    """Freeze ``model``, inject LoRA layers as adapter ``default``, keep them fp32.
+def adapter_variant(model: torch.nn.Module) -> Variant | None:
+    """Which variant ``model``'s adapter ``default`` is (None: no adapter)."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:
+        return None
+    if isinstance(config, LoKrConfig):
+        return "lokr"
+    if isinstance(config, LoHaConfig):
+        return "loha"
+    return "dora" if getattr(config, "use_dora", False) else "lora"
+
+
+def add_lora(model: torch.nn.Module, config: PeftConfig) -> torch.nn.Module:
+    """Freeze ``model``, inject LoRA (or variant) layers as adapter ``default``, keep them fp32.
 
     diffusers models use their ``add_adapter``; for transformers models peft's
     ``inject_adapter_in_model`` is called directly and the config recorded where transformers'

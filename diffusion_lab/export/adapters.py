@@ -1,0 +1,65 @@
+"""LoKr / LoHa exports (``adapter=lokr|loha``): the formats their loaders read.
+
+| variant | file | loads with |
+|---|---|---|
+| LoKr | ``pytorch_lora_weights.safetensors`` (peft keys ``...to_q.lokr_w1``, config in the header) | ``pipe.unet.load_lora_adapter(dir, prefix=None, weight_name="pytorch_lora_weights.safetensors")`` |
+| LoKr, LoHa | ``unet/`` (+ ``text_encoder/``): ``adapter_config.json`` + ``adapter_model.safetensors`` | ``PeftModel.from_pretrained(pipe.unet, dir / "unet")`` (``.merge_and_unload()``) |
+| LoKr, LoHa | ``fused/`` (``adapter.export_fused``) | ``DiffusionPipeline.from_pretrained(dir / "fused")`` |
+
+``pipe.load_lora_weights`` refuses both (diffusers 0.42 reads LoRA/DoRA keys only); the UNet-level
+``load_lora_adapter`` reads LoKr. LoRA and DoRA go through ``pipelines.save_lora``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from diffusion_lab.components.adapters import adapter_variant, has_lora
+
+PEFT_PREFIX = "base_model.model."  # the key prefix of a PeftModel's saved adapter
+
+
+def peft_parts(module) -> dict[str, torch.nn.Module]:
+    """``{"unet": ..., "text_encoder": ..., "text_encoder_2": ...}``: the parts that carry an adapter."""
+    encoders = zip(("text_encoder", "text_encoder_2"), module.conditioner.encoders)
+    return {name: m for name, m in [("unet", module.base_unet), *encoders] if has_lora(m)}
+
+
+def save_peft_folder(model: torch.nn.Module, out_dir: str | Path) -> None:
+    """``model``'s adapter ``default`` as the folder peft's ``PeftModel.save_pretrained`` writes
+    (``adapter_config.json`` + ``adapter_model.safetensors``, keys under ``base_model.model.``)."""
+    out_dir = Path(out_dir)
+    model.peft_config["default"].save_pretrained(str(out_dir))
+    state = {PEFT_PREFIX + k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def save_adapter_variant(module, out_dir: str | Path) -> None:
+    """A LoKr/LoHa run's adapter into ``out_dir`` (table above; ``fused/`` is the caller's)."""
+    parts = peft_parts(module)
+    for name, model in parts.items():
+        save_peft_folder(model, Path(out_dir) / name)
+    if adapter_variant(module.base_unet) == "lokr":
+        # diffusers' UNet loader reads LoKr (the adapter weights are fp32 even on a half-precision base)
+        module.base_unet.save_lora_adapter(str(out_dir), safe_serialization=True)
+
+
+def is_adapter_variant(module) -> bool:
+    """A LoKr / LoHa run (``adapter=lokr|loha``): exported here, not as a LoRA file."""
+    unet = getattr(module, "base_unet", None)
+    return unet is not None and adapter_variant(unet) in ("lokr", "loha")
+
+
+def export_adapter_variant(module, out_dir: str | Path) -> None:
+    """``out_dir`` (atomically): ``save_adapter_variant`` and, with ``adapter.export_fused``, ``fused/``."""
+    from diffusion_lab.export.pipelines import build_pipeline
+    from diffusion_lab.utils.io import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
+        save_adapter_variant(module, tmp)
+        if module.hparams.get("export_fused"):
+            build_pipeline(module, fused=True).save_pretrained(Path(tmp) / "fused", safe_serialization=True)
