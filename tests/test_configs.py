@@ -50,7 +50,9 @@ def _partials() -> list[str]:
 EXPERIMENTS = _options("experiment")
 FAMILIES = _options("model")  # pixel_ddpm, latent_sd, latent_sdxl, autoencoder
 LATENT = ["model=latent_sd"]
-NEEDS_ROOT = {"image_folder": ["data.root=/nonexistent"]}  # data=image_folder has no default folder
+NEEDS_ROOT = {"image_folder": ["data.root=/nonexistent"],  # data=image_folder has no default folder
+              "shards": ["data.root=/nonexistent"],  # nor data=shards (a prepared shard set)
+              "dreambooth": ["data.instance_dir=/nonexistent", "data.instance_prompt=a sks dog", "data.class_prompt=a dog"]}
 
 
 # ---------------------------------------------------------------- composing
@@ -140,6 +142,8 @@ SELECTOR = {  # override key of a group (plain group name unless listed)
 
 def _unet_context(option: str) -> list[tuple[str, list[str]]]:
     _, values = _file_values(f"model/unet/{option}")
+    if option.startswith("dit_"):  # class-conditional DiTs (components/backbones.py): pixel, or on a VAE's latents
+        return [("train", ["conditioning=class_labels", *(["vae=tiny", "data=digits_captioned"] if "latent" in option else [])])]
     pixel = values.get("_target_") == "diffusers.UNet2DModel"
     return [("train", [] if pixel else [*LATENT, "text_encoder=vocab"])]  # ldm_digits reads the encoder's width
 
@@ -243,8 +247,9 @@ def _check_adapter(cfg, option, overrides):
 
 def _check_data(cfg, option, overrides):
     dm = _resolved(cfg, "data.datamodule")
-    assert dm["_target_"] == "diffusion_lab.data.DiffusionDataModule" and dm["dataset"]["_target_"]
-    for key in ("batch_size", "num_workers", "val_fraction", "pin_memory", "persistent_workers"):
+    shards = dm["_target_"] == "diffusion_lab.data.shards.ShardDataModule"  # streams prepared shards: no dataset, split fixed by prepare
+    assert shards or (dm["_target_"] == "diffusion_lab.data.DiffusionDataModule" and dm["dataset"]["_target_"])
+    for key in ("batch_size", "num_workers", "pin_memory", "persistent_workers", *(("resolution", "channels") if shards else ("val_fraction",))):
         assert dm[key] == cfg.data[key], key  # the knobs reach the datamodule
     unet = _resolved(cfg, "model.unet")
     assert unet["sample_size"] == cfg.data.resolution and unet["in_channels"] == unet["out_channels"] == cfg.data.channels
@@ -466,6 +471,25 @@ SHRINK: dict[str, list[str]] = {
     # SDXL recipes: a tiny random SDXL base pipeline
     "sdxl_finetune_tiny": ["model.pretrained={tiny_sdxl}"],
     "sdxl_lora": ["model.pretrained={tiny_sdxl}", "data.resolution=32"],
+    # SD3 / Flux recipes: tiny random SD3 / Flux pipelines
+    "sd3_finetune_tiny": ["model.pretrained={tiny_sd3}"],
+    "sd3_lora": ["model.pretrained={tiny_sd3}", "data.resolution=32"],
+    "flux_finetune_tiny": ["model.pretrained={tiny_flux}"],
+    "flux_lora": ["model.pretrained={tiny_flux}", "data.resolution=32"],
+    # textual inversion / DreamBooth (tests/test_finetune_methods.py runs them)
+    "textual_inversion_tiny": ["model.pretrained={tiny_sd}"],
+    "textual_inversion_digits": ["model/unet=ldm_digits", "vae=tiny", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
+    "dreambooth_tiny": ["model.pretrained={tiny_sd}"],
+    # class-conditional DiTs: a one-block DiT (conditioning=class_labels needs its label table)
+    "dit_digits": ["model.unet.num_layers=1"],
+    "dit_digits_latent": ["model.unet.num_layers=1", "vae=tiny"],
+    "dreambooth_digits": ["model/unet=ldm_digits", "vae=tiny", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
+    "dreambooth_sd15": ["model.pretrained={tiny_sd}", "data.resolution=32", "data.instance_dir=/nonexistent",
+                        "data.instance_prompt=a sks dog", "data.class_prompt=a dog"],
+    # ControlNet recipes (tests/test_controlnet.py runs them): the frozen base from a tiny SD pipeline
+    "controlnet_tiny": ["model.pretrained={tiny_sd}"],
+    "controlnet_digits": ["model.pretrained={tiny_sd}"],
+    "controlnet_sd15": ["model.pretrained={tiny_sd}", "data.resolution=32"],
 }
 
 
@@ -481,6 +505,20 @@ def tiny_sdxl_dir(tmp_path_factory) -> str:
     from diffusion_lab.components import tiny
 
     return str(tiny.build(tmp_path_factory.mktemp("tiny") / "tiny_sdxl", kind="sdxl"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_dir(tmp_path_factory) -> str:
+    from diffusion_lab.components import tiny
+
+    return str(tiny.build(tmp_path_factory.mktemp("tiny") / "tiny_sd3", kind="sd3"))
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_dir(tmp_path_factory) -> str:
+    from diffusion_lab.components import tiny
+
+    return str(tiny.build(tmp_path_factory.mktemp("tiny") / "tiny_flux", kind="flux"))
 
 
 def _codec_geometry(cfg: DictConfig) -> tuple[int, int]:
@@ -503,7 +541,7 @@ def _codec_geometry(cfg: DictConfig) -> tuple[int, int]:
 def test_experiment_instantiates(experiment, tmp_path, request):
     # GPU experiments are checked on CPU here: same config, accelerator swapped.
     shrink = SHRINK.get(experiment, ["model/unet=tiny"]) + ["trainer.accelerator=cpu"]
-    for name in ("tiny_sd", "tiny_sdxl"):
+    for name in ("tiny_sd", "tiny_sdxl", "tiny_sd3", "tiny_flux"):
         if any(f"{{{name}}}" in o for o in shrink):
             shrink = [o.replace(f"{{{name}}}", request.getfixturevalue(f"{name}_dir")) for o in shrink]
     cfg = compose_cfg("train", [f"experiment={experiment}", *shrink], tmp_path)
@@ -512,7 +550,8 @@ def test_experiment_instantiates(experiment, tmp_path, request):
     side = cfg.data.resolution // factor
     assert model.latent_shape(2) == (2, channels, side, side)
     unet = getattr(model, "unet", None)
-    if unet is not None:  # the network takes and returns what the codec makes
-        assert unet.config.in_channels == unet.config.out_channels == channels
+    if unet is not None:  # the network takes and returns what the codec makes (Flux: 2x2 latent patches packed)
+        packed = channels * getattr(model, "packing", 1) ** 2
+        assert unet.config.in_channels == (unet.config.get("out_channels") or unet.config.in_channels) == packed
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
     assert trainer.max_steps == cfg.trainer.max_steps

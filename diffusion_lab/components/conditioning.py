@@ -30,19 +30,25 @@ class ClassLabels:
 
     Args:
         num_classes: the UNet's ``num_class_embeds`` (linked by interpolation in the config).
+        null_class: the network's unconditional label, the ``uncond`` half of classifier-free
+            guidance (a DiT's null row, which it trains by dropping labels itself:
+            ``components/backbones.py``); None: the network has none, sampling is unguided.
     """
 
-    def __init__(self, num_classes: int | None) -> None:
+    def __init__(self, num_classes: int | None, null_class: int | None = None) -> None:
         if not num_classes:
             raise ConfigError(
                 "conditioning=class_labels needs a UNet with class embeddings: set model.unet.num_class_embeds "
                 "(e.g. 10 for digits), or use conditioning=none."
             )
         self.num_classes = int(num_classes)
+        self.null_class = null_class
 
     def __call__(self, batch: dict, train: bool) -> dict[str, torch.Tensor]:
         return {"class_labels": batch["label"]}
 
     def sampling(self, cond_batch: dict | None, n: int, device) -> tuple[dict, dict | None]:
         labels = cond_batch["label"] if cond_batch and "label" in cond_batch else class_labels(0, n, self.num_classes)
-        return {"class_labels": torch.as_tensor(labels).to(device)}, None
+        labels = torch.as_tensor(labels).to(device)
+        uncond = None if self.null_class is None else {"class_labels": torch.full_like(labels, self.null_class)}
+        return {"class_labels": labels}, uncond

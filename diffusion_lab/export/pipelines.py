@@ -3,8 +3,10 @@
 | family | full model | LoRA (``adapter=lora``) |
 |---|---|---|
 | pixel (``DiffusionModule``) | ``DDPMPipeline`` folder | - |
+| class-conditional DiT (``model/unet=dit_*``) | ``DiTPipeline`` folder (pixel: no VAE) | - |
 | ``LatentDiffusion`` (SD 1.x/2.x) | ``StableDiffusionPipeline`` folder | ``pytorch_lora_weights.safetensors`` + kohya file [+ ``fused/``] |
 | ``LatentDiffusionXL`` (SDXL) | ``StableDiffusionXLPipeline`` folder | ``pytorch_lora_weights.safetensors`` [+ ``fused/``] |
+| ``LatentDiffusion3`` / ``LatentFlux`` | ``StableDiffusion3Pipeline`` / ``FluxPipeline`` folder | ``pytorch_lora_weights.safetensors`` [+ ``fused/``] (``export/transformers.py``) |
 | ``AutoencoderModule`` (VAE stage) | ``AutoencoderKL`` folder, measured ``scaling_factor`` | - |
 
 Every folder loads in plain diffusers (``DiffusionPipeline.from_pretrained``, ``load_lora_weights``)
@@ -21,6 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 from diffusion_lab.components.adapters import KOHYA_FILE, fused_copy, has_lora, kohya_state_dict, lora_metadata, lora_state_dict
+from diffusion_lab.components.backbones import is_dit
+from diffusion_lab.export.transformers import build_mmdit_pipeline, is_mmdit, save_mmdit_lora
 from diffusion_lab.utils.io import atomic_dir
 
 
@@ -60,10 +64,31 @@ def _safety_checker(module):
     return checker, from_pretrained("transformers.CLIPImageProcessor", subfolder="feature_extractor", **kw)
 
 
+def _dit_pipeline(module):
+    """A ``DiTPipeline`` of a class-conditional DiT (``model/unet=dit_*``), ``id2label`` the class ids.
+    Latent DiT: transformer + the AutoencoderKL + scheduler, sampled by plain diffusers
+    (``pipe(class_labels=[...], guidance_scale=...)``). Pixel DiT: no VAE (``vae`` is null in
+    ``model_index.json``): ``transformer/`` and ``scheduler/`` load in plain diffusers, but
+    ``DiTPipeline.__call__`` always decodes through a VAE, so pixel samples come from diffusion_lab's
+    sampler (``python -m diffusion_lab.sample pipeline=...``). DiTPipeline neither scales x_T by
+    ``init_noise_sigma`` nor skips ``scale_model_input``: export with a vp-style sampler (ddim,
+    dpmpp, ...), not Euler/Heun/EDM ones."""
+    from diffusers import DiTPipeline
+
+    vae = _float32(module.codec.vae) if hasattr(module.codec, "vae") else None
+    pipe = DiTPipeline(transformer=module.base_unet, vae=vae, scheduler=module.sampling_scheduler())
+    pipe.register_to_config(id2label={str(i): str(i) for i in range(module.conditioner.num_classes)})
+    return pipe
+
+
 def build_pipeline(module, fused: bool = False):
     """A diffusers pipeline of ``module``'s current weights, its scheduler the configured sampler.
     ``fused``: LoRA merged into copies of the base weights (else the live, LoRA-wrapped modules)."""
+    if is_mmdit(module):
+        return build_mmdit_pipeline(module, fused)
     family = _text_family(module)
+    if family is None and is_dit(module.base_unet):
+        return _dit_pipeline(module)
     if family is None:
         from diffusers import DDPMPipeline
 
@@ -116,6 +141,8 @@ def save_lora(module, out_dir: str) -> None:
     not written."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if is_mmdit(module):
+        return save_mmdit_lora(module, out_dir)
     family = _text_family(module)
     names = ("text_encoder", "text_encoder_2")
     encoders = {name: e for name, e in zip(names, module.conditioner.encoders) if has_lora(e)}
@@ -128,7 +155,7 @@ def save_lora(module, out_dir: str) -> None:
         **{f"{name}_lora_adapter_metadata": lora_metadata(e) for name, e in encoders.items()},
         safe_serialization=True,
     )
-    if family == "sd":
+    if family == "sd" and not module.base_unet.peft_config["default"].use_dora:  # kohya's DoRA layout is unchecked: not written
         config = module.base_unet.peft_config["default"]
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r), "ss_network_alpha": str(config.lora_alpha)}
         save_file(kohya_state_dict({"unet": module.base_unet, **encoders}), str(Path(out_dir) / KOHYA_FILE), metadata=meta)

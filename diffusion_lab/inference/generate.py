@@ -41,6 +41,7 @@ class PixelModel:
     unet: torch.nn.Module
     make_scheduler: Callable[[], object]
     kind: str
+    classes: int | None = None  # a DiT's label count (its config holds the label table's size)
 
     @property
     def scheduler_name(self) -> str:
@@ -48,7 +49,7 @@ class PixelModel:
 
     @property
     def num_classes(self) -> int | None:
-        return self.unet.config.num_class_embeds or None
+        return self.classes or self.unet.config.get("num_class_embeds") or None
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -69,15 +70,19 @@ def load_pixel_model(cfg: DictConfig, module=None, sampler: Sampler | None = Non
     if module is not None:
         make = lambda: module.sampling_scheduler(sampler)  # noqa: E731
         module.sampling_scheduler(sampler)  # a sampler that cannot run the process fails here
-        return PixelModel(module.base_unet.eval(), make, module.process.kind)
+        return PixelModel(module.base_unet.eval(), make, module.process.kind, getattr(module.conditioner, "num_classes", None))
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(cfg.pipeline, local_files_only=cfg.local_files_only)
+    index = DiffusionPipeline.load_config(cfg.pipeline, local_files_only=cfg.local_files_only)
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v[:1] == [None]}  # a pixel DiTPipeline's vae
+    pipe = DiffusionPipeline.from_pretrained(cfg.pipeline, local_files_only=cfg.local_files_only, **absent)
     saved = pipe.scheduler
     kind = process_kind(saved)
     if sampler is not None:
         sampler.scheduler(saved)  # a sampler that cannot run the process fails here
     make = (lambda: sampler.scheduler(saved)) if sampler is not None else (lambda: type(saved).from_config(saved.config))
+    if hasattr(pipe, "transformer"):  # a pixel DiTPipeline (export/pipelines.py): unguided, labels 0..K-1 in turn
+        return PixelModel(pipe.transformer.eval(), make, kind, len(set(pipe.labels.values())) or None)
     return PixelModel(pipe.unet.eval(), make, kind)
 
 

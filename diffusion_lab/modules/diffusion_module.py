@@ -26,6 +26,7 @@ from diffusion_lab.components.conditioning import Unconditional
 from diffusion_lab.components.shapes import sample_size
 from diffusion_lab.components.speed import AttentionBackend, apply_speed_switches, clip_fused_gradients
 from diffusion_lab.components.vae import IdentityCodec
+from diffusion_lab.diffusion.objectives import downsample_mask
 from diffusion_lab.diffusion.processes import Process
 from diffusion_lab.diffusion.sampling import Sampler, sample
 from diffusion_lab.metrics.stratified import LossByLevel
@@ -164,7 +165,10 @@ class DiffusionModule(pl.LightningModule):
         cond = self.conditioning(batch, train=train)
         noised = self.process.noised(x0, generator=generator)
         output = self.denoise(noised.model_input, noised.timestep, **cond)
-        return self.process.loss(output, noised, reduce=False), noised.level
+        mask = batch.get("mask")  # per-pixel loss mask [N, 1, H, W] (data.masks), brought to the latents' size
+        if mask is not None:
+            mask = downsample_mask(mask.to(x0.device), self.codec.downsample_factor)
+        return self.process.loss(output, noised, reduce=False, mask=mask), noised.level
 
     def diffusion_loss(self, batch: dict, train: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """The process's loss on this batch (the mean of ``per_sample_losses``)."""
@@ -251,6 +255,10 @@ class DiffusionModule(pl.LightningModule):
             size = sample_size(self.base_unet.config)
         return (n, self.codec.latent_channels, size, size)
 
+    def sampling_schedule(self, scheduler, shape: tuple[int, ...], num_inference_steps: int) -> dict | None:
+        """Extra ``set_timesteps`` arguments the family's pipeline passes (None: none; SD3/Flux: ``mu``, ``sigmas``)."""
+        return None
+
     @torch.no_grad()
     def generate(
         self,
@@ -266,13 +274,15 @@ class DiffusionModule(pl.LightningModule):
         was_training = self.training
         self.eval()
         cond, uncond = self.sampling_conditioning(cond_batch, n)
+        scheduler = scheduler or self.sampling_scheduler()
+        shape, steps = self.latent_shape(n), num_inference_steps or self.hparams.preview_steps
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         with autocast:
             x0 = sample(
                 self.denoise,
-                scheduler or self.sampling_scheduler(),
-                self.latent_shape(n),
-                num_inference_steps or self.hparams.preview_steps,
+                scheduler,
+                shape,
+                steps,
                 generator=generator,
                 device=self.device,
                 cond=cond,
@@ -280,6 +290,7 @@ class DiffusionModule(pl.LightningModule):
                 guidance_scale=guidance_scale,
                 guidance_rescale=self.hparams.guidance_rescale,
                 noise=noise,
+                schedule=self.sampling_schedule(scheduler, shape, steps),
             )
             images = self.decode(x0)
         self.train(was_training)

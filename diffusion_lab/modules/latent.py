@@ -68,7 +68,7 @@ class LatentDiffusion(DiffusionModule):
         **kwargs,
     ) -> None:
         self.check_process(process, sampler)  # before the parts: a wrong process is the first thing to fix
-        check_latent_parts(unet, codec, conditioner, resolution, image_channels)
+        self.check_parts(unet, codec, conditioner, resolution, image_channels)
         if not 0.0 <= caption_dropout < 1.0:
             raise ConfigError(f"model.caption_dropout={caption_dropout} must be in [0, 1).")
         if unet_lora is not None:
@@ -88,6 +88,12 @@ class LatentDiffusion(DiffusionModule):
                     encoder.gradient_checkpointing_enable()
         super().__init__(unet, process, sampler, optimizer, codec=codec, conditioner=conditioner, resolution=resolution, **kwargs)
         self.train()  # from_pretrained returns eval-mode models; Lightning keeps the mode it finds
+
+    @staticmethod
+    def check_parts(unet, codec, conditioner, resolution: int, image_channels: int) -> None:
+        """ConfigError naming the keys when the parts disagree (``components/checks.py``); the
+        transformer families (``modules/sd3.py``, ``flux.py``) check their own backbone."""
+        check_latent_parts(unet, codec, conditioner, resolution, image_channels)
 
     # ---- text conditioning ----------------------------------------------------------------
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:

@@ -33,6 +33,8 @@ def check_pixel_model_fits_data(module: pl.LightningModule, datamodule: pl.Light
     one real training item ``[C, H, W]``."""
     from diffusion_lab.components.vae import IdentityCodec
 
+    if hasattr(datamodule, "check_model"):  # data written for one model (encoded shards) says if it fits
+        datamodule.check_model(module)
     check_captions_for_text_model(module, datamodule)
     if not isinstance(getattr(module, "codec", None), IdentityCodec):
         return  # latent models check their parts when they are built (components/checks.py)
@@ -53,8 +55,8 @@ def check_pixel_model_fits_data(module: pl.LightningModule, datamodule: pl.Light
             f"(the default) or data.resolution={size if isinstance(size, int) else size[0]}."
         )
     # every down block but the last halves the image (diffusers UNet2DModel), and the up path must
-    # double back to the same sizes to meet the skip connections
-    blocks = len(cfg.down_block_types)
+    # double back to the same sizes to meet the skip connections (a DiT has patches instead: checked when built)
+    blocks = len(cfg.get("down_block_types", [None]))
     factor = 2 ** (blocks - 1)
     if height % factor or width % factor:
         ok = max(factor, round(height / factor) * factor)

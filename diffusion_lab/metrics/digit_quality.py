@@ -1,0 +1,52 @@
+"""How good a digits model is, in three numbers: FID in the digit classifier's features against all
+1,797 real digits, the classifier's mean confidence, and (class-conditional models) how often the
+generated digit is the one asked for. What the reference-run ladder's bands and the backbone
+comparison score (``experiments/ladder``, ``experiments/backbones``)."""
+
+from __future__ import annotations
+
+import torch
+
+from diffusion_lab.diffusion.sampling import Sampler, class_labels
+from diffusion_lab.metrics.digits import real_digits, score_digit_samples
+from diffusion_lab.metrics.distribution import fid
+from diffusion_lab.metrics.features import DigitFeatures
+
+
+@torch.no_grad()
+def digit_quality(
+    module,
+    num_images: int = 500,
+    num_inference_steps: int = 20,
+    sampler: Sampler | None = None,
+    seed: int = 0,
+    guidance_scale: float = 1.0,
+    batch_size: int = 250,
+    extractor: DigitFeatures | None = None,
+) -> tuple[dict, torch.Tensor]:
+    """Scores of ``num_images`` samples of a trained ``DiffusionModule`` (its current weights: wrap
+    in the EMA scope for EMA ones) drawn with ``sampler`` (None: the configured one) from one seeded
+    generator; class-conditional models are asked for the classes 0..K-1 in turn, with
+    ``guidance_scale`` where the network has a null label. Returns (``{"fid", "confidence",
+    "accuracy" (class-conditional only), "class_histogram"}``, images ``[N, C, H, W]`` in [-1, 1])."""
+    extractor = extractor or DigitFeatures()
+    num_classes = getattr(module.conditioner, "num_classes", None)
+    g = torch.Generator().manual_seed(seed)
+    images, labels = [], []
+    for start in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - start)
+        wanted = class_labels(start, n, num_classes) if num_classes else None
+        cond_batch = {"label": wanted} if wanted is not None else None
+        scheduler = module.sampling_scheduler(sampler)
+        images.append(module.generate(n, num_inference_steps, generator=g, scheduler=scheduler, cond_batch=cond_batch, guidance_scale=guidance_scale).cpu())
+        if wanted is not None:
+            labels.append(wanted)
+    images = torch.cat(images)
+    real, _ = real_digits("all", images.shape[-1])
+    real_features, _ = extractor.extract(real, desc="real digit features")
+    fake_features, _ = extractor.extract(images, desc="sample features")
+    scores = score_digit_samples(images, labels=torch.cat(labels) if labels else None, classifier=extractor.classifier, reference=False)
+    out = {"fid": fid(real_features, fake_features), "confidence": scores["confidence"], "class_histogram": scores["class_histogram"]}
+    if "accuracy" in scores:
+        out["accuracy"] = scores["accuracy"]
+    return out, images
