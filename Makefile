@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH)
 	# torch is already there, so the package's `torch>=2.4` is satisfied and nothing is re-downloaded.
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -c "import diffusion_lab, diffusers, transformers, pytorch_lightning, hydra, wandb, torchmetrics"
+	# litdata (data=shards, diffusion_lab.prepare) without its torchvision requirement: see pyproject.toml
+	$(BIN)/python -m pip install -q --no-deps "litdata>=0.2.76,<0.3"
+	$(BIN)/python -c "import diffusion_lab, diffusers, transformers, pytorch_lightning, hydra, wandb, torchmetrics, litdata, skimage"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,75 @@
+"""Write a data config as litdata shards, once, for streaming (``data=shards``).
+
+    python -m diffusion_lab.prepare data=image_folder data.root=/images data.resolution=64 out_dir=/data/shards
+    python -m diffusion_lab.prepare data=digits_captioned out_dir=outputs/shards/digits
+    python -m diffusion_lab.prepare data=digits_captioned prepare.encode=true model=latent_sd \\
+        model.pretrained=outputs/tiny_sd out_dir=outputs/shards/digits_sd       # VAE latents + text states
+
+Builds the source data config's datamodule (its transform and train/val split) and, with
+``prepare.encode=true``, the model; ``diffusion_lab.data.shards.write_shards`` does the rest.
+"""
+
+from __future__ import annotations
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import diffusion_lab  # noqa: F401  (registers config resolvers)
+from diffusion_lab.data.shards import write_shards
+from diffusion_lab.utils.cli import explain_unknown_keys, friendly_errors
+from diffusion_lab.utils.config_path import CONFIG_PATH
+from diffusion_lab.utils.errors import ConfigError
+
+
+def prepare(cfg: DictConfig) -> dict:
+    """Write ``cfg.data`` to ``cfg.out_dir``; returns the manifest."""
+    pl.seed_everything(cfg.seed, workers=True)
+    target = OmegaConf.select(cfg, "data.datamodule._target_", default="")
+    if not target.endswith("DiffusionDataModule"):
+        raise ConfigError(f"prepare reads a source data config (data=image_folder, hf, digits, digits_captioned, ...); data= builds {target}. Shards are written from sources, not from shards.")
+    source = instantiate(cfg.data.datamodule)
+    source.setup()
+    module, model_config = None, None
+    p = cfg.prepare
+    if p.encode:
+        module = instantiate(cfg.model)
+        model_config = {"vae_config": OmegaConf.to_container(cfg.vae, resolve=True), "pretrained": OmegaConf.select(cfg, "model.pretrained")}
+        if "text_encoder" in cfg:
+            model_config["text_encoder_config"] = OmegaConf.to_container(cfg.text_encoder, resolve=True)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data["_skipped"] = [str(f) for f in getattr(source.dataset, "skipped", [])]  # the source's own on_bad_image=skip
+    return write_shards(
+        {"train": source.train_set, "val": source.val_set},
+        cfg.out_dir,
+        source=data,
+        resolution=cfg.data.resolution,
+        channels=cfg.data.channels,
+        module=module,
+        model_config=model_config,
+        text_states=p.text_states,
+        num_workers=p.num_workers,
+        batch_size=p.batch_size,
+        chunk_bytes=str(p.chunk_bytes),
+        chunk_size=p.chunk_size,
+        on_bad_image=p.on_bad_image,
+        device=device,
+        overwrite=p.overwrite,
+    )
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="prepare", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with friendly_errors():
+        manifest = prepare(cfg)
+    counts = ", ".join(f"{n} {split}" for split, n in manifest["num_items"].items())
+    print(f"\nshards: {cfg.out_dir} ({manifest['kind']}: {counts}; {len(manifest['skipped'])} skipped)")
+    print(f"train:  python -m diffusion_lab.train data=shards data.root={cfg.out_dir} data.resolution={manifest['resolution']} data.channels={manifest['channels']}")
+
+
+if __name__ == "__main__":
+    with explain_unknown_keys("prepare"):
+        main()

@@ -1,0 +1,223 @@
+"""``data=shards``: training streams litdata shards written by ``diffusion_lab.prepare``: pixel
+and latent models, exact resume (in-process replay and a real SIGKILL), 2-process DDP (gloo)
+with disjoint ranks, precomputed latents = online encoding, and clear errors for bad folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+
+from diffusion_lab.data import ImageTransform
+from diffusion_lab.data.shards import MANIFEST, ShardDataModule
+from diffusion_lab.prepare import prepare
+from diffusion_lab.train import train
+from diffusion_lab.utils.errors import ConfigError, DataError
+from tests.conftest import compose_cfg
+from tests.multiproc import run_cli, tiny
+from tests.test_prepare import LATENT, image_folder
+
+HERE = __name__
+
+
+class SeenIndices(pl.Callback):
+    """Every rank saves the stored ``index`` of each training item it was given, in order."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.seen: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen += batch["index"].tolist()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        Path(self.path).mkdir(parents=True, exist_ok=True)
+        (Path(self.path) / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))
+
+
+def write(tmp: Path, *overrides: str) -> Path:
+    out = tmp / "shards"
+    prepare(compose_cfg("prepare", [*overrides, f"out_dir={out}", "prepare.num_workers=2", "prepare.batch_size=4", "prepare.chunk_bytes=2KB"], tmp / "prep"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder_shards(tmp_path_factory) -> Path:
+    """40 random 12x10 images -> 8 px pixel shards: 36 train (in ~10 chunks), 4 val."""
+    tmp = tmp_path_factory.mktemp("folder")
+    images = image_folder(tmp / "images", n=40)
+    return write(tmp, "data=image_folder", f"data.root={images}", "data.resolution=8", "data.val_fraction=0.1")
+
+
+def shard_overrides(root: Path, *extra: str) -> list[str]:
+    return ["data=shards", f"data.root={root}", "data.resolution=8", "data.num_workers=0", "callbacks.noising_strip=null", "callbacks.export=null", *extra]
+
+
+def losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+# ---- bad folders --------------------------------------------------------------------------------
+def test_a_folder_that_is_not_a_shard_set_is_a_clear_error(tmp_path, folder_shards):
+    with pytest.raises(DataError, match="does not exist.*diffusion_lab.prepare"):
+        ShardDataModule(str(tmp_path / "nowhere"))
+    images = image_folder(tmp_path / "images", n=2)
+    with pytest.raises(DataError, match=r"not a shard set \(no shards.json.*holds images: train on them with data=image_folder"):
+        ShardDataModule(str(images))
+    (tmp_path / ".half.tmp-1234abcd").mkdir()  # what a killed prepare leaves
+    with pytest.raises(DataError, match=r"unfinished prepare left .*\.half\.tmp-1234abcd"):
+        ShardDataModule(str(tmp_path / "half"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / MANIFEST).write_text("{ cut")
+    with pytest.raises(DataError, match="is not JSON"):
+        ShardDataModule(str(broken))
+    with pytest.raises(ConfigError, match=r"data.resolution=16 but the shards .* hold 8 px images; set data.resolution=8"):
+        ShardDataModule(str(folder_shards), resolution=16)
+    with pytest.raises(ConfigError, match="data.channels=1 .* 3-channel images"):
+        ShardDataModule(str(folder_shards), channels=1)
+
+
+# ---- order, augmentation, resume (in process) -----------------------------------------------------
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_shuffled_epochs_and_replayed_resume(folder_shards, num_workers):
+    """Each epoch is a new permutation of all 36 training items; a loader rebuilt from the saved
+    position (epoch, samples) yields exactly the batches the unbroken one had left."""
+
+    def make(state: dict | None = None) -> ShardDataModule:
+        dm = ShardDataModule(str(folder_shards), ImageTransform(8, random_flip=True), batch_size=4, num_workers=num_workers, resolution=8, shuffle_seed=3)
+        if state:
+            dm.load_state_dict(state)
+        return dm
+
+    loader = make().train_dataloader()
+    epochs = [[(b["index"].tolist(), b["pixel_values"]) for b in loader] for _ in range(2)]
+    orders = [[i for idx, _ in e for i in idx] for e in epochs]
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(36)) and orders[0] != orders[1]
+    for epoch in (0, 1):
+        resumed = [(b["index"].tolist(), b["pixel_values"]) for b in make({"shuffle_seed": 3, "epoch": epoch, "samples": 12}).train_dataloader()]
+        assert [i for i, _ in resumed] == [i for i, _ in epochs[epoch][3:]]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(resumed, epochs[epoch][3:], strict=True))  # same flips
+
+
+# ---- training -------------------------------------------------------------------------------------
+def test_pixel_model_trains_on_shards_with_validation_and_grids(folder_shards, train_cfg, tmp_path):
+    cfg = train_cfg(*shard_overrides(folder_shards, f"+callbacks.seen={{_target_: {HERE}.SeenIndices, path: '{tmp_path / 'seen'}'}}"))
+    _, objects = train(cfg)
+    assert objects["trainer"].global_step == 4
+    assert "val/loss" in objects["trainer"].callback_metrics
+    assert list((tmp_path / "run" / "samples").glob("*.png"))
+    seen = json.loads((tmp_path / "seen" / "rank0.json").read_text())
+    assert len(seen) == 32 and len(set(seen)) == 32  # 4 batches of 8, no repeats inside the epoch
+
+
+@pytest.mark.slow  # two latent runs: ~4 min on a shared 2-core machine
+def test_precomputed_latents_give_the_same_loss_curve_as_online_encoding(tmp_path):
+    """Center crops, no flips: pixel shards encoded by the VAE at every step vs the same items'
+    posteriors (and text states) stored by prepare.encode=true: same chunks (chunk_size counts
+    items), so the same order and the same draws."""
+    data = ["data=digits_captioned", "data.resolution=16", "data.val_fraction=0.97", "prepare.chunk_size=8"]
+    pixels = write(tmp_path / "pixels", *data)
+    latents = write(tmp_path / "latents", *data, *LATENT, "prepare.encode=true")
+    run = [*LATENT, "callbacks.sample_grid=null", "callbacks.ema=null", "trainer.max_steps=3", "data.resolution=16", "model.caption_dropout=0.5"]
+    curves = {}
+    for name, root in (("online", pixels), ("stored", latents)):
+        out = tmp_path / name
+        cfg = compose_cfg("train", tiny(*run, *shard_overrides(root, "data.resolution=16")), out)
+        train(cfg)
+        curves[name] = losses(out)
+    assert len(curves["stored"]) == 3
+    np.testing.assert_allclose(curves["stored"], curves["online"], rtol=1e-4)
+
+
+def test_shards_encoded_for_another_model_are_refused(tmp_path):
+    data = ["data=digits_captioned", "data.resolution=16", "data.val_fraction=0.97"]
+    latents = write(tmp_path, *data, *LATENT, "prepare.encode=true")
+    base = [*LATENT, *shard_overrides(latents, "data.resolution=16")]
+
+    def model(*extra: str):
+        return instantiate(compose_cfg("train", tiny(*base, *extra), tmp_path / "m").model)
+
+    dm = ShardDataModule(str(latents), resolution=16, channels=3, num_workers=0)
+    dm.check_model(model())  # the model it was written with
+    with pytest.raises(ConfigError, match=r"encoded with another VAE .*prepare again"):
+        ShardDataModule(str(latents), num_workers=0).check_model(model("+vae.vae.seed=1"))
+    with pytest.raises(ConfigError, match="stores text states of another text encoder"):
+        ShardDataModule(str(latents), num_workers=0).check_model(model("+text_encoder.text_encoder.seed=1"))
+    with pytest.raises(ConfigError, match="holds VAE latents .* but this model has no VAE"):  # before training
+        train(compose_cfg("train", tiny(*shard_overrides(latents, "data.resolution=16")), tmp_path / "c"))
+    with pytest.raises(ConfigError, match="model.cache=true with data=shards"):
+        train(compose_cfg("train", tiny(*base, "model.cache=true"), tmp_path / "d"))
+
+
+# ---- DDP --------------------------------------------------------------------------------------------
+def test_two_ddp_ranks_read_disjoint_halves_of_the_epoch(folder_shards, tmp_path):
+    """trainer=ddp_cpu (2 gloo processes), global batch 6 = 2 x 3: one epoch of the 36 items is
+    6 steps (litdata gives each rank the same whole number of batches; here nothing is left over)."""
+    seen = tmp_path / "seen"
+    args = tiny(
+        "trainer=ddp_cpu", *shard_overrides(folder_shards), "data.batch_size=6", "trainer.max_steps=6", "callbacks.sample_grid=null",
+        f"+callbacks.seen={{_target_: {HERE}.SeenIndices, path: '{seen}'}}", f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    proc = run_cli(args, tmp_path, timeout=900)  # two ranks' start-up on a loaded 2-core machine
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((seen / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 18
+    assert not set(ranks[0]) & set(ranks[1])
+    assert sorted(ranks[0] + ranks[1]) == list(range(36))
+
+
+# ---- a real kill --------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [7, 5])
+def test_sigkilled_run_on_shards_resumes_bit_identical(folder_shards, tmp_path, kill_after):
+    """Random flips, validation, EMA, 2 loader workers; 4 batches of 8 per epoch (36 items, the
+    last partial batch dropped), checkpoints every 3 steps. kill_after=7: resume from step 6 (mid epoch 1);
+    kill_after=5: from step 3, and the resumed run crosses the epoch boundary."""
+    from tests.test_reliability import (
+        _assert_identical,
+        _cli,
+        _final_state,
+        _start_and_kill,
+    )
+
+    run = shard_overrides(folder_shards, "data.random_flip=true", "data.num_workers=2", "data.batch_size=8") + [
+        "trainer.max_steps=12", "trainer.val_check_interval=5", "callbacks.model_checkpoint.every_n_train_steps=3",
+        "callbacks.sample_grid.every_n_steps=5", "model.lr_scheduler.num_warmup_steps=4", "callbacks.ema.decay=0.9",
+    ]
+    _, objects = train(compose_cfg("train", tiny(*run), tmp_path / "unbroken"))
+    assert objects["trainer"].global_step == 12 and objects["trainer"].current_epoch >= 2
+    reference = _final_state(objects)
+
+    killed, marker = tmp_path / "killed", tmp_path / "marker"
+    pause = f"+callbacks.pause={{_target_: tests.test_reliability.PauseAtStep, step: {kill_after}, marker: '{marker}'}}"
+    _start_and_kill(_cli(run + [pause], killed), marker, tmp_path / "child.log")
+    last = killed / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == (kill_after // 3) * 3
+    _, objects = train(compose_cfg("train", tiny(*run, f"ckpt_path={last}"), tmp_path / "resumed"))
+    assert objects["trainer"].global_step == 12
+    _assert_identical(reference, _final_state(objects))
+
+
+# ---- SDXL ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sdxl_trains_on_encoded_shards(tmp_path):
+    from diffusion_lab.components import tiny as tiny_parts
+
+    pipeline = tiny_parts.build(tmp_path / "tiny_sdxl", kind="sdxl")
+    model = ["model=latent_sdxl", f"model.pretrained={pipeline}"]
+    data = ["data=digits_captioned", "data.resolution=32", "data.val_fraction=0.98"]
+    latents = write(tmp_path, *data, *model, "prepare.encode=true")
+    manifest = json.loads((latents / MANIFEST).read_text())
+    assert manifest["model"]["text_keys"] == ["encoder_hidden_states", "text_embeds"]
+    cfg = compose_cfg("train", tiny(*model, *shard_overrides(latents, "data.resolution=32", "trainer.max_steps=2"), "model/unet=sd_pretrained", "callbacks.sample_grid=null"), tmp_path / "run")
+    _, objects = train(cfg)
+    assert objects["trainer"].global_step == 2
+    assert "encoder_hidden_states" in objects["datamodule"].dataset[0]
