@@ -221,3 +221,12 @@ def test_sdxl_trains_on_encoded_shards(tmp_path):
     _, objects = train(cfg)
     assert objects["trainer"].global_step == 2
     assert "encoder_hidden_states" in objects["datamodule"].dataset[0]
+
+
+def test_data_shards_takes_its_shape_from_the_manifest(folder_shards, tmp_path):
+    """data=shards data.root=... alone: resolution, channels and mode come from shards.json."""
+    manifest = json.loads((folder_shards / MANIFEST).read_text())
+    cfg = compose_cfg("train", ["data=shards", f"data.root={folder_shards}"], tmp_path / "run")
+    assert (cfg.data.resolution, cfg.data.channels) == (manifest["resolution"], manifest["channels"])
+    assert cfg.data.mode == ("L" if manifest["channels"] == 1 else "RGB")
+    assert cfg.model.unet.in_channels == manifest["channels"]

@@ -14,6 +14,23 @@ def _wandb_mode() -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def _shard_info(root, key: str, default):
+    """``key`` of the shard set at ``root`` (its ``shards.json``: resolution, channels; ``mode`` is
+    L for 1 channel), so ``data=shards`` needs no repeated shape; ``default`` when ``root`` is not a
+    shard set yet (the data module then says what is wrong with it)."""
+    import json
+    from pathlib import Path
+
+    path = Path(str(root)).expanduser() / "shards.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+    if key == "mode":
+        return "L" if manifest.get("channels") == 1 else "RGB"
+    return manifest.get(key, default)
+
+
 def _run_naming(name: str):
     """Resolver that defers to ``diffusion_lab.utils.run_names`` (imported late: it pulls in Hydra's internals)."""
 
@@ -31,6 +48,8 @@ def register_resolvers() -> None:
         "div": lambda a, b: int(a) // int(b),
         "mul": lambda a, b: a * b,
         "wandb_mode": _wandb_mode,
+        # data=shards: the shape stored in <data.root>/shards.json (data/shards.py)
+        "shard_info": _shard_info,
         # W&B run name from the swept overrides / W&B group = the sweep (see utils/run_names.py)
         "run_name": _run_naming("run_name"),
         "sweep_group": _run_naming("sweep_group"),
