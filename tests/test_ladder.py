@@ -38,7 +38,7 @@ TINY_CIFAR = [
 def cifar_like(tmp_path_factory):
     """20 random 32 px RGB images as a folder of PNGs and as a parquet file laid out like the Hub's
     `cifar10` (an `img` image column)."""
-    from datasets import Dataset, Features, Image as ImageFeature
+    from datasets import Dataset, Image as ImageFeature
 
     root = tmp_path_factory.mktemp("cifar")
     rng = np.random.default_rng(0)

@@ -74,7 +74,7 @@ def check_transformer_parts(family: str, transformer, codec, conditioner, resolu
     for key in ("in_channels", "out_channels"):
         value = cfg.get(key) or cfg.in_channels
         if value != channels:
-            packed = f" = {packing}x{packing} packed x vae.latent_channels={codec.latent_channels}" if packing > 1 else f" = vae.latent_channels"
+            packed = f" = {packing}x{packing} packed x vae.latent_channels={codec.latent_channels}" if packing > 1 else " = vae.latent_channels"
             problems.append(
                 f"model.unet.{key}={value}{_source(transformer)} does not match {channels}{packed}{_source(codec.vae)}: "
                 f"the transformer denoises that VAE's latents; use the VAE of the same model.pretrained."
