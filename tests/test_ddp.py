@@ -137,6 +137,7 @@ def test_ddp_run_resumed_mid_epoch_ends_with_the_same_bits(ddp_run, tmp_path):
         assert a["val_loss"] == b["val_loss"]
 
 
+@pytest.mark.slow  # minutes of multi-process or wheel work: make test-slow
 def test_sigterm_under_ddp_saves_on_every_rank_and_resumes_to_the_same_bits(ddp_run, tmp_path):
     """Preemption: SIGTERM to the launching process (rank 0) at step 15. Lightning forwards it to
     rank 1; both ranks finish the step, write last.ckpt together and exit 143. Resumed with 2
@@ -167,6 +168,7 @@ def test_sigterm_under_ddp_saves_on_every_rank_and_resumes_to_the_same_bits(ddp_
         assert all(torch.equal(x, y) for x, y in zip(a["ema"], b["ema"]))
 
 
+@pytest.mark.slow  # minutes of multi-process or wheel work: make test-slow
 def test_multirun_with_ddp_neither_hangs_nor_duplicates(tmp_path):
     """Each job of the sweep is its own 2-process group in its own folder (Lightning re-runs the
     command line for rank 1: without utils/ddp_jobs.job_scope that would restart the whole sweep)."""
@@ -224,6 +226,7 @@ def test_fsdp_config_wraps_transformer_blocks_of_the_latent_unet(train_cfg):
         instantiate(cfg.trainer, accelerator="cpu", devices=2)
 
 
+@pytest.mark.slow  # minutes of multi-process or wheel work: make test-slow
 def test_latent_module_two_processes(tmp_path):
     """The tiny Stable Diffusion fine-tune (VAE + CLIP text encoder frozen, UNet trained) under
     2-process DDP: same weights and EMA on both ranks, one pipeline, one set of checkpoints."""
@@ -248,6 +251,7 @@ def test_latent_module_two_processes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["run", "tiny_sd"]
 
 
+@pytest.mark.slow  # minutes of multi-process or wheel work: make test-slow
 def test_fid_callback_under_ddp_runs_on_rank_zero_without_hanging(tmp_path):
     """callbacks=with_fid in a 2-process run: rank 0 samples and scores (no collective inside, so
     rank 1 just waits at the next gradient all-reduce), val/fid reaches the logger once per check,

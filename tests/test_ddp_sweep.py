@@ -19,6 +19,7 @@ from tests.wandb_offline import find_offline_runs
 CRASH = ["+callbacks.crash._target_=tests.multiproc.CrashOnRank"]  # rank=-1: no crash
 
 
+@pytest.mark.slow  # minutes of multi-process or wheel work: make test-slow
 def test_a_crashing_rank_fails_its_job_and_the_sweep_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
     # job 0: rank 1 raises at its first step, rank 0 is left in the gradient all-reduce; job 1 is healthy

@@ -86,6 +86,7 @@ def site(wheel, tmp_path_factory) -> Path:
     return target
 
 
+@pytest.mark.slow  # minutes of multi-process or wheel work: make test-slow
 def test_wheel_carries_every_config_and_module(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert len(YAMLS) > 50  # conf/ was found
@@ -98,6 +99,7 @@ def test_wheel_carries_every_config_and_module(wheel):
     assert not missing, f"modules missing from the wheel (a folder without __init__.py? see setup.py): {missing}"
 
 
+@pytest.mark.slow  # minutes of multi-process or wheel work: make test-slow
 def test_installed_wheel_composes_train_config_from_any_folder(site, tmp_path):
     env = _env(site)
     probe = "import diffusion_lab, diffusion_lab.utils.config_path as c; print(diffusion_lab.__file__); print(c.CONFIG_PATH)"
@@ -114,6 +116,7 @@ def test_installed_wheel_composes_train_config_from_any_folder(site, tmp_path):
     assert Path(cfg["hydra"]["runtime"]["cwd"]) == tmp_path
 
 
+@pytest.mark.slow  # minutes of multi-process or wheel work: make test-slow
 def test_installed_wheel_other_entry_points_compose(site, tmp_path):
     """sample / evaluate / noising: each ``@hydra.main`` finds its primary config in the wheel."""
     script = (
@@ -133,6 +136,7 @@ def test_installed_wheel_other_entry_points_compose(site, tmp_path):
         assert yaml.safe_load(body)["task_name"] == name, body[-2000:]
 
 
+@pytest.mark.slow  # minutes of multi-process or wheel work: make test-slow
 def test_installed_wheel_trains_one_step_from_any_folder(site, tmp_path):
     overrides = {o.split("=", 1)[0]: o for o in [*TINY, "trainer.max_steps=1", "trainer.val_check_interval=1"]}
     _run([sys.executable, "-m", "diffusion_lab.train", *overrides.values()], cwd=tmp_path, env=_env(site), timeout=600)
@@ -156,7 +160,7 @@ data:
 """
 
 
-@pytest.mark.parametrize("install", ["wheel", "checkout"])
+@pytest.mark.parametrize("install", [pytest.param("wheel", marks=pytest.mark.slow), "checkout"])
 def test_config_dir_adds_user_experiment(install, request, tmp_path):
     """``--config-dir my_conf experiment=my_exp``: a ``# @package _global_`` experiment that lives
     outside the project, composed over the packaged configs (and overriding their groups)."""

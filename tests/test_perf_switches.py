@@ -193,6 +193,7 @@ def test_sd15_split_fixture_has_sd15s_vae_to_unet_cost_ratio(tmp_path):
     assert config["block_out_channels"] == [32, 64] and config["layers_per_block"] == 2
 
 
+@pytest.mark.slow  # minutes of multi-process or wheel work: make test-slow
 def test_benchmark_harness_quick_run_writes_its_table(tmp_path):
     """experiments/bench/bench.py end to end (a few steps of each family on CPU): JSON + markdown
     with the overhead, fixed cost per step and the FLOP split of what caching removes."""
@@ -217,6 +218,7 @@ def test_benchmark_harness_quick_run_writes_its_table(tmp_path):
     assert "Framework overhead vs the plain loop" in table and "CPU-ms per step" in table and "caching can save at most" in table
 
 
+@pytest.mark.slow  # minutes of multi-process or wheel work: make test-slow
 def test_benchmark_memory_probe_measures_each_case_in_a_fresh_process(tmp_path):
     """On CPU the peak-memory column comes from one fresh process per case (the benchmark process
     reuses freed memory): a positive number of MiB for the framework and the plain loop."""

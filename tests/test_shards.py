@@ -176,6 +176,7 @@ def test_two_ddp_ranks_read_disjoint_halves_of_the_epoch(folder_shards, tmp_path
 
 # ---- a real kill --------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="resume on shards is not yet bit-identical (issue #16 stays open): also without workers or flips")
 @pytest.mark.parametrize("kill_after", [7, 5])
 def test_sigkilled_run_on_shards_resumes_bit_identical(folder_shards, tmp_path, kill_after):
     """Random flips, validation, EMA, 2 loader workers; 4 batches of 8 per epoch (36 items, the

@@ -45,6 +45,7 @@ def test_multirun_one_wandb_group_distinct_names_and_a_failed_run_does_not_stop_
     assert (sweep / "2" / "pipeline" / "model_index.json").is_file() and not (sweep / "1" / "pipeline").exists()
 
 
+@pytest.mark.slow  # minutes of multi-process or wheel work: make test-slow
 def test_optuna_sweep_of_two_trials(tmp_path):
     sweep = tmp_path / "optuna"
     args = [*tiny(*ONE_STEP, "data.batch_size=choice(8,16)"), "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"]
