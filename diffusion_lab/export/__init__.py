@@ -14,8 +14,10 @@ from diffusion_lab.export.pipelines import export as export_pipeline
 
 
 def export(module, out_dir: str) -> None:
-    """``export_pipeline`` (pipeline folders, LoRA files, the VAE stage); a ControlNet run
-    (``model=latent_controlnet``): its ``ControlNetModel`` folder (``export/controlnet.py``)."""
+    """What ``module`` becomes outside diffusion_lab: a ControlNet run's ``ControlNetModel`` folder
+    (``export/controlnet.py``), textual inversion's embedding files (``export/embeddings.py``),
+    LoKr / LoHa peft folders (``export/adapters.py``), else ``export_pipeline`` (pipeline folders,
+    LoRA files, the VAE stage)."""
     if is_controlnet(module):
         return save_controlnet(module, out_dir)
     if is_textual_inversion(module):
