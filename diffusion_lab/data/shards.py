@@ -210,6 +210,16 @@ def _loader_class():
         def load_state_dict(self, state_dict: dict) -> None:
             pass
 
+        def __iter__(self):
+            # litdata keeps replaying a restored position until one epoch runs to its end, but Lightning
+            # ends an epoch after len(loader) batches without exhausting the iterator: once the resumed
+            # epoch has started, the next one must start afresh (a new shuffle, every chunk).
+            if getattr(self, "_resumed_epoch_started", False):
+                self.restore = self._resumed_epoch_started = False
+            if self.restore:
+                self._resumed_epoch_started = True
+            yield from super().__iter__()
+
         def resume(self, epoch: int, batches: int, world_size: int) -> None:
             """Continue Lightning epoch ``epoch`` after this rank's first ``batches`` batches (litdata
             replays its shuffle and skips them in each worker)."""
