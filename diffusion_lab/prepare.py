@@ -4,6 +4,7 @@
     python -m diffusion_lab.prepare data=digits_captioned out_dir=outputs/shards/digits
     python -m diffusion_lab.prepare data=digits_captioned prepare.encode=true model=latent_sd \\
         model.pretrained=outputs/tiny_sd out_dir=outputs/shards/digits_sd       # VAE latents + text states
+    python -m diffusion_lab.prepare data=image_folder data.root=/images data.buckets=true out_dir=...  # one folder per aspect bucket
 
 Builds the source data config's datamodule (its transform and train/val split) and, with
 ``prepare.encode=true``, the model; ``diffusion_lab.data.shards.write_shards`` does the rest.
@@ -58,6 +59,7 @@ def prepare(cfg: DictConfig) -> dict:
         on_bad_image=p.on_bad_image,
         device=device,
         overwrite=p.overwrite,
+        bucket_sizes=getattr(getattr(source.dataset, "buckets", None), "sizes", None),  # data.buckets=true
     )
 
 

@@ -74,7 +74,8 @@ class RankProbe(pl.Callback):
             "val_loss": float(trainer.callback_metrics["val/loss"]),
             "sampler_is_distributed": isinstance(sampler, torch.utils.data.DistributedSampler),
             "sampler_seed": getattr(sampler, "seed", None),
-            "sampler_order": list(iter(sampler)),
+            # an IterableDataset's loader (data=shards) has an endless placeholder sampler
+            "sampler_order": list(iter(sampler)) if isinstance(sampler, torch.utils.data.DistributedSampler) else None,
             "first_noise": self.first_noise,
         }
         self.dirpath.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -219,19 +224,24 @@ def test_sigkilled_run_on_shards_resumes_bit_identical(folder_shards, tmp_path, 
 
 # ---- SDXL ---------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sdxl_trains_on_encoded_shards(tmp_path):
+def test_sdxl_trains_on_encoded_bucketed_shards(tmp_path):
+    """SDXL on a captioned folder of six shapes, data.buckets=true, prepare.encode=true: both text
+    states stored, and each batch's time ids carry its images' original sizes."""
     from diffusion_lab.components import tiny as tiny_parts
+    from tests.test_buckets_masks import _masked_bucketed_folder
 
     pipeline = tiny_parts.build(tmp_path / "tiny_sdxl", kind="sdxl")
     model = ["model=latent_sdxl", f"model.pretrained={pipeline}"]
-    data = ["data=digits_captioned", "data.resolution=32", "data.val_fraction=0.98"]
-    latents = write(tmp_path, *data, *model, "prepare.encode=true")
+    data = [o for o in _masked_bucketed_folder(tmp_path / "data") if o != "data.masks=true"]
+    latents = write(tmp_path, *data, "data.buckets=true", "data.bucket_step=8", *model, "prepare.encode=true")
     manifest = json.loads((latents / MANIFEST).read_text())
-    assert manifest["model"]["text_keys"] == ["encoder_hidden_states", "text_embeds"]
-    cfg = compose_cfg("train", tiny(*model, *shard_overrides(latents, "data.resolution=32", "trainer.max_steps=2"), "model/unet=sd_pretrained", "callbacks.sample_grid=null"), tmp_path / "run")
+    assert manifest["model"]["text_keys"] == ["encoder_hidden_states", "text_embeds"] and len(manifest["buckets"]) >= 3
+    cfg = compose_cfg("train", tiny(*model, *shard_overrides(latents, "data.resolution=32", "data.batch_size=2", "trainer.max_steps=2"), "model/unet=sd_pretrained", "callbacks.sample_grid=null"), tmp_path / "run")
     _, objects = train(cfg)
     assert objects["trainer"].global_step == 2
-    assert "encoder_hidden_states" in objects["datamodule"].dataset[0]
+    batches = list(objects["datamodule"].train_dataloader())
+    assert all("encoder_hidden_states" in b and "text_embeds" in b for b in batches)
+    assert len({tuple(b["original_size"][0].tolist()) for b in batches}) >= 3
 
 
 def test_data_shards_takes_its_shape_from_the_manifest(folder_shards, tmp_path):
@@ -241,3 +251,152 @@ def test_data_shards_takes_its_shape_from_the_manifest(folder_shards, tmp_path):
     assert (cfg.data.resolution, cfg.data.channels) == (manifest["resolution"], manifest["channels"])
     assert cfg.data.mode == ("L" if manifest["channels"] == 1 else "RGB")
     assert cfg.model.unet.in_channels == manifest["channels"]
+
+
+@pytest.mark.slow  # three 2-process runs: ~3 min
+def test_sigkilled_ddp_run_on_shards_resumes_bit_identical(folder_shards, tmp_path):
+    """2 gloo processes, random flips, global batch 6 (6 steps an epoch), checkpoints every 4
+    steps: both ranks SIGKILLed after step 9, resumed from step 8 (mid epoch 1) to 12: every rank
+    ends with the weights and EMA of the unbroken 2-process run. No loader workers: forking them
+    beside gloo's threads hung once here (the single-process kill test has 2 workers)."""
+    from tests.multiproc import PROBE, load_probes
+    from tests.test_reliability import _child_env
+
+    run = tiny(
+        "trainer=ddp_cpu", *shard_overrides(folder_shards, "data.random_flip=true", "data.num_workers=0", "data.batch_size=6"), *PROBE,
+        "trainer.max_steps=12", "trainer.val_check_interval=5", "callbacks.model_checkpoint.every_n_train_steps=4", "callbacks.sample_grid=null",
+    )
+    proc = run_cli([*run, f"hydra.run.dir={tmp_path / 'unbroken'}"], tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    killed, marker = tmp_path / "killed", tmp_path / "marker"
+    pause = f"+callbacks.pause={{_target_: tests.test_reliability.PauseAtStep, step: 9, marker: '{marker}'}}"
+    cmd = [sys.executable, "-m", "diffusion_lab.train", *run, pause, f"hydra.run.dir={killed}", f"paths.log_dir={tmp_path}"]
+    with open(tmp_path / "child.log", "w") as log:  # its own session: the kill takes both ranks, as a lost node does
+        child = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], env=_child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), (tmp_path / "child.log").read_text()[-3000:]
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    ckpt = killed / "checkpoints" / "step_000008.ckpt"
+    proc = run_cli([*run, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    unbroken, resumed = load_probes(tmp_path / "unbroken"), load_probes(tmp_path / "resumed")
+    assert [r["global_step"] for r in resumed] == [12, 12]
+    for a, b in zip(unbroken, resumed, strict=True):
+        assert all(torch.equal(a["unet"][k], b["unet"][k]) for k in a["unet"]), a["rank"]
+        assert all(torch.equal(x, y) for x, y in zip(a["ema"], b["ema"], strict=True))
+
+
+# ---- aspect buckets ---------------------------------------------------------------------------------
+BUCKET_SHAPES = [(10, 12), (14, 8), (8, 14), (12, 6)]  # (h, w): four shapes -> several buckets of the resolution-8 ladder
+
+
+@pytest.fixture(scope="module")
+def bucketed_shards(tmp_path_factory) -> tuple[Path, Path]:
+    """(image folder, shard set) of 40 images of four shapes, data.buckets=true: one litdata folder per bucket."""
+    from PIL import Image
+
+    tmp = tmp_path_factory.mktemp("bucketed")
+    images = tmp / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (*BUCKET_SHAPES[i % 4], 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+    return images, write(tmp, "data=image_folder", f"data.root={images}", "data.resolution=8", "data.buckets=true", "data.bucket_step=2", "data.val_fraction=0.1")
+
+
+def test_bucketed_shards_keep_each_image_at_its_bucket_and_batches_one_shape(bucketed_shards, tmp_path):
+    images, root = bucketed_shards
+    manifest = json.loads((root / MANIFEST).read_text())
+    sizes = [tuple(s) for s in manifest["buckets"]]
+    assert len(sizes) >= 3 and sum(manifest["num_items"].values()) == 40
+    assert sorted(p.name for p in (root / "train").iterdir()) == sorted(f"{h}x{w}" for h, w in sizes)
+    # the source's training split, as prepare built it: each item at its bucket, center crop, no flip
+    source = instantiate(compose_cfg("prepare", ["data=image_folder", f"data.root={images}", "data.resolution=8", "data.buckets=true", "data.bucket_step=2", "data.val_fraction=0.1", "out_dir=x"], tmp_path).data.datamodule)
+    source.setup()
+
+    def make(state: dict | None = None, num_workers: int = 0) -> ShardDataModule:
+        dm = ShardDataModule(str(root), ImageTransform(8, random_flip=True), batch_size=4, num_workers=num_workers, resolution=8, shuffle_seed=3)
+        if state:
+            dm.load_state_dict(state)
+        return dm
+
+    def epoch(dm: ShardDataModule, n: int) -> list[dict]:
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(n)  # what Lightning does at each epoch
+        return list(loader)
+
+    dm = make()
+    first = epoch(dm, 0)
+    assert len({tuple(b["pixel_values"].shape[-2:]) for b in first}) >= 3 and all(len(b["index"]) == 4 for b in first)
+    assert {i for b in first for i in b["index"].tolist()} == set(range(len(source.train_set)))  # every item (short buckets padded)
+    flipped = total = 0
+    for b in first:  # each item is its source image at its bucket, as stored, or mirrored (data.random_flip)
+        for px, index in zip(b["pixel_values"], b["index"].tolist(), strict=True):
+            stored = source.train_set[index]["pixel_values"]
+            assert torch.equal(px, stored) or torch.equal(px, stored.flip(-1))
+            flipped, total = flipped + (not torch.equal(px, stored)), total + 1
+    assert 0 < flipped < total
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(first, epoch(make(num_workers=2), 0), strict=True))
+    resumed = epoch(make({"shuffle_seed": 3, "epoch": 0, "samples": 8}), 0)
+    assert len(resumed) == len(first) - 2
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(first[2:], resumed, strict=True))
+    assert [b["index"].tolist() for b in epoch(dm, 1)] != [b["index"].tolist() for b in first]  # reshuffled by epoch
+    val = list(dm.val_dataloader())
+    assert sum(len(b["index"]) for b in val) == manifest["num_items"]["val"] == len(source.val_set)
+    assert dm.sample_batch(3)["pixel_values"].ndim == 4
+    with pytest.raises(ConfigError, match="hold aspect buckets of ~8"):
+        ShardDataModule(str(root), resolution=6)
+
+
+def test_a_pixel_model_trains_on_bucketed_shards(bucketed_shards, train_cfg, tmp_path):
+    _, root = bucketed_shards
+    cfg = train_cfg(*shard_overrides(root, "data.batch_size=4", "data.random_flip=true", "trainer.max_steps=6", f"+callbacks.seen={{_target_: {HERE}.SeenIndices, path: '{tmp_path / 'seen'}'}}"))
+    _, objects = train(cfg)
+    assert objects["trainer"].global_step == 6 and "val/loss" in objects["trainer"].callback_metrics
+    assert list((tmp_path / "run" / "samples").glob("*.png"))
+
+
+def test_a_latent_model_trains_on_encoded_bucketed_shards_with_masks(tmp_path):
+    """Captioned images of six shapes with loss masks, data.buckets=true, prepare.encode=true: VAE
+    posteriors of several shapes (one folder per bucket) and the masks at their bucket's size."""
+    from tests.test_buckets_masks import _masked_bucketed_folder
+
+    data = _masked_bucketed_folder(tmp_path / "data")
+    root = write(tmp_path, *data, "data.buckets=true", "data.bucket_step=8", *LATENT, "prepare.encode=true")
+    assert len(json.loads((root / MANIFEST).read_text())["buckets"]) >= 3
+    seen = f"+callbacks.seen={{_target_: {HERE}.SeenIndices, path: '{tmp_path / 'seen'}'}}"
+    cfg = compose_cfg("train", tiny(*LATENT, *shard_overrides(root, "data.resolution=32", "data.batch_size=2", "trainer.max_steps=3"), "callbacks.sample_grid=null", seen), tmp_path / "run")
+    _, objects = train(cfg)
+    assert objects["trainer"].global_step == 3
+    batches = list(objects["datamodule"].train_dataloader())
+    assert len({tuple(b["latent_moments"].shape[-2:]) for b in batches}) >= 3
+    for b in batches:  # each mask at its images' size: the latent's times the VAE factor (2 for the tiny VAE)
+        assert b["mask"].shape[-2:] == tuple(2 * s for s in b["latent_moments"].shape[-2:])
+
+
+def test_stored_paired_images_and_masks_get_the_training_crop_and_flip(tmp_path):
+    """Pixel shards at 16 px trained with flips, and at 8 px with random crops: the stored
+    conditioning image (the image's own pixels) and mask (its first channel) move with the image."""
+    from tests.test_buckets_masks import _paired_folder
+
+    images = _paired_folder(tmp_path / "data", n=8, h=16, w=16)
+    root = write(tmp_path, "data=image_folder", f"data.root={images}", "data.resolution=16", "data.val_fraction=0",
+                 "data.paired_images={conditioning_image:conditioning_pixel_values,mask:mask}")
+    def batch(transform: ImageTransform) -> dict:
+        (b,) = list(ShardDataModule(str(root), transform, batch_size=8, num_workers=0, shuffle_seed=1).train_dataloader())
+        return b
+
+    flipped = batch(ImageTransform(16, random_flip=True))  # no resize: the mask must be the image's first channel exactly
+    stored = batch(ImageTransform(16))
+    assert 0 < sum(not torch.equal(a, b) for a, b in zip(flipped["pixel_values"], stored["pixel_values"])) < 8
+    assert torch.equal(flipped["conditioning_pixel_values"], flipped["pixel_values"])
+    torch.testing.assert_close(flipped["mask"][:, 0], (flipped["pixel_values"][:, 0] + 1) / 2, atol=0.5 / 255, rtol=0)
+    cropped = batch(ImageTransform(8, crop="random", random_flip=True))  # resized and cropped: the same geometry for all three
+    assert cropped["conditioning_pixel_values"].shape == (8, 3, 8, 8) and cropped["mask"].shape == (8, 1, 8, 8)
+    assert torch.equal(cropped["conditioning_pixel_values"], cropped["pixel_values"])

@@ -7,12 +7,18 @@ A shard set is a folder::
     <root>/train/          litdata chunks + index.json (``litdata.optimize``)
     <root>/val/            the held-out split of the source config (absent when it had none)
 
+Aspect-bucketed sources (``data=image_folder data.buckets=true``) are written one litdata folder
+per bucket (``train/<h>x<w>/``) and read by index through ``BucketSampler``: batches never mix
+shapes, as with the folder itself.
+
 Each sample is a dict: ``index`` (its position in the source split) and either ``image`` (PNG
 bytes of the source transform's output, lossless) or, for encoded shards, ``latent_moments``
 ``[2c, h, w]`` and the frozen text states (``encoder_hidden_states`` ``[L, D]``, SDXL also
 ``text_embeds`` ``[D']``); plus ``label`` / ``caption`` / other per-item values of the source.
 Sharding across ranks and workers, shuffling (chunks, then items inside a window of chunks) and
 resume replay are litdata's; this module decodes items and keeps the run's position in the data.
+Bucketed shards are read by global index instead (``StreamingDataset[i]``), in the order of the
+same ``BucketSampler`` that ``DiffusionDataModule`` uses for bucketed folders.
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from diffusion_lab.data.datamodule import DiffusionDataModule
-from diffusion_lab.data.transforms import ImageTransform, to_pil
+from diffusion_lab.data.datamodule import DiffusionDataModule, bucket_ids_of
+from diffusion_lab.data.sources import MASK_KEY
+from diffusion_lab.data.transforms import ImageTransform, to_pil, to_uint8
 from diffusion_lab.utils.errors import ConfigError, DataError
 
 MANIFEST = "shards.json"
@@ -88,9 +95,18 @@ def read_manifest(root: str | Path) -> dict:
         raise DataError(f"{path} is not JSON ({e}); the shard set is damaged: write it again with python -m diffusion_lab.prepare.") from e
     if manifest.get("format_version") != FORMAT_VERSION or manifest.get("kind") not in ("pixels", "latents"):
         raise DataError(f"{path} is not a diffusion_lab shard manifest of format {FORMAT_VERSION}; write the shards again with this version's python -m diffusion_lab.prepare.")
-    if not (root / "train" / "index.json").is_file():
-        raise DataError(f"{root}/train/index.json is missing: the shard set is incomplete; write it again with python -m diffusion_lab.prepare.")
+    if not split_dirs(root / "train", manifest):
+        raise DataError(f"{root}/train has no litdata index.json: the shard set is incomplete; write it again with python -m diffusion_lab.prepare.")
     return manifest
+
+
+def split_dirs(split_dir: Path, manifest: dict) -> list[tuple[int, Path]]:
+    """``(bucket id, litdata folder)`` of each part of a split: ``[(0, split_dir)]``, or for
+    bucketed shards one folder ``<h>x<w>`` per bucket of ``manifest["buckets"]`` that has items."""
+    if not manifest.get("buckets"):
+        return [(0, split_dir)] if (split_dir / "index.json").is_file() else []
+    parts = [(b, split_dir / f"{h}x{w}") for b, (h, w) in enumerate(manifest["buckets"])]
+    return [(b, d) for b, d in parts if (d / "index.json").is_file()]
 
 
 def model_identity(module: torch.nn.Module, text_states: bool) -> dict:
@@ -151,19 +167,32 @@ def encode_png(pixel_values: torch.Tensor) -> bytes:
 class ShardItems:
     """A stored sample -> a training item. Pixel samples: the PNG through ``transform`` (random
     crops/flips seeded by ``(seed, epoch, index)``, so they do not depend on workers or resume).
-    Encoded samples pass through."""
+    The stored paired images and loss mask of the sample get the image's crop and flip.
+    ``bucketed``: images keep their stored size (their bucket; only flips), drawn from Python's
+    global RNG, which ``SeededItems`` seeds per ``(epoch, index)``. Encoded samples pass through."""
 
-    def __init__(self, transform: ImageTransform | None, seed: int) -> None:
+    def __init__(self, transform: ImageTransform | None, seed: int, bucketed: bool = False) -> None:
         self.transform = transform
         self.seed = seed
+        self.bucketed = bucketed
 
     def __call__(self, sample: dict, epoch: int) -> dict:
         item = dict(sample)
         png = item.pop("image", None)
-        if png is not None:
-            rng = random.Random(int(np.random.SeedSequence([self.seed, epoch, int(item["index"])]).generate_state(1)[0]))
-            with Image.open(io.BytesIO(png)) as im:
-                item["pixel_values"] = self.transform(im, rng)
+        if png is None:
+            return item
+        rng = None if self.bucketed else random.Random(int(np.random.SeedSequence([self.seed, epoch, int(item["index"])]).generate_state(1)[0]))
+        with Image.open(io.BytesIO(png)) as im:
+            geometry = self.transform.draw(im.size, rng, size=(im.height, im.width) if self.bucketed else None)
+            item["pixel_values"] = self.transform.apply(im, geometry)
+        if geometry.size == geometry.original_size and not geometry.flip:
+            return item  # stored at the training size, not flipped: the paired values as stored
+        for key, value in sample.items():  # stored aligned with the image (paired images, mask)
+            if torch.is_tensor(value) and value.ndim == 3 and tuple(value.shape[1:]) == geometry.original_size:
+                if key == MASK_KEY:
+                    item[key] = self.transform.apply_mask(Image.fromarray(to_uint8(value * 2 - 1)[0].numpy(), "L"), geometry)
+                else:
+                    item[key] = self.transform.apply(to_pil(value[None])[0], geometry)
         return item
 
 
@@ -178,6 +207,24 @@ class SplitByIndex(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.streaming[int(i)]
+
+
+class BucketedSplit(Dataset):
+    """A bucketed split by global index: its buckets' streaming data sets (``(bucket id, data set)``
+    with ``counts`` items each) one after another. ``bucket_ids`` (one small int per item: all it
+    keeps in memory) is what ``BucketSampler`` batches by."""
+
+    def __init__(self, parts: list[tuple[int, Any]], counts: list[int]) -> None:
+        self.parts = parts
+        self.offsets = np.cumsum([0, *counts])
+        self.bucket_ids = np.repeat([b for b, _ in parts], counts).tolist()
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> dict:
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[k][1][int(i - self.offsets[k])]
 
 
 def _dataset_class():
@@ -239,7 +286,8 @@ def _loader_class():
 class ShardDataModule(pl.LightningDataModule):
     """Streams a shard set written by ``python -m diffusion_lab.prepare``: the interface of
     ``DiffusionDataModule`` (global ``batch_size``, ``per_device_batch_size``, ``dataset``,
-    ``sample_batch``, a val loader, exact mid-epoch resume through ``state_dict``).
+    ``sample_batch``, a val loader, exact mid-epoch resume through ``state_dict``). Bucketed
+    shards are read by index by an inner ``DiffusionDataModule`` (its ``BucketSampler``).
 
     Args:
         root: the shard set (``out_dir`` of prepare).
@@ -283,8 +331,14 @@ class ShardDataModule(pl.LightningDataModule):
         self._resume: dict = {}
         self._train_loader = None
         self._checked: torch.nn.Module | None = None
-        # random access (checks before fit, sample grids, noising strip): the training split in stored order
-        self.dataset = self._streaming("train", shuffle=False)
+        self._bucketed: DiffusionDataModule | None = None
+        if self.manifest.get("buckets"):
+            self.dataset = self._indexed("train")
+            self._bucketed = DiffusionDataModule(self.dataset, batch_size, num_workers, 0.0, pin_memory, persistent_workers, shuffle_seed=self.shuffle_seed)
+            self._bucketed.train_set, self._bucketed.val_set = self.dataset, self._indexed("val")  # split at prepare time
+        else:
+            # random access (checks before fit, sample grids, noising strip): the training split in stored order
+            self.dataset = self._streaming("train", shuffle=False)
 
     per_device_batch_size = DiffusionDataModule.per_device_batch_size
 
@@ -298,6 +352,11 @@ class ShardDataModule(pl.LightningDataModule):
             )
         if resolution is None or resolution == stored["resolution"]:
             return
+        if stored.get("buckets"):
+            raise ConfigError(
+                f"data.resolution={resolution} but the shards at {self.root} hold aspect buckets of ~{stored['resolution']}^2 px "
+                f"({len(stored['buckets'])} sizes); set data.resolution={stored['resolution']}, or prepare again at data.resolution={resolution}."
+            )
         if self.kind == "latents" or resolution > stored["resolution"]:
             fix = "" if self.kind == "latents" else " (or smaller: stored images are cropped to it)"
             raise ConfigError(
@@ -305,10 +364,18 @@ class ShardDataModule(pl.LightningDataModule):
                 f"set data.resolution={stored['resolution']}{fix}, or prepare again at data.resolution={resolution}."
             )
 
-    def _streaming(self, split: str, shuffle: bool):
+    def _streaming(self, split: str | Path, shuffle: bool, bucketed: bool = False):
         kwargs = {"max_cache_size": self.max_cache_size} if self.max_cache_size else {}
-        items = ShardItems(self.transform, self.shuffle_seed)
+        items = ShardItems(self.transform, self.shuffle_seed, bucketed)
         return _dataset_class()(str(Path(self.root) / split), items, shuffle=shuffle, seed=self.shuffle_seed, cache_dir=self.cache_dir, **kwargs)
+
+    def _indexed(self, split: str) -> BucketedSplit | None:
+        """A bucketed split read by index (None when the source had no such split)."""
+        parts = split_dirs(Path(self.root) / split, self.manifest)
+        if not parts:
+            return None
+        streams = [(b, self._streaming(d, shuffle=False, bucketed=True)) for b, d in parts]
+        return BucketedSplit(streams, [_count(d) for _, d in parts])
 
     def check_model(self, module: torch.nn.Module) -> None:
         """``ConfigError`` unless encoded shards were written by this module's VAE and text
@@ -345,7 +412,16 @@ class ShardDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.shuffle_seed),
         )
 
+    def _inner(self) -> DiffusionDataModule:
+        """The bucketed data's ``DiffusionDataModule``, told this module's trainer, seed and resume point."""
+        inner = self._bucketed
+        inner.trainer, inner.shuffle_seed = self.trainer, self.shuffle_seed
+        inner._resume, self._resume = self._resume or inner._resume, {}
+        return inner
+
     def train_dataloader(self):
+        if self._bucketed is not None:
+            return self._inner().train_dataloader()
         # litdata gives each (rank, worker) its own chunks, so the length Lightning warns about is right
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
         loader = self._loader("train", shuffle=True)
@@ -357,6 +433,8 @@ class ShardDataModule(pl.LightningDataModule):
         return loader
 
     def val_dataloader(self):
+        if self._bucketed is not None:
+            return self._inner().val_dataloader()
         split = Path(self.root) / "val"
         if not (split / "index.json").is_file():
             return []
@@ -380,7 +458,10 @@ class ShardDataModule(pl.LightningDataModule):
         self._resume = dict(state_dict)
 
     def sample_batch(self, n: int) -> dict:
-        """The first ``n`` stored training items as one batch (noising strips, grid conditioning)."""
+        """The first ``n`` stored training items as one batch (noising strips, grid conditioning);
+        bucketed: of the first bucket."""
+        if self._bucketed is not None:
+            return self._inner().sample_batch(n)
         items = [self.dataset[i] for i in range(min(n, len(self.dataset)))]
         return torch.utils.data.default_collate(items)
 
@@ -465,6 +546,20 @@ class ShardWriter:
         return out
 
 
+def _parts(dataset: Dataset, bucket_sizes: list[tuple[int, int]] | None) -> list[tuple[tuple[int, int] | None, list[int]]]:
+    """``(bucket size, indices)`` groups of ``dataset`` to write: one group of every index, or one
+    per aspect bucket when its items have ``bucket_ids``."""
+    ids = bucket_ids_of(dataset)
+    if ids is None:
+        return [(None, list(range(len(dataset))))]
+    if bucket_sizes is None:
+        raise ValueError("bucketed items need bucket_sizes")
+    groups: dict[int, list[int]] = {}
+    for i, b in enumerate(ids):
+        groups.setdefault(int(b), []).append(i)
+    return [(tuple(bucket_sizes[b]), idx) for b, idx in sorted(groups.items())]
+
+
 def _count(split_dir: Path) -> int:
     index = json.loads((split_dir / "index.json").read_text())
     return sum(chunk["chunk_size"] for chunk in index["chunks"])
@@ -486,12 +581,14 @@ def write_shards(
     on_bad_image: Literal["fail", "skip"] = "fail",
     device: str = "cpu",
     overwrite: bool = False,
+    bucket_sizes: list[tuple[int, int]] | None = None,
 ) -> dict:
     """Write ``splits`` (``{"train": ds, "val": ds | None}``, datasets of the usual item dicts) as
     a shard set at ``out_dir``, built in a temp folder beside it and renamed into place once
     complete with its manifest (a killed job leaves no shard set that looks whole). With
     ``module`` (a latent model), stores VAE posteriors and, with ``text_states``, frozen text
-    states instead of pixels. Returns the manifest."""
+    states instead of pixels. Items with aspect buckets (``bucket_ids``; ``bucket_sizes`` their
+    ``(h, w)``) are written one folder per bucket, ``<split>/<h>x<w>/``. Returns the manifest."""
     from diffusion_lab.components.vae import IdentityCodec
     from diffusion_lab.utils.io import atomic_dir
 
@@ -511,29 +608,34 @@ def write_shards(
     manifest: dict = {"format_version": FORMAT_VERSION, "kind": kind, "resolution": resolution, "channels": channels, "source": source, "num_items": {}, "skipped": []}
     if module is not None:
         manifest["model"] = model_identity(module, text_states) | (model_config or {})
+    parts = {split: _parts(ds, bucket_sizes) for split, ds in splits.items() if ds is not None and len(ds)}
+    used = sorted({size for groups in parts.values() for size, _ in groups if size})
+    if used:
+        manifest["buckets"] = [list(size) for size in used]
     with atomic_dir(out_dir) as tmp:
         log_dir = Path(tmp) / "log"
         log_dir.mkdir()
-        for split, ds in splits.items():
-            if ds is None or len(ds) == 0:
-                continue
-            writer = ShardWriter(ds, str(log_dir), on_bad_image, module, text_states, device)
-            inputs = list(range(len(ds)))
-            workers = max(1, min(num_workers, -(-len(inputs) // batch_size)))
-            print(f"writing {len(inputs)} {split} items to {out_dir}/{split} ({kind}, {workers} worker processes)", flush=True)
-            optimize(
-                writer, inputs, str(Path(tmp) / split), batch_size=batch_size, num_workers=workers,
-                **({"chunk_size": chunk_size} if chunk_size else {"chunk_bytes": chunk_bytes}),
-                keep_data_ordered=True, reorder_files=False, start_method="fork", verbose=True,
-            )
-            failed = sorted(log_dir.glob("failed-*.txt"))
-            if failed:
-                name, why = failed[0].read_text().splitlines()[0].split("\t", 1)
-                raise DataError(
-                    f"cannot read image {name}: {why}. The file is truncated or not an image. Delete or replace it, or set "
-                    f"prepare.on_bad_image=skip (data.on_bad_image=skip) to skip unreadable files; nothing was written to {out_dir}."
+        for split, groups in parts.items():
+            writer = ShardWriter(splits[split], str(log_dir), on_bad_image, module, text_states, device)
+            manifest["num_items"][split] = 0
+            for size, inputs in groups:
+                dest = Path(tmp) / split / (f"{size[0]}x{size[1]}" if size else "")
+                workers = max(1, min(num_workers, -(-len(inputs) // batch_size)))
+                print(f"writing {len(inputs)} {split} items to {out_dir}/{dest.relative_to(tmp)} ({kind}, {workers} worker processes)", flush=True)
+                optimize(
+                    writer, inputs, str(dest), batch_size=batch_size, num_workers=workers,
+                    **({"chunk_size": chunk_size} if chunk_size else {"chunk_bytes": chunk_bytes}),
+                    keep_data_ordered=True, reorder_files=False, start_method="fork", verbose=True,
                 )
-            manifest["num_items"][split] = _count(Path(tmp) / split)
+                failed = sorted(log_dir.glob("failed-*.txt"))
+                if failed:
+                    name, why = failed[0].read_text().splitlines()[0].split("\t", 1)
+                    raise DataError(
+                        f"cannot read image {name}: {why}. The file is truncated or not an image. Delete or replace it, or set "
+                        f"prepare.on_bad_image=skip (data.on_bad_image=skip) to skip unreadable files; nothing was written to {out_dir}."
+                    )
+                if (dest / "index.json").is_file():  # every item of a group can have been skipped
+                    manifest["num_items"][split] += _count(dest)
         skipped = [line.split("\t")[0] for f in sorted(log_dir.glob("skipped-*.txt")) for line in f.read_text().splitlines()]
         manifest["skipped"] = [str(p) for p in source.pop("_skipped", [])] + skipped
         if manifest["skipped"]:

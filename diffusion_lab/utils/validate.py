@@ -48,7 +48,10 @@ def check_pixel_model_fits_data(module: pl.LightningModule, datamodule: pl.Light
                 f"model.unet.{key}={cfg[key]} but the data gives {channels}-channel images ({channels}x{height}x{width}, "
                 f"data.channels); set model.unet.{key}=${{data.channels}} (the default) or change the data's channels."
             )
-    if size not in (height, (height, width)):
+    from diffusion_lab.data.datamodule import bucket_ids_of
+
+    bucketed = bucket_ids_of(datamodule.dataset) is not None  # several sizes: sample_size is the grids' only
+    if size not in (height, (height, width)) and not bucketed:
         problems.append(
             f"model.unet.sample_size={size} but the data gives {height}x{width} images (data.resolution); "
             f"samples and the exported pipeline would have the wrong size. Set model.unet.sample_size=${{data.resolution}} "
