@@ -73,6 +73,8 @@ def losses(run_dir: Path) -> list[float]:
 def test_a_folder_that_is_not_a_shard_set_is_a_clear_error(tmp_path, folder_shards):
     with pytest.raises(DataError, match="does not exist.*diffusion_lab.prepare"):
         ShardDataModule(str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="object-store roots are not supported yet.*Mount the bucket"):
+        ShardDataModule("s3://my-bucket/shards")
     images = image_folder(tmp_path / "images", n=2)
     with pytest.raises(DataError, match=r"not a shard set \(no shards.json.*holds images: train on them with data=image_folder"):
         ShardDataModule(str(images))
@@ -400,3 +402,21 @@ def test_stored_paired_images_and_masks_get_the_training_crop_and_flip(tmp_path)
     cropped = batch(ImageTransform(8, crop="random", random_flip=True))  # resized and cropped: the same geometry for all three
     assert cropped["conditioning_pixel_values"].shape == (8, 3, 8, 8) and cropped["mask"].shape == (8, 1, 8, 8)
     assert torch.equal(cropped["conditioning_pixel_values"], cropped["pixel_values"])
+
+
+@pytest.mark.slow  # two gloo processes: ~1 min
+def test_two_ddp_ranks_train_their_slices_of_the_same_bucket_from_shards(bucketed_shards, tmp_path):
+    _, root = bucketed_shards
+    seen = tmp_path / "seen"
+    args = tiny("trainer=ddp_cpu", *shard_overrides(root, "data.batch_size=4", "trainer.max_steps=6"), "callbacks.sample_grid=null",
+                f"+callbacks.seen={{_target_: {HERE}.SeenIndices, path: '{seen}'}}", f"hydra.run.dir={tmp_path / 'run'}")
+    proc = run_cli(args, tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stored = ShardDataModule(str(root), ImageTransform(8), num_workers=0).dataset
+    buckets = {int(stored[i]["index"]): b for i, b in enumerate(stored.bucket_ids)}  # source index -> bucket
+    ranks = [json.loads((seen / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 12  # 6 steps x 2 items per rank
+    for step in range(6):  # both ranks in the same bucket at each step, each its own items
+        a, b = ranks[0][2 * step : 2 * step + 2], ranks[1][2 * step : 2 * step + 2]
+        assert len({buckets[i] for i in a + b}) == 1
+    assert len(set(ranks[0]) & set(ranks[1])) <= 2  # disjoint but for a padded short bucket

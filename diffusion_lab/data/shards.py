@@ -75,6 +75,12 @@ def fingerprint(module: torch.nn.Module) -> str:
 def read_manifest(root: str | Path) -> dict:
     """The manifest of the shard set at ``root``; a ``DataError`` that says what ``root`` is
     instead when it is not a complete shard set."""
+    if "://" in str(root):
+        raise ConfigError(
+            f"data.root={root}: object-store roots are not supported yet (litdata could stream them, but the manifest and "
+            f"indexes are read from a filesystem). Mount the bucket (e.g. mountpoint-s3, gcsfuse, s3fs) and set data.root to the "
+            f"mounted folder, or copy the shard set to shared storage."
+        )
     root = Path(root).expanduser()
     path = root / MANIFEST
     if not root.is_dir():
@@ -211,8 +217,8 @@ class SplitByIndex(Dataset):
 
 class BucketedSplit(Dataset):
     """A bucketed split by global index: its buckets' streaming data sets (``(bucket id, data set)``
-    with ``counts`` items each) one after another. ``bucket_ids`` (one small int per item: all it
-    keeps in memory) is what ``BucketSampler`` batches by."""
+    with ``counts`` items each) one after another. ``bucket_ids`` is what ``BucketSampler`` batches
+    by: with the sampler's index lists, a few integers per item are all it keeps in memory."""
 
     def __init__(self, parts: list[tuple[int, Any]], counts: list[int]) -> None:
         self.parts = parts
@@ -298,7 +304,6 @@ class ShardDataModule(pl.LightningDataModule):
             resume needs the same ``num_workers`` and number of processes.
         shuffle_seed: seed of litdata's shuffle and the augmentations; None = the run's seed.
         resolution, channels: ``data.resolution`` / ``data.channels``, checked against the shards.
-        cache_dir, max_cache_size: litdata's local chunk cache (for shard sets on remote storage).
     """
 
     def __init__(
@@ -312,12 +317,10 @@ class ShardDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         shuffle_seed: int | None = None,
-        cache_dir: str | None = None,
-        max_cache_size: str | None = None,
     ) -> None:
         super().__init__()
+        self.manifest = read_manifest(root)
         self.root = str(Path(root).expanduser())
-        self.manifest = read_manifest(self.root)
         self.kind: Kind = self.manifest["kind"]
         self._check_shape(resolution, channels)
         self.transform = transform
@@ -326,8 +329,6 @@ class ShardDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.shuffle_seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if shuffle_seed is None else shuffle_seed
-        self.cache_dir = cache_dir
-        self.max_cache_size = max_cache_size
         self._resume: dict = {}
         self._train_loader = None
         self._checked: torch.nn.Module | None = None
@@ -365,9 +366,8 @@ class ShardDataModule(pl.LightningDataModule):
             )
 
     def _streaming(self, split: str | Path, shuffle: bool, bucketed: bool = False):
-        kwargs = {"max_cache_size": self.max_cache_size} if self.max_cache_size else {}
         items = ShardItems(self.transform, self.shuffle_seed, bucketed)
-        return _dataset_class()(str(Path(self.root) / split), items, shuffle=shuffle, seed=self.shuffle_seed, cache_dir=self.cache_dir, **kwargs)
+        return _dataset_class()(str(Path(self.root) / split), items, shuffle=shuffle, seed=self.shuffle_seed)
 
     def _indexed(self, split: str) -> BucketedSplit | None:
         """A bucketed split read by index (None when the source had no such split)."""
