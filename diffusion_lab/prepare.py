@@ -59,6 +59,7 @@ def prepare(cfg: DictConfig) -> dict:
         on_bad_image=p.on_bad_image,
         device=device,
         overwrite=p.overwrite,
+        store_dtype=p.store_dtype,
         bucket_sizes=getattr(getattr(source.dataset, "buckets", None), "sizes", None),  # data.buckets=true
     )
 

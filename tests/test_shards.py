@@ -155,6 +155,21 @@ def test_precomputed_latents_give_the_same_loss_curve_as_online_encoding(tmp_pat
     np.testing.assert_allclose(curves["stored"], curves["online"], rtol=1e-4)
 
 
+def test_float16_storage_halves_encoded_shards_and_reads_back_as_float32(tmp_path):
+    data = ["data=digits_captioned", "data.resolution=16", "data.val_fraction=0.97", *LATENT, "prepare.encode=true"]
+    full, half = write(tmp_path / "full", *data), write(tmp_path / "half", *data, "prepare.store_dtype=float16")
+    assert json.loads((half / MANIFEST).read_text())["store_dtype"] == "float16"
+    size = {name: sum(f.stat().st_size for f in (root / "train").glob("*.bin")) for name, root in (("full", full), ("half", half))}
+    assert 0.45 < size["half"] / size["full"] < 0.6
+    a, b = (ShardDataModule(str(root), num_workers=0).dataset for root in (full, half))
+    for i in (0, len(a) - 1):
+        for key in ("latent_moments", "encoder_hidden_states"):
+            assert b[i][key].dtype == torch.float32
+            assert torch.equal(b[i][key], a[i][key].half().float())  # exactly the float32 states rounded once
+    with pytest.raises(ConfigError, match="prepare.store_dtype='bfloat16': use float32 or float16"):
+        write(tmp_path / "bf16", *data, "prepare.store_dtype=bfloat16")
+
+
 def test_shards_encoded_for_another_model_are_refused(tmp_path):
     data = ["data=digits_captioned", "data.resolution=16", "data.val_fraction=0.97"]
     latents = write(tmp_path, *data, *LATENT, "prepare.encode=true")

@@ -175,7 +175,8 @@ class ShardItems:
     crops/flips seeded by ``(seed, epoch, index)``, so they do not depend on workers or resume).
     The stored paired images and loss mask of the sample get the image's crop and flip.
     ``bucketed``: images keep their stored size (their bucket; only flips), drawn from Python's
-    global RNG, which ``SeededItems`` seeds per ``(epoch, index)``. Encoded samples pass through."""
+    global RNG, which ``SeededItems`` seeds per ``(epoch, index)``. Encoded samples pass through,
+    their float16 tensors (``prepare.store_dtype=float16``) read back as float32."""
 
     def __init__(self, transform: ImageTransform | None, seed: int, bucketed: bool = False) -> None:
         self.transform = transform
@@ -186,7 +187,7 @@ class ShardItems:
         item = dict(sample)
         png = item.pop("image", None)
         if png is None:
-            return item
+            return {k: v.float() if torch.is_tensor(v) and v.dtype == torch.float16 else v for k, v in item.items()}
         rng = None if self.bucketed else random.Random(int(np.random.SeedSequence([self.seed, epoch, int(item["index"])]).generate_state(1)[0]))
         with Image.open(io.BytesIO(png)) as im:
             geometry = self.transform.draw(im.size, rng, size=(im.height, im.width) if self.bucketed else None)
@@ -496,9 +497,12 @@ class ShardWriter:
     ``log_dir``) or, with ``on_bad_image=fail``, recorded there so that ``write_shards`` raises
     (an exception inside a litdata worker would hang the job)."""
 
-    def __init__(self, dataset: Dataset, log_dir: str, on_bad_image: Literal["fail", "skip"], module: torch.nn.Module | None = None, text_states: bool = True, device: str = "cpu") -> None:
+    def __init__(
+        self, dataset: Dataset, log_dir: str, on_bad_image: Literal["fail", "skip"], module: torch.nn.Module | None = None,
+        text_states: bool = True, device: str = "cpu", store_dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.dataset, self.log_dir, self.on_bad_image = dataset, Path(log_dir), on_bad_image
-        self.module, self.text_states, self.device = module, text_states, device
+        self.module, self.text_states, self.device, self.store_dtype = module, text_states, device, store_dtype
 
     def _log(self, kind: str, line: str) -> None:
         with open(self.log_dir / f"{kind}-{os.getpid()}.txt", "a") as f:
@@ -536,14 +540,14 @@ class ShardWriter:
 
     def _encode(self, items: list[dict]) -> dict[str, torch.Tensor]:
         """The VAE posterior of each image (and the frozen text states of each caption): what the
-        module computes from a batch, so training reads ``latent_moments`` and the text states."""
+        module computes from a batch, so training reads ``latent_moments`` and the text states
+        (stored as ``store_dtype``)."""
         module = self.module.to(self.device)
         pixels = torch.stack([item["pixel_values"] for item in items]).to(self.device)
-        out = {"latent_moments": module.codec.moments(pixels).cpu()}
+        out = {"latent_moments": module.codec.moments(pixels)}
         if self.text_states and "caption" in items[0]:
-            states = module.text_states([item["caption"] for item in items])
-            out.update({k: v.cpu() for k, v in states.items()})
-        return out
+            out.update(module.text_states([item["caption"] for item in items]))
+        return {k: v.to("cpu", self.store_dtype) for k, v in out.items()}
 
 
 def _parts(dataset: Dataset, bucket_sizes: list[tuple[int, int]] | None) -> list[tuple[tuple[int, int] | None, list[int]]]:
@@ -582,13 +586,15 @@ def write_shards(
     device: str = "cpu",
     overwrite: bool = False,
     bucket_sizes: list[tuple[int, int]] | None = None,
+    store_dtype: Literal["float32", "float16"] = "float32",
 ) -> dict:
     """Write ``splits`` (``{"train": ds, "val": ds | None}``, datasets of the usual item dicts) as
     a shard set at ``out_dir``, built in a temp folder beside it and renamed into place once
     complete with its manifest (a killed job leaves no shard set that looks whole). With
     ``module`` (a latent model), stores VAE posteriors and, with ``text_states``, frozen text
     states instead of pixels. Items with aspect buckets (``bucket_ids``; ``bucket_sizes`` their
-    ``(h, w)``) are written one folder per bucket, ``<split>/<h>x<w>/``. Returns the manifest."""
+    ``(h, w)``) are written one folder per bucket, ``<split>/<h>x<w>/``. ``store_dtype=float16``
+    halves the disk of encoded latents and text states. Returns the manifest."""
     from diffusion_lab.components.vae import IdentityCodec
     from diffusion_lab.utils.io import atomic_dir
 
@@ -605,9 +611,12 @@ def write_shards(
         kind = "latents"
         text_states = text_states and hasattr(module, "text_states") and module.conditioner.frozen
         module.eval()
+    if store_dtype not in ("float32", "float16"):  # litdata cannot store bfloat16
+        raise ConfigError(f"prepare.store_dtype={store_dtype!r}: use float32 or float16 (half the disk for encoded latents and text states).")
     manifest: dict = {"format_version": FORMAT_VERSION, "kind": kind, "resolution": resolution, "channels": channels, "source": source, "num_items": {}, "skipped": []}
     if module is not None:
         manifest["model"] = model_identity(module, text_states) | (model_config or {})
+        manifest["store_dtype"] = store_dtype
     parts = {split: _parts(ds, bucket_sizes) for split, ds in splits.items() if ds is not None and len(ds)}
     used = sorted({size for groups in parts.values() for size, _ in groups if size})
     if used:
@@ -616,7 +625,7 @@ def write_shards(
         log_dir = Path(tmp) / "log"
         log_dir.mkdir()
         for split, groups in parts.items():
-            writer = ShardWriter(splits[split], str(log_dir), on_bad_image, module, text_states, device)
+            writer = ShardWriter(splits[split], str(log_dir), on_bad_image, module, text_states, device, getattr(torch, store_dtype))
             manifest["num_items"][split] = 0
             for size, inputs in groups:
                 dest = Path(tmp) / split / (f"{size[0]}x{size[1]}" if size else "")
