@@ -3,6 +3,7 @@
 
     python experiments/bench/shards/bench_shards.py                  # ~20 min on 2 shared cores
     python experiments/bench/shards/bench_shards.py --sizes 400 4000 --steps 20   # smoke run
+    python experiments/bench/shards/bench_shards.py --buckets        # aspect-bucketed shards vs folder
 
 Writes ``results.json`` and ``results.md`` here (``--out`` elsewhere). Method: N augmented digit
 images (scikit-learn's 1,797 digits, each drawn at a random scale, angle, place and colour on a
@@ -12,7 +13,9 @@ comparison) encoded shards with ``python -m diffusion_lab.prepare``. Each case i
 work is in the measured process, no validation, grids, EMA or export). ``StepClock`` (below, put
 in by ``_target_``) reads the process's CPU time after a warm-up of 5 steps and at the end:
 images/s = images of the timed steps / CPU seconds (the machine is shared: wall time is not
-comparable); peak RSS = ``ru_maxrss`` of the training process at the end.
+comparable); peak RSS = ``ru_maxrss`` of the training process at the end. ``--buckets``: the
+images are resized to four aspect ratios and both the folder and the shards use
+``data.buckets=true`` (``results_buckets.*``).
 """
 
 from __future__ import annotations
@@ -57,11 +60,18 @@ class StepClock(pl.Callback):
         cpu = time.process_time() - self.start
         steps = trainer.global_step - WARMUP
         out = {"steps": steps, "cpu_s": cpu, "images_per_cpu_s": steps * self.batch_size / cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        # RSS at the end split into anonymous memory and mapped files (litdata memory-maps its chunks)
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("Rss"))
+        out |= {f"end_{k.lower()}_mb": int(v.split()[0]) / 1024 for k, v in status.items() if k in ("RssAnon", "RssFile")}
         Path(self.path).write_text(json.dumps(out))
 
 
-def make_images(root: Path, n: int, seed: int = 0) -> None:
-    """``n`` 32 px RGB PNGs of augmented digits, captioned in metadata.jsonl."""
+BUCKET_SHAPES = [(32, 32), (24, 40), (40, 24), (28, 36)]  # (h, w) with --buckets
+
+
+def make_images(root: Path, n: int, seed: int = 0, shapes: list[tuple[int, int]] | None = None) -> None:
+    """``n`` 32 px RGB PNGs of augmented digits, captioned in metadata.jsonl; with ``shapes``,
+    image ``i`` is resized to ``shapes[i % len(shapes)]``."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -81,7 +91,11 @@ def make_images(root: Path, n: int, seed: int = 0) -> None:
         canvas.paste(im, (int(rng.integers(0, 33 - size)), int(rng.integers(0, 33 - size))))
         ink, paper = rng.integers(128, 256, 3), rng.integers(0, 96, 3)
         a = np.asarray(canvas, dtype=np.float32)[..., None] / 255
-        Image.fromarray((a * ink + (1 - a) * paper).astype(np.uint8), "RGB").save(root / f"{i:06d}.png")
+        out = Image.fromarray((a * ink + (1 - a) * paper).astype(np.uint8), "RGB")
+        if shapes:
+            h, w = shapes[i % len(shapes)]
+            out = out.resize((w, h), Image.BICUBIC)
+        out.save(root / f"{i:06d}.png")
         rows.append(json.dumps({"file_name": f"{i:06d}.png", "text": f"a handwritten digit {DIGIT_NAMES[digits.target[k]]}"}))
     (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
 
@@ -114,37 +128,40 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[4000, 40000])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--no-cache", action="store_true", help="skip the latent (cache / encoded shards) cases")
+    ap.add_argument("--buckets", action="store_true", help="aspect-bucketed images: bucketed shards vs the bucketed folder")
     ap.add_argument("--out", type=Path, default=HERE)
     a = ap.parse_args()
+    name = "results_buckets" if a.buckets else "results"
+    bucketed = ["data.buckets=true", "data.bucket_step=8"] if a.buckets else []
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_shards_") as tmp:
         tmp = Path(tmp)
         for n in a.sizes:
             images, shards = tmp / f"images_{n}", tmp / f"shards_{n}"
             t = time.time()
-            make_images(images, n)
+            make_images(images, n, shapes=BUCKET_SHAPES if a.buckets else None)
             print(f"{n} images: {time.time() - t:.0f} s", flush=True)
-            folder = ["data=image_folder", f"data.root={images}", "data.val_fraction=0.01", "data.caption_column=text"]
+            folder = ["data=image_folder", f"data.root={images}", "data.val_fraction=0.01", "data.caption_column=text", *bucketed]
             run("diffusion_lab.prepare", [*folder, "data.resolution=32", f"out_dir={shards}", f"hydra.run.dir={tmp / 'prep'}"], tmp / f"prepare_{n}.log")
             sharded = ["data=shards", f"data.root={shards}"]
             results.append({"images": n, **train_case(tmp, f"pixel_shards_{n}", PIXEL, sharded, a.steps)})
             results.append({"images": n, **train_case(tmp, f"pixel_folder_{n}", PIXEL, folder, a.steps)})
-            if not a.no_cache and n == min(a.sizes):
+            if not a.no_cache and not a.buckets and n == min(a.sizes):
                 encoded = tmp / f"encoded_{n}"
                 run("diffusion_lab.prepare", [*folder, *LATENT, "prepare.encode=true", f"out_dir={encoded}", f"hydra.run.dir={tmp / 'prep'}"], tmp / f"encode_{n}.log")
                 results.append({"images": n, **train_case(tmp, f"latent_folder_{n}", LATENT, folder, a.steps)})
                 results.append({"images": n, **train_case(tmp, f"latent_cache_{n}", LATENT, [*folder, "model.cache=true"], a.steps)})
                 results.append({"images": n, **train_case(tmp, f"latent_encoded_shards_{n}", LATENT, ["data=shards", f"data.root={encoded}"], a.steps)})
-            json.dump(results, open(a.out / "results.json", "w"), indent=2)  # after every size: partial results survive
-    meta = {"python": platform.python_version(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "steps": a.steps, "warmup": WARMUP, "batch_size": 16}
-    json.dump({"meta": meta, "results": results}, open(a.out / "results.json", "w"), indent=2)
-    lines = ["| case | images | peak RSS (MB) | images / CPU s |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['case']} | {r['images']:,} | {r['peak_rss_mb']:.0f} | {r['images_per_cpu_s']:.1f} |" for r in results]
+            json.dump(results, open(a.out / f"{name}.json", "w"), indent=2)  # after every size: partial results survive
+    meta = {"python": platform.python_version(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "steps": a.steps, "warmup": WARMUP, "batch_size": 16, "buckets": a.buckets}
+    json.dump({"meta": meta, "results": results}, open(a.out / f"{name}.json", "w"), indent=2)
+    lines = ["| case | images | peak RSS (MB) | at the end: anonymous / mapped files (MB) | images / CPU s |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['case']} | {r['images']:,} | {r['peak_rss_mb']:.0f} | {r.get('end_rssanon_mb', 0):.0f} / {r.get('end_rssfile_mb', 0):.0f} | {r['images_per_cpu_s']:.1f} |" for r in results]
     shards = {r["images"]: r["peak_rss_mb"] for r in results if r["case"].startswith("pixel_shards")}
     if len(shards) > 1:
         lo, hi = min(shards), max(shards)
         lines.append(f"\npixel shards: peak RSS at {hi:,} images / at {lo:,} images = {shards[hi] / shards[lo]:.3f}")
-    (a.out / "results.md").write_text("\n".join(lines) + f"\n\n{json.dumps(meta)}\n")
+    (a.out / f"{name}.md").write_text("\n".join(lines) + f"\n\n{json.dumps(meta)}\n")
     print("\n".join(lines))
 
 
