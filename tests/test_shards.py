@@ -373,7 +373,7 @@ def test_bucketed_shards_keep_each_image_at_its_bucket_and_batches_one_shape(buc
 
 def test_a_pixel_model_trains_on_bucketed_shards(bucketed_shards, train_cfg, tmp_path):
     _, root = bucketed_shards
-    cfg = train_cfg(*shard_overrides(root, "data.batch_size=4", "data.random_flip=true", "trainer.max_steps=6", f"+callbacks.seen={{_target_: {HERE}.SeenIndices, path: '{tmp_path / 'seen'}'}}"))
+    cfg = train_cfg(*shard_overrides(root, "data.batch_size=4", "data.random_flip=true", "trainer.max_steps=6"))
     _, objects = train(cfg)
     assert objects["trainer"].global_step == 6 and "val/loss" in objects["trainer"].callback_metrics
     assert list((tmp_path / "run" / "samples").glob("*.png"))
@@ -387,8 +387,7 @@ def test_a_latent_model_trains_on_encoded_bucketed_shards_with_masks(tmp_path):
     data = _masked_bucketed_folder(tmp_path / "data")
     root = write(tmp_path, *data, "data.buckets=true", "data.bucket_step=8", *LATENT, "prepare.encode=true")
     assert len(json.loads((root / MANIFEST).read_text())["buckets"]) >= 3
-    seen = f"+callbacks.seen={{_target_: {HERE}.SeenIndices, path: '{tmp_path / 'seen'}'}}"
-    cfg = compose_cfg("train", tiny(*LATENT, *shard_overrides(root, "data.resolution=32", "data.batch_size=2", "trainer.max_steps=3"), "callbacks.sample_grid=null", seen), tmp_path / "run")
+    cfg = compose_cfg("train", tiny(*LATENT, *shard_overrides(root, "data.resolution=32", "data.batch_size=2", "trainer.max_steps=3"), "callbacks.sample_grid=null"), tmp_path / "run")
     _, objects = train(cfg)
     assert objects["trainer"].global_step == 3
     batches = list(objects["datamodule"].train_dataloader())
@@ -405,6 +404,7 @@ def test_stored_paired_images_and_masks_get_the_training_crop_and_flip(tmp_path)
     images = _paired_folder(tmp_path / "data", n=8, h=16, w=16)
     root = write(tmp_path, "data=image_folder", f"data.root={images}", "data.resolution=16", "data.val_fraction=0",
                  "data.paired_images={conditioning_image:conditioning_pixel_values,mask:mask}")
+
     def batch(transform: ImageTransform) -> dict:
         (b,) = list(ShardDataModule(str(root), transform, batch_size=8, num_workers=0, shuffle_seed=1).train_dataloader())
         return b
