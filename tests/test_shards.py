@@ -435,3 +435,25 @@ def test_two_ddp_ranks_train_their_slices_of_the_same_bucket_from_shards(buckete
         a, b = ranks[0][2 * step : 2 * step + 2], ranks[1][2 * step : 2 * step + 2]
         assert len({buckets[i] for i in a + b}) == 1
     assert len(set(ranks[0]) & set(ranks[1])) <= 2  # disjoint but for a padded short bucket
+
+
+@pytest.mark.parametrize("data", ["shards", "bucketed_shards", "bucketed_folder"])
+def test_resume_from_a_checkpoint_saved_on_a_validation_step_ends_with_the_same_bits(folder_shards, bucketed_shards, tmp_path, data):
+    """Checkpoint and validation on the same step (as with the defaults, both every 1000 steps): the
+    checkpoint is written before that validation, so validation must not draw from the global RNG,
+    or the unbroken run would go on with other noise than a run resumed from the checkpoint."""
+    from tests.test_reliability import _assert_identical, _final_state
+
+    images, bucketed = bucketed_shards
+    source = {
+        "shards": shard_overrides(folder_shards),
+        "bucketed_shards": shard_overrides(bucketed),
+        "bucketed_folder": ["data=image_folder", f"data.root={images}", "data.resolution=8", "data.buckets=true", "data.bucket_step=2", "data.num_workers=0", "callbacks.noising_strip=null", "callbacks.export=null"],
+    }[data]
+    run = tiny(*source, "data.batch_size=4", "data.random_flip=true", "trainer.max_steps=8", "trainer.val_check_interval=4",
+               "callbacks.model_checkpoint.every_n_train_steps=4", "callbacks.sample_grid=null", "callbacks.ema.decay=0.9")
+    _, objects = train(compose_cfg("train", run, tmp_path / "unbroken"))
+    reference = _final_state(objects)
+    _, objects = train(compose_cfg("train", tiny(*run, f"ckpt_path={tmp_path / 'unbroken' / 'checkpoints' / 'step_000004.ckpt'}"), tmp_path / "resumed"))
+    assert objects["trainer"].global_step == 8
+    _assert_identical(reference, _final_state(objects))

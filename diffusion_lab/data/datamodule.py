@@ -216,13 +216,15 @@ class DiffusionDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         bs = self.per_device_batch_size
         keys = SeededItems(self.val_set, self.shuffle_seed)  # (epoch, index) keys, as in training
-        loader = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers)
+        # its own generator, as in _loader: a validation pass must not draw from the global RNG
+        loader = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
+                      generator=torch.Generator().manual_seed(self.shuffle_seed))
         if world == 1:  # each bucket whole, its last batch short: every item once
             batches = [[(0, i) for i in batch] for batch in bucket_batches(buckets, bs, pad=False)]
             return DataLoader(keys, batch_sampler=batches, **loader)
         # several ranks need equal shares: padded, and a DistributedSampler, so Lightning keeps it
         sampler = BucketSampler(self.val_set, buckets, bs, world, rank, self.shuffle_seed, shuffle=False)
-        return DataLoader(keys, batch_size=bs, sampler=sampler, generator=torch.Generator().manual_seed(self.shuffle_seed), **loader)
+        return DataLoader(keys, batch_size=bs, sampler=sampler, **loader)
 
     def state_dict(self) -> dict:
         """Where training is in the data (stored in every checkpoint): the shuffle seed, the epoch

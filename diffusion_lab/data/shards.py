@@ -447,6 +447,9 @@ class ShardDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            # its own generator: each validation pass would otherwise draw a worker seed from the global
+            # RNG, so a run resumed from a checkpoint saved just before a validation would draw other noise
+            generator=torch.Generator().manual_seed(self.shuffle_seed),
         )
 
     def state_dict(self) -> dict:
