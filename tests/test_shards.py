@@ -439,7 +439,7 @@ def test_two_ddp_ranks_train_their_slices_of_the_same_bucket_from_shards(buckete
 
 @pytest.mark.parametrize("data", ["shards", "bucketed_shards", "bucketed_folder"])
 def test_resume_from_a_checkpoint_saved_on_a_validation_step_ends_with_the_same_bits(folder_shards, bucketed_shards, tmp_path, data):
-    """Checkpoint and validation on the same step (as with the defaults, both every 1000 steps): the
+    """Checkpoint and validation on the same step (as with the defaults: validation every 500 steps, a checkpoint every 1000): the
     checkpoint is written before that validation, so validation must not draw from the global RNG,
     or the unbroken run would go on with other noise than a run resumed from the checkpoint."""
     from tests.test_reliability import _assert_identical, _final_state
