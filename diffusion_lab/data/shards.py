@@ -216,22 +216,14 @@ class SplitByIndex(Dataset):
         return self.streaming[int(i)]
 
 
-class BucketedSplit(Dataset):
-    """A bucketed split by global index: its buckets' streaming data sets (``(bucket id, data set)``
-    with ``counts`` items each) one after another. ``bucket_ids`` is what ``BucketSampler`` batches
-    by: with the sampler's index lists, a few integers per item are all it keeps in memory."""
+class BucketedSplit(ConcatDataset):
+    """A bucketed split by global index: its buckets' parts (``(bucket id, SplitByIndex)``) one
+    after another. ``bucket_ids`` is what ``BucketSampler`` batches by: with the sampler's index
+    lists, a few integers per item are all it keeps in memory."""
 
-    def __init__(self, parts: list[tuple[int, Any]], counts: list[int]) -> None:
-        self.parts = parts
-        self.offsets = np.cumsum([0, *counts])
-        self.bucket_ids = np.repeat([b for b, _ in parts], counts).tolist()
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def __getitem__(self, i: int) -> dict:
-        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        return self.parts[k][1][int(i - self.offsets[k])]
+    def __init__(self, parts: list[tuple[int, SplitByIndex]]) -> None:
+        super().__init__([split for _, split in parts])
+        self.bucket_ids = [b for b, split in parts for _ in range(len(split))]
 
 
 def _dataset_class():
@@ -375,8 +367,7 @@ class ShardDataModule(pl.LightningDataModule):
         parts = split_dirs(Path(self.root) / split, self.manifest)
         if not parts:
             return None
-        streams = [(b, self._streaming(d, shuffle=False, bucketed=True)) for b, d in parts]
-        return BucketedSplit(streams, [_count(d) for _, d in parts])
+        return BucketedSplit([(b, SplitByIndex(self._streaming(d, shuffle=False, bucketed=True), _count(d))) for b, d in parts])
 
     def check_model(self, module: torch.nn.Module) -> None:
         """``ConfigError`` unless encoded shards were written by this module's VAE and text
