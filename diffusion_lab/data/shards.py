@@ -432,16 +432,9 @@ class ShardDataModule(pl.LightningDataModule):
             return []
         # read by global index like a map-style data set, so Lightning's DistributedSampler splits
         # it over ranks: litdata splits by chunk, and a small val split has fewer chunks than ranks
-        return torch.utils.data.DataLoader(
-            SplitByIndex(self._streaming("val", shuffle=False), _count(split)),
-            batch_size=self.per_device_batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            # its own generator: each validation pass would otherwise draw a worker seed from the global
-            # RNG, so a run resumed from a checkpoint saved just before a validation would draw other noise
-            generator=torch.Generator().manual_seed(self.shuffle_seed),
-        )
+        # DiffusionDataModule's loader: its own generator, so a validation pass draws nothing from the
+        # global RNG (a checkpoint is written before its step's validation; a resumed run must match)
+        return DiffusionDataModule._loader(self, SplitByIndex(self._streaming("val", shuffle=False), _count(split)), sampler=None, drop_last=False)
 
     def state_dict(self) -> dict:
         """The shuffle seed, the epoch and how many samples of it (all ranks together) were trained
