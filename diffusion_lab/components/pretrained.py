@@ -91,16 +91,23 @@ def from_pretrained(
     local_files_only: bool = False,
     dtype: Dtype | None = None,
     key: str = "model.pretrained",
+    quantization: dict | None = None,
     **kwargs,
 ):
     """``cls.from_pretrained(pretrained, subfolder=...)`` for any diffusers/transformers class
-    (``diffusers.UNet2DConditionModel``, ``transformers.CLIPTokenizer``, ...)."""
+    (``diffusers.UNet2DConditionModel``, ``transformers.CLIPTokenizer``, ...). ``quantization``:
+    the ``quantization_config`` and dtype that ``quantization=`` gives (``components/quantization.py``)."""
+    from diffusion_lab.components.quantization import after_load, cpu_bitsandbytes
+
     cls = get_class(class_name)
     source = resolve(pretrained, subfolder, key)
     if dtype is not None:
         kwargs["torch_dtype"] = torch_dtype(dtype)
+    kwargs.update(quantization or {})
     try:
-        return cls.from_pretrained(source, subfolder=subfolder, local_files_only=local_files_only, **kwargs)
+        with cpu_bitsandbytes(kwargs.get("quantization_config")):
+            model = cls.from_pretrained(source, subfolder=subfolder, local_files_only=local_files_only, **kwargs)
+        return after_load(model) if quantization else model
     except (OSError, ValueError) as e:  # hub / cache misses surface as OSError subclasses (or ValueError offline)
         if Path(source).is_dir():
             raise ConfigError(f"could not load {class_name} from {source}/{subfolder or ''}: {e}. The folder is not a valid diffusers/transformers save.") from e
