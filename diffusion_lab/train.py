@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import diffusion_lab  # noqa: F401  (registers config resolvers)
+from diffusion_lab.components.fsdp import check_loadable
 from diffusion_lab.utils.cli import explain_unknown_keys, friendly_errors
 from diffusion_lab.utils.config_path import CONFIG_PATH
 from diffusion_lab.utils.ddp_jobs import job_scope
@@ -42,6 +43,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_loadable(cfg.get("ckpt_path"), trainer.strategy)
     # W&B finished even on failure; under DDP each job of a sweep is its own process group
     with job_scope(trainer, loggers):
         save_config(cfg, trainer)

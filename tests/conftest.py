@@ -64,3 +64,16 @@ def train_cfg(tmp_path):
         return compose_cfg("train", (TINY if tiny else []) + list(overrides), tmp_path / "run")
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory) -> Path:
+    """One 2-process DDP job (W&B offline) on the CURVE settings, shared by tests/test_ddp.py and
+    the FSDP comparison in tests/test_fsdp.py."""
+    from tests.multiproc import CURVE, PROBE, run_cli, tiny
+
+    logs = tmp_path_factory.mktemp("ddp")
+    run_dir = logs / "run"
+    proc = run_cli(tiny("trainer=ddp_cpu", "logger=wandb", *CURVE, *PROBE, f"hydra.run.dir={run_dir}"), logs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir

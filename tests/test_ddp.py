@@ -1,6 +1,6 @@
 """Real multi-process DDP on CPU (gloo): two `python -m diffusion_lab.train` ranks started by
 Lightning's launcher, checked against one process, resumed on another world size, and inside a
-Hydra multirun. No GPU here: bf16-mixed runs on CPU, 16-mixed and FSDP need a GPU (README)."""
+Hydra multirun. No GPU here: bf16-mixed runs on CPU, 16-mixed needs a GPU (README). FSDP2: tests/test_fsdp.py."""
 
 from __future__ import annotations
 
@@ -18,34 +18,8 @@ from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError
 
 from tests.conftest import compose_cfg
-from tests.multiproc import PROBE, load_probes, run_cli, start_cli, tiny
+from tests.multiproc import CURVE, CURVE_RTOL, PROBE, STEPS, load_probes, run_cli, start_cli, tiny
 from tests.wandb_offline import find_offline_runs
-
-STEPS = 30
-# one optimizer step = the same 16 images in both set-ups (1 x 16 or 2 x 8); constant LR
-CURVE = [
-    "data.batch_size=16",
-    "model.lr_scheduler=null",
-    "model.optimizer.lr=2e-3",
-    f"trainer.max_steps={STEPS}",
-    "trainer.val_check_interval=10",
-    "callbacks.model_checkpoint.every_n_train_steps=10",
-    "callbacks.sample_grid.every_n_steps=10",
-]
-# val/loss (fixed noise per batch, reduced over ranks) of 2 x 8 stays within this relative band of
-# 1 x 16 at every check; measured: <= 10 % while the loss falls from ~1.0 to ~0.12
-CURVE_RTOL = 0.2
-
-
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> Path:
-    """One 2-process DDP job (W&B offline), shared by the checks below."""
-    logs = tmp_path_factory.mktemp("ddp")
-    run_dir = logs / "run"
-    proc = run_cli(tiny("trainer=ddp_cpu", "logger=wandb", *CURVE, *PROBE, f"hydra.run.dir={run_dir}"), logs)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
-
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory) -> Path:
@@ -203,27 +177,6 @@ def test_bf16_mixed_on_cpu(train_cfg):
     metric, objects = train(cfg)
     assert objects["trainer"].precision == "bf16-mixed"
     assert metric is not None and torch.isfinite(torch.tensor(metric))
-
-
-def test_fsdp_config_wraps_transformer_blocks_of_the_latent_unet(train_cfg):
-    """FSDP itself needs GPUs (Lightning refuses CPU); the config's strategy, wrap policy and
-    mixed-precision policy are built and checked against the tiny SD UNet here."""
-    from diffusers.models.attention import BasicTransformerBlock
-    from pytorch_lightning.strategies import FSDPStrategy
-
-    from diffusion_lab.components.tiny import tiny_unet
-
-    cfg = train_cfg(*tiny("trainer=fsdp"), tiny=False)
-    strategy = instantiate(cfg.trainer.strategy)
-    assert isinstance(strategy, FSDPStrategy)
-    policy = strategy.kwargs["auto_wrap_policy"]
-    unet = tiny_unet()
-    wrapped = [m for m in unet.modules() if policy._module_classes and isinstance(m, tuple(policy._module_classes))]
-    assert wrapped and all(isinstance(m, BasicTransformerBlock) for m in wrapped)
-    mp = strategy.mixed_precision
-    assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.bfloat16, torch.float32, torch.float32)
-    with pytest.raises(Exception, match="requires a GPU"):
-        instantiate(cfg.trainer, accelerator="cpu", devices=2)
 
 
 @pytest.mark.slow  # minutes of multi-process or wheel work: make test-slow

@@ -9,6 +9,8 @@ import pytorch_lightning as pl
 import torch
 from diffusers.training_utils import EMAModel
 
+from diffusion_lab.components.fsdp import shard_like, whole
+
 # where an EMA copy lives: beside the weights ("model": the module's device) or in host memory
 EMADevice = Literal["model", "cpu"]
 
@@ -83,14 +85,14 @@ class EMACallback(pl.Callback):
     def _params(self, pl_module):
         return ema_parameters(pl_module)
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # built here, not in setup(): under trainer=fsdp the parameters are replaced by their
+        # shards after setup() (configure_model), and the EMA follows the shards
         if self.ema is None:
             self.ema = EMAModel(self._params(pl_module), **self.kwargs)
             if self._pending_state is not None:
-                self.ema.load_state_dict(self._pending_state)
+                self.load_state_dict(self._pending_state)
                 self._pending_state = None
-
-    def on_fit_start(self, trainer, pl_module) -> None:
         self.ema.to(ema_device(self.device, pl_module))
         self._last_step = trainer.global_step
 
@@ -111,15 +113,24 @@ class EMACallback(pl.Callback):
             self.ema.restore(params)
 
     def state_dict(self) -> dict:
-        return self.ema.state_dict() if self.ema is not None else {}
+        """``EMAModel``'s state; sharded EMA weights (trainer=fsdp) are gathered whole (a
+        collective: every rank writes a checkpoint), so the checkpoint resumes on any world size."""
+        if self.ema is None:
+            return {}
+        state = self.ema.state_dict()
+        state["shadow_params"] = [whole(p) for p in state["shadow_params"]]
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:
             return
-        if self.ema is None:  # restored before setup(): apply once the EMA exists
+        if self.ema is None:  # restored before on_fit_start(): applied once the EMA exists
             self._pending_state = state_dict
-        else:
-            self.ema.load_state_dict(state_dict)
+            return
+        like = list(self.ema.shadow_params)
+        self.ema.load_state_dict(state_dict)
+        # whole tensors back into this run's shards (each rank keeps its slice)
+        self.ema.shadow_params = [shard_like(full, p) for full, p in zip(self.ema.shadow_params, like)]
 
 
 def ema_weights(trainer, pl_module):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities import rank_zero_info
 
 from diffusion_lab.callbacks.ema import ema_weights
+from diffusion_lab.components.fsdp import gathered, takes_part
 from diffusion_lab.export import export
 
 
@@ -18,11 +19,12 @@ class ExportCallback(pl.Callback):
         self.on_interrupt = on_interrupt
         self.exported_to: str | None = None
 
-    @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.interrupted and not self.on_interrupt:
+        if trainer.interrupted and not self.on_interrupt or not takes_part(trainer, pl_module):
             return
-        with ema_weights(trainer, pl_module):
-            export(pl_module, self.dirpath)
+        # under FSDP every rank gathers the (EMA) shards into whole weights, rank 0 writes them
+        with ema_weights(trainer, pl_module), gathered(pl_module):
+            if trainer.is_global_zero:
+                export(pl_module, self.dirpath)
         self.exported_to = self.dirpath
         rank_zero_info(f"exported pipeline to {self.dirpath}")

@@ -7,6 +7,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from diffusion_lab.callbacks.ema import ema_weights
+from diffusion_lab.components.fsdp import takes_part
 from diffusion_lab.metrics.distribution import fid, kid
 from diffusion_lab.metrics.features import FeatureExtractor
 
@@ -63,6 +64,9 @@ class FIDCallback(pl.Callback):
         return {"val/fid": fid(real, fake), "val/kid": kid_mean}
 
     def _run(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero and takes_part(trainer, pl_module):  # FSDP: sample along with rank 0
+            with ema_weights(trainer, pl_module):
+                pl_module.generate(self.num_images, num_inference_steps=self.num_inference_steps, noise=torch.zeros(pl_module.latent_shape(self.num_images)))
         if trainer.is_global_zero:
             values = self.measure(trainer, pl_module)
             self.history.append({"step": trainer.global_step, **values})

@@ -10,6 +10,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.ema import ema_weights
+from diffusion_lab.components.fsdp import takes_part
 from diffusion_lab.data.transforms import image_grid
 from diffusion_lab.diffusion.noising_strip import noising_strip
 
@@ -43,8 +44,10 @@ class SampleGridCallback(pl.Callback):
             return None
         return {"caption": [self.prompts[i % len(self.prompts)] for i in range(n)]}
 
-    @rank_zero_only
-    def draw(self, trainer, pl_module) -> str:
+    def draw(self, trainer, pl_module) -> str | None:
+        """Rank 0 draws and saves (under FSDP every rank draws along: each forward gathers shards)."""
+        if not takes_part(trainer, pl_module):
+            return None
         g = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(pl_module.latent_shape(self.num_images), generator=g)
         with ema_weights(trainer, pl_module):
@@ -56,6 +59,8 @@ class SampleGridCallback(pl.Callback):
                 cond_batch=self._cond_batch(self.num_images),
                 guidance_scale=self.guidance_scale,
             )
+        if not trainer.is_global_zero:
+            return None
         path = self.dirpath / f"step_{trainer.global_step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images).save(path)
@@ -70,7 +75,7 @@ class SampleGridCallback(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         path = self.dirpath / f"step_{trainer.global_step:06d}.png"
-        if not path.exists():
+        if not trainer.strategy.broadcast(path.exists()):  # rank 0's answer: every rank draws or none
             self.draw(trainer, pl_module)
 
 

@@ -70,6 +70,8 @@ class DiffusionModule(pl.LightningModule):
         val_buckets: validation loss is also logged per noise-level bucket, ``val/loss_t<k>`` for
             k < ``val_buckets`` equal-width buckets of the level (``metrics/stratified.py``; 0 = off).
         compile_unet, channels_last, attention: speed switches (``diffusion_lab/components/speed.py``).
+        gradient_checkpointing: recompute the backbone's activations in backward (``model.gradient_checkpointing``;
+            diffusers' ``enable_gradient_checkpointing``, every family): less memory, more compute.
     """
 
     # constructor arguments that are built objects, kept out of hparams (subclasses extend it)
@@ -97,11 +99,16 @@ class DiffusionModule(pl.LightningModule):
         compile_unet: bool = False,
         channels_last: bool = False,
         attention: AttentionBackend = "sdpa",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.check_process(process, sampler)
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
         unet = apply_speed_switches(unet, channels_last=channels_last, attention=attention)
+        if gradient_checkpointing:
+            if not getattr(unet, "_supports_gradient_checkpointing", False):
+                raise ConfigError(f"model.gradient_checkpointing=true: {type(unet).__name__} has no gradient checkpointing; set it to false.")
+            unet.enable_gradient_checkpointing()  # diffusers' own: UNet2D(Condition)Model, DiT, SD3, Flux
         self.unet = torch.compile(unet) if compile_unet else unet
         self.process = process
         self.sampler = sampler
@@ -112,6 +119,14 @@ class DiffusionModule(pl.LightningModule):
         self.val_loss_by_level = LossByLevel(val_buckets) if val_buckets > 0 else None
         self._t_batch_start: float | None = None
         self.run_config: dict | None = None  # set by train.py; stored in checkpoints
+
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` shard the trained parts (``components/fsdp.py``); a no-op otherwise."""
+        from diffusion_lab.components.fsdp import FSDP2Strategy, is_sharded
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy) and not is_sharded(self):
+            strategy.shard(self)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:

@@ -100,10 +100,16 @@ def check_callbacks_fit_model(module: pl.LightningModule, callbacks_cfg) -> None
 
 
 def check_checkpoint_file(ckpt_path: str) -> None:
-    """``ckpt_path`` must be a whole checkpoint file (a ``torch.save`` zip archive)."""
+    """``ckpt_path`` must be a whole checkpoint file (a ``torch.save`` zip archive), or the folder of
+    a sharded one (``trainer=fsdp``: one shard per rank, a ``.metadata`` index and ``meta.pt``)."""
     path = Path(ckpt_path).expanduser()
     others = sorted(str(p) for p in path.parent.glob("*.ckpt") if p != path) if path.parent.is_dir() else []
     hint = f" Checkpoints next to it: {others}." if others else " Checkpoints are written to <run dir>/checkpoints/ (last.ckpt)."
+    if path.is_dir():
+        if not ((path / ".metadata").is_file() and (path / "meta.pt").is_file()):
+            raise ConfigError(f"ckpt_path={ckpt_path!r} is a folder but not a whole sharded checkpoint (no .metadata / meta.pt): "
+                              f"it was cut short or is another folder. Resume from an older checkpoint instead.{hint}")
+        return
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist.{hint}")
     if not zipfile.is_zipfile(path):
