@@ -5,6 +5,7 @@
     python -m diffusion_lab.prepare data=digits_captioned prepare.encode=true model=latent_sd \\
         model.pretrained=outputs/tiny_sd out_dir=outputs/shards/digits_sd       # VAE latents + text states
     python -m diffusion_lab.prepare data=image_folder data.root=/images data.buckets=true out_dir=...  # one folder per aspect bucket
+    python -m diffusion_lab.prepare data=digits out_dir=s3://bucket/shards/digits   # credentials: AWS_* environment variables
 
 Builds the source data config's datamodule (its transform and train/val split) and, with
 ``prepare.encode=true``, the model; ``diffusion_lab.data.shards.write_shards`` does the rest.
@@ -19,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import diffusion_lab  # noqa: F401  (registers config resolvers)
-from diffusion_lab.data.shards import write_shards
+from diffusion_lab.data.shards import check_out_dir, write_shards
 from diffusion_lab.utils.cli import explain_unknown_keys, friendly_errors
 from diffusion_lab.utils.config_path import CONFIG_PATH
 from diffusion_lab.utils.errors import ConfigError
@@ -31,6 +32,7 @@ def prepare(cfg: DictConfig) -> dict:
     target = OmegaConf.select(cfg, "data.datamodule._target_", default="")
     if not target.endswith("DiffusionDataModule"):
         raise ConfigError(f"prepare reads a source data config (data=image_folder, hf, digits, digits_captioned, ...); data= builds {target}. Shards are written from sources, not from shards.")
+    check_out_dir(cfg.out_dir, cfg.prepare.overwrite)  # taken, or an object store out of reach: before any work
     source = instantiate(cfg.data.datamodule)
     source.setup()
     module, model_config = None, None
@@ -60,6 +62,7 @@ def prepare(cfg: DictConfig) -> dict:
         device=device,
         overwrite=p.overwrite,
         store_dtype=p.store_dtype,
+        staging_dir=p.staging_dir,
         bucket_sizes=getattr(getattr(source.dataset, "buckets", None), "sizes", None),  # data.buckets=true
     )
 

@@ -19,6 +19,11 @@ Sharding across ranks and workers, shuffling (chunks, then items inside a window
 resume replay are litdata's; this module decodes items and keeps the run's position in the data.
 Bucketed shards are read by global index instead (``StreamingDataset[i]``), in the order of the
 same ``BucketSampler`` that ``DiffusionDataModule`` uses for bucketed folders.
+
+``<root>`` is a folder or an ``s3://bucket/prefix`` (AWS S3 or an S3-compatible store): prepare
+writes each split there once it is complete, ``shards.json`` last; training streams the chunks
+through litdata into a local cache. Credentials and endpoint come from the environment, as for
+any boto3 program (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...).
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import json
 import os
 import random
 import shutil
+import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +67,197 @@ def _litdata():
     return litdata
 
 
+# ---- where a shard set lives: a folder or an s3:// prefix -----------------------------------------
+S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
+ENV_HINT = (
+    "Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary keys) in the environment, or "
+    "AWS_PROFILE for a profile in ~/.aws; for an S3-compatible store (MinIO, Ceph, Cloudflare R2, ...) also AWS_ENDPOINT_URL "
+    "(or AWS_ENDPOINT_URL_S3) and AWS_DEFAULT_REGION. Credentials are read from the environment, never from the config."
+)
+
+
+def is_remote(root: str | Path) -> bool:
+    """Whether ``root`` is an object-store URL (``s3://...``) rather than a folder."""
+    return "://" in str(root)
+
+
+class LocalRoot:
+    """A shard set in a folder (local disk, or a shared filesystem every node mounts)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.path = Path(root).expanduser()
+        self.url = str(self.path)
+
+    def join(self, *parts: str) -> str:
+        return str(self.path.joinpath(*parts))
+
+    def is_file(self, *parts: str) -> bool:
+        return self.path.joinpath(*parts).is_file()
+
+    def read_text(self, *parts: str) -> str:
+        return self.path.joinpath(*parts).read_text()
+
+
+class _Unreachable(ConfigError):
+    """The object store did not answer (slow to find out: config resolution does not ask twice)."""
+
+
+class S3Root:
+    """A shard set under ``s3://bucket/prefix`` (AWS S3 or an S3-compatible store), reached with
+    boto3's own credential chain and endpoint: the ``AWS_*`` environment variables of ``ENV_HINT``
+    (or a profile), as litdata's readers reach it. ``key`` is the config key that named it: every
+    failure to reach it is a ``ConfigError`` naming the key and the variables to set."""
+
+    def __init__(self, url: str, key: str = "data.root") -> None:
+        scheme, _, rest = str(url).partition("://")
+        if scheme != "s3":
+            raise ConfigError(
+                f"{key}={url}: {scheme}:// is not supported; object-store roots are s3:// (AWS S3, or an S3-compatible store "
+                f"through AWS_ENDPOINT_URL; this is what is tested). Mount the bucket (e.g. gcsfuse for gs://) and set {key} "
+                f"to the mounted folder, or use the store's S3-compatible endpoint."
+            )
+        self.bucket, _, prefix = rest.partition("/")
+        self.prefix, self.key = prefix.strip("/"), key
+        if not self.bucket:
+            raise ConfigError(f"{key}={url} names no bucket: write s3://<bucket>/<prefix>.")
+        self.url = "/".join(["s3:/", self.bucket, *([self.prefix] if self.prefix else [])])
+        import boto3
+        import botocore.config
+
+        session = boto3.Session()
+        if session.get_credentials() is None:
+            raise ConfigError(f"{key}={url}: no S3 credentials were found. {ENV_HINT}")
+        # a few quick retries: a wrong endpoint must be an error in seconds, not litdata's 1000 attempts
+        config = botocore.config.Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
+        self.client = session.client("s3", config=config)
+        self.endpoint: str = self.client.meta.endpoint_url
+
+    def _key(self, *parts: str) -> str:
+        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p.strip("/"))
+
+    def join(self, *parts: str) -> str:
+        return f"s3://{self.bucket}/{self._key(*parts)}"
+
+    @contextmanager
+    def _errors(self):
+        """boto3's failures -> one ``ConfigError`` paragraph (missing objects are the caller's)."""
+        from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError
+
+        try:
+            yield
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code == "NoSuchBucket":
+                raise ConfigError(
+                    f"{self.key}={self.url}: the bucket {self.bucket!r} does not exist at {self.endpoint}. Create it, or fix the "
+                    f"bucket name (another store: set AWS_ENDPOINT_URL to its address)."
+                ) from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "InvalidClientTokenId"):
+                raise ConfigError(f"{self.key}={self.url}: {self.endpoint} refused these credentials ({code}). {ENV_HINT}") from None
+            raise
+        except (EndpointConnectionError, ConnectTimeoutError) as e:
+            raise _Unreachable(
+                f"{self.key}={self.url}: cannot reach the object store at {self.endpoint} ({e}). Check the network, or set "
+                f"AWS_ENDPOINT_URL to the address of your S3-compatible store (e.g. http://host:9000)."
+            ) from None
+        except NoCredentialsError:
+            raise ConfigError(f"{self.key}={self.url}: no S3 credentials were found. {ENV_HINT}") from None
+
+    def read_bytes(self, *parts: str) -> bytes | None:
+        """The object's bytes, or None when there is none."""
+        from botocore.exceptions import ClientError
+
+        with self._errors():
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self._key(*parts))["Body"].read()
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+
+    def read_text(self, *parts: str) -> str:
+        raw = self.read_bytes(*parts)
+        if raw is None:
+            raise FileNotFoundError(self.join(*parts))
+        return raw.decode()
+
+    def is_file(self, *parts: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        with self._errors():
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._key(*parts))
+                return True
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                    return False
+                raise
+
+    def _keys(self, max_keys: int | None = None):
+        """The keys under the prefix (all of them, or the first ``max_keys``)."""
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        with self._errors():
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"MaxItems": max_keys} if max_keys else {}
+            )
+            for page in pages:
+                yield from (obj["Key"] for obj in page.get("Contents", []))
+
+    def has_objects(self) -> bool:
+        return any(True for _ in self._keys(max_keys=1))
+
+    def upload(self, local: Path, *parts: str) -> None:
+        """``local`` (a file, or a folder with everything under it) to ``<prefix>/<parts>``."""
+        files = [local] if local.is_file() else sorted(f for f in local.rglob("*") if f.is_file())
+        with self._errors():
+            for f in files:
+                rel = [] if f == local else [f.relative_to(local).as_posix()]
+                self.client.upload_file(str(f), self.bucket, self._key(*parts, *rel))
+
+    def delete_all(self) -> None:
+        """Every object under the prefix, ``shards.json`` first (the set stops looking complete)."""
+        keys = sorted(self._keys(), key=lambda k: not k.endswith(f"/{MANIFEST}") and k != MANIFEST)
+        with self._errors():
+            for i in range(0, len(keys), 1000):
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True})
+
+
+ShardRoot = LocalRoot | S3Root
+
+
+def shard_root(root: str | Path, key: str = "data.root") -> ShardRoot:
+    """``S3Root`` for an object-store URL (``key`` names it in messages), else ``LocalRoot``."""
+    return S3Root(str(root), key) if is_remote(root) else LocalRoot(root)
+
+
+_PEEKED: dict[tuple, dict | None] = {}
+
+
+def peek_manifest(root: str) -> dict | None:
+    """The manifest of the object-store shard set at ``root`` for config resolution
+    (``${shard_info:...}``, read at every access of ``data.resolution``): read once per process and
+    ``AWS_*`` environment; None when it cannot be read (the data module then says why)."""
+    key = (str(root), *(os.environ.get(v) for v in S3_ENV))
+    if key not in _PEEKED:
+        try:
+            _PEEKED[key] = read_manifest(root)
+        except _Unreachable:
+            _PEEKED[key] = None  # finding out took seconds: do not ask again at every access
+        except (ConfigError, DataError):
+            return None
+    return _PEEKED[key]
+
+
+# ---- litdata's private API used for object stores (0.2.76; tests/test_shards_s3.py fails if it changes) ----
+def _allow_http_endpoints() -> None:
+    """litdata fetches chunks with obstore, whose client refuses a plain-http endpoint (a MinIO on the
+    local network, a test server) unless ``allow_http`` is set; litdata builds every store from this
+    module-level options dict. Harmless for https endpoints."""
+    from litdata.streaming import downloader
+
+    downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = True
+
+
 # ---- identity of the frozen parts, manifest -----------------------------------------------------
 def fingerprint(module: torch.nn.Module) -> str:
     """sha256 of a module's state dict (names, dtypes, shapes and values): which frozen VAE or text
@@ -72,16 +270,12 @@ def fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def read_manifest(root: str | Path) -> dict:
-    """The manifest of the shard set at ``root``; a ``DataError`` that says what ``root`` is
-    instead when it is not a complete shard set."""
-    if "://" in str(root):
-        raise ConfigError(
-            f"data.root={root}: object-store roots are not supported yet (litdata could stream them, but the manifest and "
-            f"indexes are read from a filesystem). Mount the bucket (e.g. mountpoint-s3, gcsfuse, s3fs) and set data.root to the "
-            f"mounted folder, or copy the shard set to shared storage."
-        )
-    root = Path(root).expanduser()
+def read_manifest(root: str | Path | ShardRoot) -> dict:
+    """The manifest of the shard set at ``root`` (a folder or ``s3://bucket/prefix``); a
+    ``DataError`` that says what ``root`` is instead when it is not a complete shard set."""
+    if isinstance(root, S3Root) or (not isinstance(root, LocalRoot) and is_remote(root)):
+        return _read_remote_manifest(root if isinstance(root, S3Root) else S3Root(str(root)))
+    root = root.path if isinstance(root, LocalRoot) else Path(root).expanduser()
     path = root / MANIFEST
     if not root.is_dir():
         unfinished = sorted(root.parent.glob(f".{root.name}.tmp-*")) if root.parent.is_dir() else []
@@ -95,24 +289,44 @@ def read_manifest(root: str | Path) -> dict:
             f"last, once every shard is complete).{hint} Run: python -m diffusion_lab.prepare data=image_folder "
             f"data.root=<images> out_dir={root}."
         )
+    return _checked_manifest(path.read_text(), str(path), LocalRoot(root))
+
+
+def _read_remote_manifest(store: S3Root) -> dict:
+    raw = store.read_bytes(MANIFEST)
+    if raw is None:
+        if not store.has_objects():
+            raise DataError(
+                f"{store.key}={store.url} does not exist (no object under that prefix of bucket {store.bucket!r} at "
+                f"{store.endpoint}). Write a shard set there with python -m diffusion_lab.prepare data=<source> out_dir={store.url}."
+            )
+        raise DataError(
+            f"{store.key}={store.url} is not a complete shard set: it holds objects but no {MANIFEST}, which python -m "
+            f"diffusion_lab.prepare uploads last, once every shard is up (an interrupted prepare?). Write it again with "
+            f"prepare.overwrite=true."
+        )
+    return _checked_manifest(raw.decode(errors="replace"), store.join(MANIFEST), store)
+
+
+def _checked_manifest(text: str, path: str, store: ShardRoot) -> dict:
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text)
     except ValueError as e:
         raise DataError(f"{path} is not JSON ({e}); the shard set is damaged: write it again with python -m diffusion_lab.prepare.") from e
     if manifest.get("format_version") != FORMAT_VERSION or manifest.get("kind") not in ("pixels", "latents"):
         raise DataError(f"{path} is not a diffusion_lab shard manifest of format {FORMAT_VERSION}; write the shards again with this version's python -m diffusion_lab.prepare.")
-    if not split_dirs(root / "train", manifest):
-        raise DataError(f"{root}/train has no litdata index.json: the shard set is incomplete; write it again with python -m diffusion_lab.prepare.")
+    if not split_dirs(store, "train", manifest):
+        raise DataError(f"{store.join('train')} has no litdata index.json: the shard set is incomplete; write it again with python -m diffusion_lab.prepare.")
     return manifest
 
 
-def split_dirs(split_dir: Path, manifest: dict) -> list[tuple[int, Path]]:
-    """``(bucket id, litdata folder)`` of each part of a split: ``[(0, split_dir)]``, or for
-    bucketed shards one folder ``<h>x<w>`` per bucket of ``manifest["buckets"]`` that has items."""
+def split_dirs(store: ShardRoot, split: str, manifest: dict) -> list[tuple[int, str]]:
+    """``(bucket id, litdata folder relative to the root)`` of each part of a split: ``[(0, split)]``,
+    or for bucketed shards one folder ``<split>/<h>x<w>`` per bucket of ``manifest["buckets"]`` that has items."""
     if not manifest.get("buckets"):
-        return [(0, split_dir)] if (split_dir / "index.json").is_file() else []
-    parts = [(b, split_dir / f"{h}x{w}") for b, (h, w) in enumerate(manifest["buckets"])]
-    return [(b, d) for b, d in parts if (d / "index.json").is_file()]
+        return [(0, split)] if store.is_file(split, "index.json") else []
+    parts = [(b, f"{split}/{h}x{w}") for b, (h, w) in enumerate(manifest["buckets"])]
+    return [(b, d) for b, d in parts if store.is_file(d, "index.json")]
 
 
 def model_identity(module: torch.nn.Module, text_states: bool) -> dict:
@@ -230,13 +444,34 @@ def _dataset_class():
     StreamingDataset = _litdata().StreamingDataset
 
     class ShardDataset(StreamingDataset):
-        """litdata's ``StreamingDataset`` whose items go through ``items`` (with litdata's epoch)."""
+        """litdata's ``StreamingDataset`` whose items go through ``items`` (with litdata's epoch).
+        ``allow_http``: the chunks come from a plain-http object store (``_allow_http_endpoints``,
+        set in each process that downloads). An item read by index from an object store comes from
+        its whole chunk, downloaded to the cache: litdata's default there, a ranged read of the one
+        item, assumes a row layout that its Arrow chunks (what ``ShardWriter``'s dicts are stored
+        as) do not have, and reads empty bytes. Folders are read from their chunk files either way."""
 
-        def __init__(self, input_dir: str, items: ShardItems, **kwargs) -> None:
+        def __init__(self, input_dir: str, items: ShardItems, allow_http: bool = False, **kwargs) -> None:
             super().__init__(input_dir, **kwargs)
-            self.items = items
+            self.items, self.allow_http = items, allow_http
+            self._on_demand_bytes = False  # the cache litdata creates on first use reads whole chunks
+
+        @property
+        def on_demand_bytes(self) -> bool:
+            return False
+
+        @on_demand_bytes.setter
+        def on_demand_bytes(self, value: bool) -> None:  # litdata switches it back on after each epoch
+            StreamingDataset.on_demand_bytes.fset(self, False)
+
+        def __iter__(self):
+            if self.allow_http:
+                _allow_http_endpoints()
+            return super().__iter__()
 
         def __getitem__(self, index):
+            if self.allow_http:
+                _allow_http_endpoints()
             return self.items(super().__getitem__(index), int(self.current_epoch))
 
     return ShardDataset
@@ -289,7 +524,7 @@ class ShardDataModule(pl.LightningDataModule):
     shards are read by index by an inner ``DiffusionDataModule`` (its ``BucketSampler``).
 
     Args:
-        root: the shard set (``out_dir`` of prepare).
+        root: the shard set (``out_dir`` of prepare): a folder or ``s3://bucket/prefix``.
         transform: for pixel shards, applied to each stored image (``data.resolution`` / crop /
             flip); ignored for encoded shards, whose resolution must equal the prepared one.
         batch_size: the global batch (split over ``world_size`` processes, it must divide).
@@ -297,6 +532,9 @@ class ShardDataModule(pl.LightningDataModule):
             resume needs the same ``num_workers`` and number of processes.
         shuffle_seed: seed of litdata's shuffle and the augmentations; None = the run's seed.
         resolution, channels: ``data.resolution`` / ``data.channels``, checked against the shards.
+        cache_dir, max_cache_size: for an ``s3://`` root, the local folder litdata caches the
+            streamed chunks in and its cap (e.g. ``"50GB"``); None: litdata's, ``$LITDATA_CACHE_DIR``
+            or ``~/.lightning/chunks``, up to 75% of the free disk. Ignored for folders.
     """
 
     def __init__(
@@ -310,10 +548,15 @@ class ShardDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         shuffle_seed: int | None = None,
+        cache_dir: str | None = None,
+        max_cache_size: str | None = None,
     ) -> None:
         super().__init__()
-        self.manifest = read_manifest(root)
-        self.root = str(Path(root).expanduser())
+        self.store = shard_root(root)
+        self.manifest = read_manifest(self.store)
+        self.root = self.store.url
+        # object stores: where litdata caches the streamed chunks, and how much (None: litdata's defaults)
+        self._remote = {"cache_dir": cache_dir, "max_cache_size": max_cache_size} if isinstance(self.store, S3Root) else None
         self.kind: Kind = self.manifest["kind"]
         self._check_shape(resolution, channels)
         self.transform = transform
@@ -358,16 +601,19 @@ class ShardDataModule(pl.LightningDataModule):
                 f"set data.resolution={stored['resolution']}{fix}, or prepare again at data.resolution={resolution}."
             )
 
-    def _streaming(self, split: str | Path, shuffle: bool, bucketed: bool = False):
+    def _streaming(self, split: str, shuffle: bool, bucketed: bool = False):
         items = ShardItems(self.transform, self.shuffle_seed, bucketed)
-        return _dataset_class()(str(Path(self.root) / split), items, shuffle=shuffle, seed=self.shuffle_seed)
+        remote = {}
+        if self._remote is not None:
+            remote = {k: v for k, v in self._remote.items() if v is not None} | {"allow_http": self.store.endpoint.startswith("http://")}
+        return _dataset_class()(self.store.join(split), items, shuffle=shuffle, seed=self.shuffle_seed, **remote)
 
     def _indexed(self, split: str) -> BucketedSplit | None:
         """A bucketed split read by index (None when the source had no such split)."""
-        parts = split_dirs(Path(self.root) / split, self.manifest)
+        parts = split_dirs(self.store, split, self.manifest)
         if not parts:
             return None
-        return BucketedSplit([(b, SplitByIndex(self._streaming(d, shuffle=False, bucketed=True), _count(d))) for b, d in parts])
+        return BucketedSplit([(b, SplitByIndex(self._streaming(d, shuffle=False, bucketed=True), _count(self.store, d))) for b, d in parts])
 
     def check_model(self, module: torch.nn.Module) -> None:
         """``ConfigError`` unless encoded shards were written by this module's VAE and text
@@ -427,14 +673,13 @@ class ShardDataModule(pl.LightningDataModule):
     def val_dataloader(self):
         if self._bucketed is not None:
             return self._inner().val_dataloader()
-        split = Path(self.root) / "val"
-        if not (split / "index.json").is_file():
+        if not self.store.is_file("val", "index.json"):
             return []
         # read by global index like a map-style data set, so Lightning's DistributedSampler splits
         # it over ranks: litdata splits by chunk, and a small val split has fewer chunks than ranks
         # DiffusionDataModule's loader: its own generator, so a validation pass draws nothing from the
         # global RNG (a checkpoint is written before its step's validation; a resumed run must match)
-        return DiffusionDataModule._loader(self, SplitByIndex(self._streaming("val", shuffle=False), _count(split)), sampler=None, drop_last=False)
+        return DiffusionDataModule._loader(self, SplitByIndex(self._streaming("val", shuffle=False), _count(self.store, "val")), sampler=None, drop_last=False)
 
     def state_dict(self) -> dict:
         """The shuffle seed, the epoch and how many samples of it (all ranks together) were trained
@@ -551,8 +796,8 @@ def _parts(dataset: Dataset, bucket_sizes: list[tuple[int, int]] | None) -> list
     return [(tuple(bucket_sizes[b]), idx) for b, idx in sorted(groups.items())]
 
 
-def _count(split_dir: Path) -> int:
-    index = json.loads((split_dir / "index.json").read_text())
+def _count(store: ShardRoot, split_dir: str) -> int:
+    index = json.loads(store.read_text(split_dir, "index.json"))
     return sum(chunk["chunk_size"] for chunk in index["chunks"])
 
 
@@ -574,10 +819,13 @@ def write_shards(
     overwrite: bool = False,
     bucket_sizes: list[tuple[int, int]] | None = None,
     store_dtype: Literal["float32", "float16"] = "float32",
+    staging_dir: str | None = None,
 ) -> dict:
     """Write ``splits`` (``{"train": ds, "val": ds | None}``, datasets of the usual item dicts) as
     a shard set at ``out_dir``, built in a temp folder beside it and renamed into place once
-    complete with its manifest (a killed job leaves no shard set that looks whole). With
+    complete with its manifest (a killed job leaves no shard set that looks whole). An
+    ``s3://bucket/prefix`` ``out_dir`` is staged in ``staging_dir`` one split (or bucket) at a time,
+    each uploaded once complete, the manifest last. With
     ``module`` (a latent model), stores VAE posteriors and, with ``text_states``, frozen text
     states instead of pixels. Items with aspect buckets (``bucket_ids``; ``bucket_sizes`` their
     ``(h, w)``) are written one folder per bucket, ``<split>/<h>x<w>/``. ``store_dtype=float16``
@@ -586,11 +834,9 @@ def write_shards(
     from diffusion_lab.utils.io import atomic_dir
 
     optimize = _litdata().optimize
-    out_dir = Path(out_dir).expanduser()
-    if "://" in str(out_dir):
-        raise ConfigError(f"out_dir={out_dir} must be a local (or mounted shared) folder: shards are written beside it and renamed into place.")
-    if out_dir.exists() and not overwrite:
-        raise ConfigError(f"out_dir={out_dir} exists; pick another folder or set prepare.overwrite=true to replace it (the old one stays until the new one is complete).")
+    target = check_out_dir(out_dir, overwrite)
+    remote = isinstance(target, S3Root)
+    out_dir = target.url if remote else target.path
     kind: Kind = "pixels"
     if module is not None:
         if isinstance(getattr(module, "codec", None), IdentityCodec) or not hasattr(module, "codec"):
@@ -608,7 +854,7 @@ def write_shards(
     used = sorted({size for groups in parts.values() for size, _ in groups if size})
     if used:
         manifest["buckets"] = [list(size) for size in used]
-    with atomic_dir(out_dir) as tmp:
+    with (_uploaded(target, staging_dir) if remote else atomic_dir(out_dir)) as tmp:
         log_dir = Path(tmp) / "log"
         log_dir.mkdir()
         for split, groups in parts.items():
@@ -631,14 +877,66 @@ def write_shards(
                         f"prepare.on_bad_image=skip (data.on_bad_image=skip) to skip unreadable files; nothing was written to {out_dir}."
                     )
                 if (dest / "index.json").is_file():  # every item of a group can have been skipped
-                    manifest["num_items"][split] += _count(dest)
+                    rel = dest.relative_to(tmp).as_posix()
+                    manifest["num_items"][split] += _count(LocalRoot(tmp), rel)
+                    if remote:  # staged one part at a time: the local disk holds one split (or bucket)
+                        print(f"uploading {out_dir}/{rel}", flush=True)
+                        target.upload(dest, rel)
+                        shutil.rmtree(dest)
         skipped = [line.split("\t")[0] for f in sorted(log_dir.glob("skipped-*.txt")) for line in f.read_text().splitlines()]
         manifest["skipped"] = [str(p) for p in source.pop("_skipped", [])] + skipped
         if manifest["skipped"]:
             warnings.warn(f"skipped {len(manifest['skipped'])} unreadable image(s) (first: {manifest['skipped'][0]}); listed in {out_dir}/{MANIFEST}", stacklevel=2)
         shutil.rmtree(log_dir)
         (Path(tmp) / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))  # last: marks the set complete
+        if remote:
+            target.upload(Path(tmp) / MANIFEST, MANIFEST)
+            for key in [k for k in _PEEKED if k[0] == str(out_dir)]:
+                del _PEEKED[key]
     return manifest
 
 
-__all__ = ["MANIFEST", "ShardDataModule", "ShardItems", "ShardWriter", "check_shards_fit_model", "fingerprint", "read_manifest", "write_shards"]
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> ShardRoot:
+    """Where prepare writes (``out_dir``: a folder or ``s3://bucket/prefix``); a ``ConfigError``
+    before any work when it is taken and ``overwrite`` is off, or the store cannot be reached."""
+    target = shard_root(out_dir, key="out_dir")
+    if isinstance(target, LocalRoot):
+        if target.path.exists() and not overwrite:
+            raise ConfigError(f"out_dir={target.path} exists; pick another folder or set prepare.overwrite=true to replace it (the old one stays until the new one is complete).")
+        return target
+    if target.is_file(MANIFEST) and not overwrite:
+        raise ConfigError(f"out_dir={target.url} holds a shard set; pick another prefix or set prepare.overwrite=true to replace it (on an object store the old set is deleted first).")
+    if not overwrite and target.has_objects():
+        raise ConfigError(
+            f"out_dir={target.url} holds objects but no {MANIFEST} (an interrupted prepare, or other data); pick another prefix, "
+            f"or set prepare.overwrite=true to delete everything under it and write the shard set."
+        )
+    return target
+
+
+@contextmanager
+def _uploaded(target: S3Root, staging_dir: str | None):
+    """A local staging folder (in ``staging_dir``, default the system's temp folder) for writing
+    to ``target``; the caller uploads each finished part. The old objects under the prefix go
+    first; a failed prepare deletes what it uploaded (a killed one leaves objects without
+    ``shards.json``, which ``read_manifest`` refuses)."""
+    if staging_dir:
+        Path(staging_dir).expanduser().mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="diffusion_lab-prepare-", dir=Path(staging_dir).expanduser() if staging_dir else None)
+    try:
+        target.delete_all()
+        yield tmp
+    except BaseException:
+        try:
+            target.delete_all()
+        except Exception as cleanup:  # the first error is the one to report
+            warnings.warn(f"could not delete the partial upload under {target.url}: {cleanup}", stacklevel=3)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = [
+    "MANIFEST", "LocalRoot", "S3Root", "ShardDataModule", "ShardItems", "ShardWriter", "check_out_dir", "check_shards_fit_model",
+    "fingerprint", "peek_manifest", "read_manifest", "shard_root", "write_shards",
+]

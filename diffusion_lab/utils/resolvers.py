@@ -17,15 +17,23 @@ def _wandb_mode() -> str:
 def _shard_info(root, key: str, default):
     """``key`` of the shard set at ``root`` (its ``shards.json``: resolution, channels; ``mode`` is
     L for 1 channel), so ``data=shards`` needs no repeated shape; ``default`` when ``root`` is not a
-    shard set yet (the data module then says what is wrong with it)."""
+    shard set yet (the data module then says what is wrong with it). An ``s3://`` root's is read
+    from the store (``diffusion_lab.data.shards.peek_manifest``)."""
     import json
     from pathlib import Path
 
-    path = Path(str(root)).expanduser() / "shards.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return default
+    if "://" in str(root):
+        from diffusion_lab.data.shards import peek_manifest
+
+        manifest = peek_manifest(str(root))
+        if manifest is None:
+            return default
+    else:
+        path = Path(str(root)).expanduser() / "shards.json"
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return default
     if key == "mode":
         return "L" if manifest.get("channels") == 1 else "RGB"
     return manifest.get(key, default)
