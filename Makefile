@@ -14,10 +14,10 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: with the default pin pip takes the CPU build (no CUDA wheels).
 	$(BIN)/python -m pip install -q $(TORCH)
 	# torch is already there, so the package's `torch>=2.4` is satisfied and nothing is re-downloaded.
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,quant]"  # quant: quantization= backends (tests run them)
 	# litdata (data=shards, diffusion_lab.prepare) without its torchvision requirement: see pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps "litdata>=0.2.76,<0.3"
-	$(BIN)/python -c "import diffusion_lab, diffusers, transformers, pytorch_lightning, hydra, wandb, torchmetrics, litdata, skimage"
+	$(BIN)/python -c "import diffusion_lab, diffusers, transformers, pytorch_lightning, hydra, wandb, torchmetrics, litdata, skimage, bitsandbytes, torchao, optimum.quanto"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -109,9 +109,11 @@ class DualTextConditioner(TextConditioner):
 
 
 def _freeze(encoder: torch.nn.Module, dtype: Dtype) -> None:
-    """No grads, eval mode, held in ``dtype``."""
+    """No grads, eval mode, held in ``dtype`` (a quantized encoder was loaded in it: quantization.transformers)."""
+    from diffusion_lab.components.quantization import is_quantized
+
     encoder.requires_grad_(False).eval()
-    if encoder.dtype != torch_dtype(dtype):
+    if not is_quantized(encoder) and encoder.dtype != torch_dtype(dtype):
         encoder.to(torch_dtype(dtype))
 
 

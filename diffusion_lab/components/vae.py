@@ -61,7 +61,9 @@ class VAECodec(torch.nn.Module):
         """Images ``[N, C, H, W]`` in [-1, 1] -> posterior parameters (mean, logvar) ``[N, 2c, h, w]``
         (fp32). Cacheable: ``latents`` draws the posterior sample from them."""
         # contiguous: CPU convs may return channels_last, and randn_like would then draw differently
-        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.parameters.float().contiguous()
+        # the VAE may sit on another device than the images (model.offload_frozen): the moments come back to theirs
+        moments = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist.parameters
+        return moments.to(images.device, torch.float32).contiguous()
 
     def latents(self, moments: torch.Tensor, sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         """Posterior parameters ``[N, 2c, h, w]`` -> diffusion-space latents ``[N, c, h, w]``."""
@@ -76,7 +78,7 @@ class VAECodec(torch.nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``[N, c, h, w]`` -> images ``[N, C, h*f, w*f]`` (roughly [-1, 1], fp32)."""
         z = latents / self.scaling_factor + self.shift_factor
-        return self.vae.decode(z.to(self.vae.dtype)).sample.float()
+        return self.vae.decode(z.to(self.vae.device, self.vae.dtype)).sample.to(latents.device, torch.float32)
 
 
 class IdentityCodec(torch.nn.Module):

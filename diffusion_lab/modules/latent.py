@@ -10,6 +10,7 @@ import torch
 from diffusion_lab.components.adapters import add_lora
 from diffusion_lab.components.checks import check_latent_parts
 from diffusion_lab.components.pretrained import Dtype, torch_dtype
+from diffusion_lab.components.quantization import check_quantized_training, is_quantized
 from diffusion_lab.components.text import TextConditioner
 from diffusion_lab.components.vae import VAECodec
 from diffusion_lab.modules.diffusion_module import DiffusionModule, batch_len
@@ -27,6 +28,11 @@ class LatentDiffusion(DiffusionModule):
         caption_dropout: P(caption -> "") per example, for classifier-free guidance.
         cache: ``model.cache``, read by ``callbacks/caching.py`` (VAE posteriors and frozen text
             states computed once before training); recorded here with the run's hparams.
+        quantization: the ``quantization=`` option the backbone (and frozen text encoders) were loaded
+            with (``components/quantization.py``); anything but ``none`` trains an adapter only (QLoRA).
+        offload_frozen: the frozen VAE and text encoders stay on the CPU whatever device trains: they
+            encode there and only their outputs move (with ``cache``: once, before training).
+        group_offload: diffusers' group offloading of the frozen backbone (refused: see ``check_group_offload``).
         export_fused: LoRA runs also write ``<export dir>/fused``, a pipeline with the LoRA merged.
         safety_checker: folder/hub id with ``safety_checker/`` + ``feature_extractor/`` for exports (None = off).
         pretrained, local_files_only: where the parts came from (recorded; Hydra loads the parts).
@@ -61,6 +67,9 @@ class LatentDiffusion(DiffusionModule):
         caption_dropout: float = 0.0,
         gradient_checkpointing: bool = False,
         cache: bool = False,
+        quantization: str = "none",
+        offload_frozen: bool = False,
+        group_offload: str | None = None,
         export_fused: bool = False,
         safety_checker: str | None = None,
         pretrained: str | None = None,
@@ -71,8 +80,16 @@ class LatentDiffusion(DiffusionModule):
         self.check_parts(unet, codec, conditioner, resolution, image_channels)
         if not 0.0 <= caption_dropout < 1.0:
             raise ConfigError(f"model.caption_dropout={caption_dropout} must be in [0, 1).")
+        check_quantized_training(self.family, quantization, unet, unet_lora, export_fused)
+        check_group_offload(group_offload)
+        if text_lora is None and not conditioner.frozen and any(is_quantized(e) for e in conditioner.encoders):
+            raise ConfigError(
+                f"text_encoder.trainable=true with quantization={quantization}: the text encoders were quantized while loaded "
+                f"(quantization.text_encoders=true) and cannot be fine-tuned in full. Set quantization.text_encoders=false, or "
+                f"train a LoRA on them instead (adapter.train_text_encoder=true, text_encoder.trainable=false)."
+            )
         if unet_lora is not None:
-            add_lora(unet.to(torch_dtype(unet_base_dtype)), unet_lora)
+            add_lora(unet if is_quantized(unet) else unet.to(torch_dtype(unet_base_dtype)), unet_lora)
         elif unet_base_dtype != "float32":
             raise ConfigError(
                 f"adapter.base_dtype={unet_base_dtype} holds the frozen UNet of a LoRA in half precision, but "
@@ -81,12 +98,15 @@ class LatentDiffusion(DiffusionModule):
         if text_lora is not None:
             for encoder in conditioner.encoders:
                 add_lora(encoder, text_lora)
-        if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-            if not conditioner.frozen:
-                for encoder in conditioner.encoders:
-                    encoder.gradient_checkpointing_enable()
-        super().__init__(unet, process, sampler, optimizer, codec=codec, conditioner=conditioner, resolution=resolution, **kwargs)
+        if gradient_checkpointing and not conditioner.frozen:
+            for encoder in conditioner.encoders:
+                encoder.gradient_checkpointing_enable()
+        super().__init__(unet, process, sampler, optimizer, codec=codec, conditioner=conditioner, resolution=resolution, gradient_checkpointing=gradient_checkpointing, **kwargs)
+        if offload_frozen and not conditioner.frozen:
+            raise ConfigError(
+                "model.offload_frozen=true keeps the frozen text encoders and VAE on the CPU, but the text encoder trains "
+                "(text_encoder.trainable or adapter.train_text_encoder); set model.offload_frozen=false or freeze it."
+            )
         self.train()  # from_pretrained returns eval-mode models; Lightning keeps the mode it finds
 
     @staticmethod
@@ -94,6 +114,23 @@ class LatentDiffusion(DiffusionModule):
         """ConfigError naming the keys when the parts disagree (``components/checks.py``); the
         transformer families (``modules/sd3.py``, ``flux.py``) check their own backbone."""
         check_latent_parts(unet, codec, conditioner, resolution, image_channels)
+
+    # ---- frozen parts on the CPU (model.offload_frozen) ----------------------------------------
+    def _apply(self, fn, recurse: bool = True):
+        """Device and dtype moves (``.to``, Lightning's) skip the codec and conditioner under
+        ``offload_frozen``: they stay registered (checkpoints hold them) but on the CPU; the codec
+        takes its inputs to its own device and the text states are brought back by ``_text``."""
+        if not self.hparams.get("offload_frozen"):
+            return super()._apply(fn, recurse)
+        frozen = {name: self._modules.pop(name) for name in ("codec", "conditioner")}
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._modules.update(frozen)
+
+    def _text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """``text_states`` on this module's device (the encoders may sit on the CPU)."""
+        return {k: v.to(self.device) for k, v in self.text_states(captions).items()}
 
     # ---- text conditioning ----------------------------------------------------------------
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -121,13 +158,13 @@ class LatentDiffusion(DiffusionModule):
             captions = self._captions(batch)
             if drop is not None:
                 captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            states = self.text_states(captions)
+            states = self._text(captions)
         return states
 
     def sampling_conditioning(self, cond_batch: dict | None, n: int):
         """Prompts from ``cond_batch["caption"]`` (else empty); the unconditional half is ""."""
         captions = list(cond_batch["caption"]) if cond_batch and "caption" in cond_batch else [""] * n
-        return self.text_states(captions), self.text_states([""] * n)
+        return self._text(captions), self._text([""] * n)
 
     def _captions(self, batch: dict) -> list[str]:
         if "caption" not in batch:
@@ -140,4 +177,20 @@ class LatentDiffusion(DiffusionModule):
 
     @torch.no_grad()
     def _empty_states(self) -> dict[str, torch.Tensor]:
-        return self.text_states([""])
+        return self._text([""])
+
+
+def check_group_offload(group_offload: str | None) -> None:
+    """``model.group_offload`` is refused: diffusers' group offloading swaps each block's parameters
+    between devices with forward hooks (``param.data = ...``), while a LoRA trains inside those
+    blocks: the backward pass needs the frozen weights the hooks have already moved away, and the
+    optimizer would hold parameters whose storage the hooks replace. diffusers supports it for
+    inference only."""
+    if group_offload is None:
+        return
+    raise ConfigError(
+        f"model.group_offload={group_offload}: diffusers' group offloading moves the backbone's blocks off the device after "
+        f"their forward pass, but training needs them again in backward and the LoRA's parameters live in the same blocks, so "
+        f"it does not train (diffusers supports it for inference). Set model.group_offload=null; to save memory use "
+        f"quantization=nf4|int8|float8, model.gradient_checkpointing=true and model.offload_frozen=true."
+    )
