@@ -184,7 +184,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         )
         # outputs back in fp32: the losses and the sampler's arithmetic stay fp32, as under autocast
         self.mp_policy = MixedPrecisionPolicy(param_dtype=torch_dtype(param_dtype), reduce_dtype=torch_dtype(reduce_dtype), output_dtype=torch.float32)
-        self.offload_policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+        # pinned host memory (faster copies) needs CUDA
+        self.offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
         self.reshard_after_forward = reshard_after_forward
 
     def setup_environment(self) -> None:
