@@ -1,0 +1,38 @@
+"""One architecture, planned under many settings: counts and activation traces are computed once
+per (adapter, compute dtype) and reused while the switches vary (``budget.breakdown`` does the math).
+
+    planner = Planner(arch, resolution=1024, lora=lora_config(rank=16, target_modules=[...]))
+    b = planner.breakdown(Settings(precision="bf16-mixed", adapter=True, gradient_checkpointing=True, batch=2))
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from diffusion_lab.memory.architecture import Architecture, backbone_counts, backbone_model, trace_activations
+from diffusion_lab.memory.budget import K_SAVED, Breakdown, Counts, Settings, Trace, breakdown, compute_dtype_bytes
+
+
+class Planner:
+    def __init__(self, arch: Architecture, resolution: int, lora=None, k_saved: float = K_SAVED):
+        self.arch, self.resolution, self.lora, self.k_saved = arch, resolution, lora, k_saved
+
+    @functools.cache
+    def counts(self, adapter: bool) -> Counts:
+        return backbone_counts(self.arch, self.lora if adapter else None)
+
+    @functools.cache
+    def trace(self, adapter: bool, dtype_bytes: int) -> Trace:
+        dtype = torch.bfloat16 if dtype_bytes == 2 else torch.float32
+        runs = []
+        for batch in (1, 2):
+            model = backbone_model(self.arch, self.lora if adapter else None)
+            runs.append(trace_activations(self.arch, self.resolution, batch, dtype, model=model))
+        return Trace(saved_1=runs[0].saved, saved_2=runs[1].saved, ckpt_1=runs[0].checkpointed, ckpt_2=runs[1].checkpointed)
+
+    def breakdown(self, s: Settings) -> Breakdown:
+        if s.adapter and self.lora is None:
+            raise ValueError("adapter=True needs the Planner's lora config")
+        return breakdown(self.counts(s.adapter), self.trace(s.adapter, compute_dtype_bytes(s.precision)), s, self.k_saved)
