@@ -116,8 +116,9 @@ def test_prepare_writes_the_shard_set_to_the_store(shards, tmp_path, monkeypatch
 
 # ---- reading ------------------------------------------------------------------------------------
 def test_streamed_items_and_order_equal_the_folders(shards, tmp_path):
-    """Random access (checks, sample grids) and a shuffled epoch with 2 loader workers: the same
-    items, pixels and order from the store (through litdata's cache) as from the folder."""
+    """Random access (checks, sample grids), a shuffled epoch with 2 loader workers and a resume
+    mid-epoch: the same items, pixels and order from the store (through litdata's cache) as from
+    the folder."""
     url, folder, _ = shards
     make = lambda root: ShardDataModule(  # noqa: E731
         str(root), ImageTransform(8, random_flip=True, mode="L"), batch_size=16, num_workers=2, resolution=8, channels=1,
@@ -129,18 +130,52 @@ def test_streamed_items_and_order_equal_the_folders(shards, tmp_path):
         a, b = remote.dataset[i], local.dataset[i]
         assert a["index"] == b["index"] and a["label"] == b["label"] and torch.equal(a["pixel_values"], b["pixel_values"])
 
-    def epoch(dm, n=12):
+    def epoch(dm, n=6):
         out = []
         for batch in dm.train_dataloader():
             out.append((batch["index"], batch["pixel_values"]))
             if len(out) == n:
                 return out
 
-    for (ia, xa), (ib, xb) in zip(epoch(remote), epoch(local), strict=True):
+    unbroken = epoch(local)
+    for (ia, xa), (ib, xb) in zip(epoch(remote), unbroken, strict=True):
+        assert torch.equal(ia, ib) and torch.equal(xa, xb)
+    resumed = make(url)  # a run resumed after 3 batches (the datamodule's saved position) replays the rest
+    resumed.load_state_dict({"shuffle_seed": 5, "epoch": 0, "samples": 3 * 16})
+    for (ia, xa), (ib, xb) in zip(epoch(resumed, n=3), unbroken[3:], strict=True):
         assert torch.equal(ia, ib) and torch.equal(xa, xb)
     val = next(iter(remote.val_dataloader()))
     assert torch.equal(val["index"], next(iter(local.val_dataloader()))["index"])
     assert list((tmp_path / "cache").rglob("chunk-*.bin"))  # streamed into data.cache_dir
+
+
+def test_bucketed_shards_from_the_store_equal_the_folders(s3, tmp_path):
+    """data.buckets=true: one litdata folder per aspect bucket, read by index through the
+    BucketSampler: the same batches of the same shapes from the store as from the folder."""
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (*[(10, 12), (14, 8), (8, 14)][i % 3], 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+    data = ["data=image_folder", f"data.root={images}", "data.resolution=8", "data.buckets=true", "data.bucket_step=2", "data.val_fraction=0.1"]
+    url, folder = f"s3://{BUCKET}/bucketed", tmp_path / "bucketed"
+    for out in (url, folder):
+        prepare(compose_cfg("prepare", [*data, f"out_dir={out}", "prepare.num_workers=1", "prepare.chunk_bytes=2KB"], tmp_path / "hydra"))
+    assert len(read_manifest(url)["buckets"]) >= 2 and all(any(k.startswith(f"bucketed/train/{h}x{w}/chunk-") for k in keys("bucketed/")) for h, w in read_manifest(url)["buckets"])
+
+    def batches(root) -> list:
+        dm = ShardDataModule(str(root), ImageTransform(8, random_flip=True), batch_size=4, num_workers=0, resolution=8, shuffle_seed=3, cache_dir=str(tmp_path / "cache"))
+        counts = dm.manifest["num_items"]
+        assert (len(dm.dataset), len(dm.val_dataloader().dataset)) == (counts["train"], counts["val"]) and sum(counts.values()) == 24
+        return [(b["index"], b["pixel_values"]) for b in dm.train_dataloader()]
+
+    remote, local = batches(url), batches(folder)
+    assert len(remote) == len(local) >= 4
+    for (ia, xa), (ib, xb) in zip(remote, local, strict=True):
+        assert torch.equal(ia, ib) and torch.equal(xa, xb)
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -174,6 +209,13 @@ def test_without_credentials_training_stops_with_one_paragraph_naming_the_variab
     with pytest.raises(ConfigError, match=r"out_dir=s3://shards/new: no S3 credentials"):
         prepare(compose_cfg("prepare", [*PREP, f"out_dir=s3://{BUCKET}/new"], tmp_path / "hydra"))
     assert compose_cfg("train", ["data=shards", f"data.root={url}"], tmp_path / "c").data.resolution == 64  # composes; the data module says why
+
+
+@pytest.mark.slow  # a CLI process: ~15 s of imports
+def test_without_credentials_the_cli_prints_one_paragraph_not_a_traceback(shards, tmp_path, monkeypatch):
+    url, _, _ = shards
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
     proc = run_cli(tiny("data=shards", f"data.root={url}", f"hydra.run.dir={tmp_path / 'run'}"), tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "error: data.root=s3://shards/digits: no S3 credentials were found" in proc.stderr

@@ -472,7 +472,14 @@ def _dataset_class():
         def __getitem__(self, index):
             if self.allow_http:
                 _allow_http_endpoints()
-            return self.items(super().__getitem__(index), int(self.current_epoch))
+            if not self.items.bucketed:
+                return self.items(super().__getitem__(index), int(self.current_epoch))
+            # bucketed flips come from Python's global RNG, seeded per item (SeededItems); litdata's
+            # S3 client draws from it when it is created (its refresh jitter), in the middle of that
+            state = random.getstate()
+            sample = super().__getitem__(index)
+            random.setstate(state)
+            return self.items(sample, int(self.current_epoch))
 
     return ShardDataset
 
