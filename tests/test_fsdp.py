@@ -233,3 +233,23 @@ def test_every_backbone_family_is_sharded_block_by_block(tmp_path):
     for name, r in report.items():
         assert r["blocks"] >= 2 and r["wrapped"], (name, r)
         assert r["fraction"] == pytest.approx(0.5, abs=0.03), (name, r)
+
+
+@pytest.mark.slow  # minutes of multi-process work: make test-slow
+def test_bf16_blocks_with_cpu_offload_train_and_keep_fp32_master_weights(tmp_path):
+    """trainer=fsdp's GPU settings on CPU: bf16 weights gathered per block (FSDP's mixed-precision
+    policy) under bf16 autocast, shards in host memory (CPUOffloadPolicy); the loss falls and the
+    exported weights are fp32."""
+    from diffusers import UNet2DModel
+
+    run_dir = tmp_path / "run"
+    args = tiny("trainer=fsdp_cpu", "trainer.strategy.param_dtype=bfloat16", "trainer.precision=bf16-mixed", "trainer.strategy.cpu_offload=true", *CURVE[:3],
+                "trainer.max_steps=12", "trainer.val_check_interval=6", "callbacks.sample_grid.every_n_steps=6", *PROBE, f"hydra.run.dir={run_dir}")
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = load_probes(run_dir)
+    assert all(v.dtype == torch.float32 for v in r0["unet"].values())
+    assert all(torch.equal(r0["unet"][k], r1["unet"][k]) for k in r0["unet"])
+    losses = pd.read_csv(run_dir / "csv" / "metrics.csv")["val/loss"].dropna().tolist()
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert UNet2DModel.from_pretrained(run_dir / "pipeline" / "unet").dtype == torch.float32

@@ -182,8 +182,10 @@ class FSDP2Strategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timedelta(seconds=timeout_s),
         )
-        # outputs back in fp32: the losses and the sampler's arithmetic stay fp32, as under autocast
-        self.mp_policy = MixedPrecisionPolicy(param_dtype=torch_dtype(param_dtype), reduce_dtype=torch_dtype(reduce_dtype), output_dtype=torch.float32)
+        # Inputs are not cast to param_dtype: autocast (trainer.precision=bf16-mixed) mixes the bf16
+        # weights with fp32 activations op by op, and timesteps / sigmas stay fp32 (bf16 would round
+        # a flow-matching timestep near 1000 to a multiple of 4).
+        self.mp_policy = MixedPrecisionPolicy(param_dtype=torch_dtype(param_dtype), reduce_dtype=torch_dtype(reduce_dtype), cast_forward_inputs=False)
         # pinned host memory (faster copies) needs CUDA
         self.offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
         self.reshard_after_forward = reshard_after_forward
@@ -196,6 +198,13 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def shard(self, module: torch.nn.Module) -> list[str]:
         """``shard_module`` with this strategy's mesh and policies (called from ``configure_model``)."""
+        precision = getattr(self.precision_plugin, "precision", None)
+        if self.mp_policy.param_dtype not in (None, torch.float32) and precision not in ("bf16-mixed", "16-mixed"):
+            raise ConfigError(
+                f"trainer.strategy.param_dtype={str(self.mp_policy.param_dtype).removeprefix('torch.')} computes the blocks in half "
+                f"precision, which needs autocast around them: set trainer.precision=bf16-mixed (trainer=fsdp does), or "
+                f"trainer.strategy.param_dtype=float32 with trainer.precision={precision}."
+            )
         return shard_module(module, self.device_mesh["data_parallel"], self.mp_policy, self.offload_policy, self.reshard_after_forward)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
