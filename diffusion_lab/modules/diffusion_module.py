@@ -291,7 +291,9 @@ class DiffusionModule(pl.LightningModule):
         cond, uncond = self.sampling_conditioning(cond_batch, n)
         scheduler = scheduler or self.sampling_scheduler()
         shape, steps = self.latent_shape(n), num_inference_steps or self.hparams.preview_steps
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        # bf16 on GPUs, and wherever training runs bf16-mixed (trainer=fsdp gathers bf16 weights, CPU too)
+        bf16 = self.device.type == "cuda" or (self._trainer is not None and self._trainer.precision == "bf16-mixed")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         with autocast:
             x0 = sample(
                 self.denoise,
