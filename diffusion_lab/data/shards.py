@@ -132,6 +132,12 @@ class S3Root:
         self.client = session.client("s3", config=config)
         self.endpoint: str = self.client.meta.endpoint_url
 
+    def __getstate__(self) -> dict:  # a boto3 client does not pickle (spawned processes): made again
+        return {k: v for k, v in self.__dict__.items() if k != "client"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["url"], state["key"])
+
     def _key(self, *parts: str) -> str:
         return "/".join(p.strip("/") for p in (self.prefix, *parts) if p.strip("/"))
 
