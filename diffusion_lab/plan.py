@@ -138,7 +138,7 @@ def plan(cfg: DictConfig) -> dict:
     budget = OmegaConf.select(cfg, "plan.budget_gb")
     fit_error = None
     if budget is not None:
-        steps, ok = fit(planner, s, float(budget) * GB, cfg)
+        steps, ok = fit(planner, s, float(budget) * GB)
         result["budget_gb"], result["fits"] = float(budget), ok
         result["switches"] = [{"override": o, "why": why, "total_gb": round(t / GB, 3)} for o, why, t in steps]
         if b.total <= float(budget) * GB:

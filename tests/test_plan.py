@@ -118,44 +118,52 @@ def test_the_trace_saves_less_with_checkpointing_and_lora():
     p = Planner(arch, 256, lora=lora_config(**LORA))
     full, lora = p.trace(False, 4), p.trace(True, 4)
     assert full.ckpt_1 < full.saved_1 / 3
-    assert lora.saved_1 < full.saved_1  # frozen linears keep no inputs
+    assert lora.saved_1 < full.saved_1 * 0.9  # frozen convs and linears keep no inputs for a weight gradient
     assert full.saved_2 > full.saved_1 * 1.8  # per-sample activations dominate
 
 
 # ---- the CLI ------------------------------------------------------------------------------------
-def run_plan(tmp_path, *overrides, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "diffusion_lab.plan", *overrides, f"hydra.run.dir={tmp_path}", "logger=none"],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
-    )
-    if check:
-        assert out.returncode == 0, out.stderr[-3000:]
-    return out
-
-
 KEYS = {"weights_gb", "grads_gb", "optimizer_gb", "ema_gb", "activations_gb", "frozen_gb", "total_gb"}
 
 
-def test_cli_shipped_architecture_with_budget(tmp_path):
-    out = run_plan(tmp_path, "model=latent_flux", "plan/architecture=flux1_dev", "adapter=lora", "trainer=gpu", "data.resolution=1024",
-                   "data.batch_size=1", "plan.budget_gb=24")
-    assert "peak per rank" in out.stdout and "paste:" in out.stdout
+def plan_cfg(tmp_path, *overrides):
+    from tests.conftest import compose_cfg
+
+    return compose_cfg("plan", ["logger=none", *overrides], tmp_path)
+
+
+def test_cli_shipped_architecture_with_budget(tmp_path, capsys):
+    from diffusion_lab.plan import plan as run
+
+    run(plan_cfg(tmp_path, "model=latent_flux", "plan/architecture=flux1_dev", "adapter=lora", "trainer=gpu", "data.resolution=1024",
+                 "data.batch_size=1", "plan.budget_gb=24"))
+    out = capsys.readouterr().out
+    assert "peak per rank" in out and "paste:" in out and str(tmp_path / "plan.json") in out
     result = json.loads((tmp_path / "plan.json").read_text())
     assert KEYS <= set(result) and result["fits"]
     assert result["switches"][-1]["total_gb"] <= 24 < result["total_gb"]
-    assert str(tmp_path / "plan.json") in out.stdout
 
 
 def test_cli_tiny_folder(tmp_path, tiny_flux):
-    run_plan(tmp_path, "experiment=flux_finetune_tiny", f"model.pretrained={tiny_flux}", "trainer=cpu")
+    """The real command line, planning a run's own model.pretrained folder."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "diffusion_lab.plan", "experiment=flux_finetune_tiny", f"model.pretrained={tiny_flux}", "trainer=cpu",
+         "logger=none", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "plan.json").read_text())
-    assert KEYS <= set(result) and result["backbone_params"] > 0
-    assert result["total_gb"] > 0
+    assert KEYS <= set(result) and result["backbone_params"] > 0 and result["total_gb"] > 0
 
 
-def test_cli_impossible_budget_is_one_paragraph(tmp_path):
-    out = run_plan(tmp_path, "model=latent_flux", "plan/architecture=qwen_image", "trainer=gpu", "data.resolution=1024", "plan.budget_gb=2", check=False)
-    assert out.returncode == 2
-    assert "Traceback" not in out.stderr
-    assert "error: plan.budget_gb=2" in out.stderr and "no switch fits" in out.stderr
+def test_cli_impossible_budget_is_one_paragraph(tmp_path, capsys):
+    from diffusion_lab.plan import plan as run
+    from diffusion_lab.utils.cli import friendly_errors
+
+    cfg = plan_cfg(tmp_path, "model=latent_sd", "plan/architecture=sd15", "trainer=gpu", "data.resolution=512", "plan.budget_gb=0.3")
+    with pytest.raises(SystemExit) as e, friendly_errors():
+        run(cfg)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: plan.budget_gb=0.3" in err and "no switch fits" in err and "Traceback" not in err

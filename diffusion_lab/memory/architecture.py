@@ -309,9 +309,7 @@ def backbone_inputs(arch: Architecture, model: torch.nn.Module, batch: int, reso
 
 def trace_activations(arch: Architecture, resolution: int, batch: int = 1, dtype: torch.dtype = torch.float32, lora=None, model: torch.nn.Module | None = None) -> Activations:
     """Saved-for-backward bytes of one forward + loss of ``arch``'s backbone on meta tensors."""
-    model = model if model is not None else backbone_model(arch, lora)
-    if lora is None:
-        model.requires_grad_(True)
+    model = model if model is not None else backbone_model(arch, lora)  # requires_grad as it trains (add_lora froze the base)
     model.to(dtype=dtype)  # autocast runs the matmuls (LoRA's too) in the compute dtype: what they save is in it
     skip = {_Tally.key(p)[0] for p in model.parameters()} | {_Tally.key(b)[0] for b in model.buffers()}
     tally = _Tally(skip)

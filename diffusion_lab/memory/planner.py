@@ -24,12 +24,13 @@ class Planner:
         return backbone_counts(self.arch, self.lora if adapter else None)
 
     @functools.cache
+    def model(self, adapter: bool) -> torch.nn.Module:
+        return backbone_model(self.arch, self.lora if adapter else None)
+
+    @functools.cache
     def trace(self, adapter: bool, dtype_bytes: int) -> Trace:
         dtype = torch.bfloat16 if dtype_bytes == 2 else torch.float32
-        runs = []
-        for batch in (1, 2):
-            model = backbone_model(self.arch, self.lora if adapter else None)
-            runs.append(trace_activations(self.arch, self.resolution, batch, dtype, model=model))
+        runs = [trace_activations(self.arch, self.resolution, batch, dtype, model=self.model(adapter)) for batch in (1, 2)]
         return Trace(saved_1=runs[0].saved, saved_2=runs[1].saved, ckpt_1=runs[0].checkpointed, ckpt_2=runs[1].checkpointed)
 
     def breakdown(self, s: Settings) -> Breakdown:

@@ -2,7 +2,7 @@
 quality is said beside it). ``fit`` applies them one by one while they lower the peak, stops when
 it fits, then drops any switch the fit does not need.
 
-    steps, ok = fit(planner, settings, budget_bytes, cfg)   # [(override, why, peak bytes after), ...]
+    steps, ok = fit(planner, settings, budget_bytes)   # [(override, why, peak bytes after), ...]
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ def candidates(s: Settings, global_batch: int) -> Iterator[Switch]:
         )
 
 
-def fit(planner, s: Settings, budget: float, cfg=None) -> tuple[list[tuple[str, str, float]], bool]:
+def fit(planner, s: Settings, budget: float, exclude: tuple[str, ...] = ()) -> tuple[list[tuple[str, str, float]], bool]:
     """Greedy: each switch that lowers the peak is kept until the peak is <= ``budget``; then the
     kept switches the fit does not need are dropped (latest first). Returns the steps with the peak
-    after each, and whether it fits."""
+    after each, and whether it fits. ``exclude``: override prefixes not to try (e.g. ``("adapter=",)``)."""
     global_batch = s.batch * s.world_size
     current = planner.breakdown(s).total
     if current <= budget:
@@ -58,6 +58,8 @@ def fit(planner, s: Settings, budget: float, cfg=None) -> tuple[list[tuple[str, 
     kept: list[Switch] = []
     x = s
     for switch in candidates(s, global_batch):
+        if switch[0].startswith(exclude):
+            continue
         y = switch[2](x)
         if y == x:
             continue
