@@ -73,8 +73,8 @@ def losses(run_dir: Path) -> list[float]:
 def test_a_folder_that_is_not_a_shard_set_is_a_clear_error(tmp_path, folder_shards):
     with pytest.raises(DataError, match="does not exist.*diffusion_lab.prepare"):
         ShardDataModule(str(tmp_path / "nowhere"))
-    with pytest.raises(ConfigError, match="object-store roots are not supported yet.*Mount the bucket"):
-        ShardDataModule("s3://my-bucket/shards")
+    with pytest.raises(ConfigError, match=r"gs:// is not supported; object-store roots are s3://.*Mount the bucket"):
+        ShardDataModule("gs://my-bucket/shards")
     images = image_folder(tmp_path / "images", n=2)
     with pytest.raises(DataError, match=r"not a shard set \(no shards.json.*holds images: train on them with data=image_folder"):
         ShardDataModule(str(images))
