@@ -123,10 +123,35 @@ def test_dora_and_lokr_train_on_a_quantized_base(variant, folders, tmp_path):
     assert all(loss == loss for loss in losses(tmp_path / "run"))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="diffusers 0.42 save_lora_adapter calls self.to(dtype=...) on the quantized base "
-                   "(export/adapters.save_adapter_variant); the fix is to write get_peft_model_state_dict there instead")
-def test_lokr_export_on_a_quantized_base(folders, tmp_path):
-    fit(tmp_path / "run", "sd", folders("sd"), "quantization=int8", "adapter=lokr", "adapter.export_fused=false")
+def test_lokr_export_on_a_quantized_base_loads_on_the_unquantized_base_and_changes_it(folders, tmp_path):
+    """LoKr on bitsandbytes int8: the export writes the adapter without touching the quantized base (diffusers'
+    save_lora_adapter would re-cast it); diffusers' UNet loader and peft read it on the unquantized base."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    objects = fit(tmp_path / "run", "sd", folders("sd"), "quantization=int8", "adapter=lokr", "adapter.export_fused=false", "model.optimizer.lr=0.05")
+    unet = objects["model"].base_unet
+    assert quantized_layers(unet) == {LAYERS["int8"]}
+    folder = tmp_path / "run" / "lokr"
+    saved = load_file(folder / "pytorch_lora_weights.safetensors")
+    assert saved.keys() == get_peft_model_state_dict(unet).keys() and any("lokr_w1" in k for k in saved)
+    assert all(v.dtype == torch.float32 for v in saved.values())  # the adapter (EMA weights here), not the int8 base
+
+    pipe = StableDiffusionPipeline.from_pretrained(folders("sd"), safety_checker=None)
+    assert not is_quantized(pipe.unet)
+
+    def generate():
+        return pipe(PROMPT, num_inference_steps=3, height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+    before = generate()
+    pipe.unet.load_lora_adapter(str(folder), prefix=None, weight_name="pytorch_lora_weights.safetensors")
+    after = generate()
+    assert abs(after - before).max() > 1e-3
+    # peft's own folder gives the same UNet
+    pipe = StableDiffusionPipeline.from_pretrained(folders("sd"), safety_checker=None)
+    pipe.unet = PeftModel.from_pretrained(pipe.unet, str(folder / "unet")).merge_and_unload()
+    assert abs(generate() - after).max() < 1e-4
 
 
 def test_quanto_backend_trains(folders, tmp_path):

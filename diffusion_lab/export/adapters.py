@@ -12,13 +12,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from diffusion_lab.components.adapters import adapter_variant, has_lora
+from diffusion_lab.components.adapters import adapter_variant, has_lora, lora_metadata
 
 PEFT_PREFIX = "base_model.model."  # the key prefix of a PeftModel's saved adapter
 
@@ -44,8 +45,22 @@ def save_adapter_variant(module, out_dir: str | Path) -> None:
     for name, model in parts.items():
         save_peft_folder(model, Path(out_dir) / name)
     if adapter_variant(module.base_unet) == "lokr":
-        # diffusers' UNet loader reads LoKr (the adapter weights are fp32 even on a half-precision base)
-        module.base_unet.save_lora_adapter(str(out_dir), safe_serialization=True)
+        save_lora_adapter_file(module.base_unet, out_dir)
+
+
+def save_lora_adapter_file(model: torch.nn.Module, out_dir: str | Path) -> None:
+    """``out_dir/pytorch_lora_weights.safetensors`` as diffusers' ``model.save_lora_adapter`` writes it (peft
+    keys, the adapter config as JSON under ``lora_adapter_metadata`` in the header), which
+    ``load_lora_adapter`` reads. Written here because diffusers 0.42's ``save_lora_adapter`` calls
+    ``model.to(dtype=None)`` first, which a quantized base (QLoRA) refuses; only the adapter is read.
+    The adapter weights keep their dtype (fp32 even on a half-precision or quantized base)."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
+
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in lora_metadata(model).items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model, adapter_name="default").items()}
+    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_file(state, str(Path(out_dir) / LORA_WEIGHT_NAME_SAFE), metadata=metadata)
 
 
 def is_adapter_variant(module) -> bool:
