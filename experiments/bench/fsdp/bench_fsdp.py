@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -59,27 +60,37 @@ class StepProbe(pl.Callback):
         if trainer.global_step == trainer.max_steps:
             from torch.distributed.tensor import DTensor
 
+            from diffusion_lab.callbacks.ema import EMACallback
+
+            def mib(tensors) -> float:  # bytes this rank holds: a DTensor's local shard only
+                return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors if torch.is_tensor(t)) / 2**20
+
+            params = list(pl_module.parameters())
+            opt_state = [v for state in trainer.optimizers[0].state.values() for v in state.values()]
+            ema = next(cb.ema for cb in trainer.callbacks if isinstance(cb, EMACallback))
+            held = {"weights": mib(params), "grads": mib(p.grad for p in params if p.grad is not None), "optimizer": mib(opt_state),
+                    "ema": mib(ema.shadow_params)}
             local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in pl_module.base_unet.parameters())
             total = sum(p.numel() for p in pl_module.base_unet.parameters())
             self.out.mkdir(parents=True, exist_ok=True)
             record = {"rank": trainer.global_rank, "step_s": self.times, "rss_start_mib": self.rss_start, "peak_mib": _vm("VmHWM"),
-                      "local_params": local, "params": total}
+                      "local_params": local, "params": total, "held_mib": held, "state_mib": sum(held.values())}
             (self.out / f"{self.tag}_rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 BACKBONES = {
-    # SD's layout (cross-attention down/up blocks, a mid block), widened to 192/384 channels
-    "latent_unet": ["experiment=sd_finetune_tiny", "model/unet=sd_tiny", "model.unet.block_out_channels=[192,384]"],
-    # FLUX.1's double- and single-stream blocks, width 8 heads x 64 = 512
-    "flux_transformer": ["experiment=flux_finetune_tiny", "model/unet=flux_tiny", "model.unet.num_layers=2", "model.unet.num_single_layers=4",
-                         "model.unet.num_attention_heads=8", "model.unet.attention_head_dim=64", "model.unet.axes_dims_rope=[16,24,24]"],
+    # SD's layout (cross-attention down/up blocks, a mid block) at SD 1.5's first two widths: 77.5M parameters
+    "latent_unet": ["experiment=sd_finetune_tiny", "model/unet=sd_tiny", "model.unet.block_out_channels=[320,640]"],
+    # FLUX.1's double- and single-stream blocks, width 12 heads x 64 = 768: 81.5M parameters
+    "flux_transformer": ["experiment=flux_finetune_tiny", "model/unet=flux_tiny", "+model.unet.num_layers=2", "+model.unet.num_single_layers=4",
+                         "+model.unet.num_attention_heads=12", "+model.unet.attention_head_dim=64", "+model.unet.axes_dims_rope=[16,24,24]"],
 }
 PIPELINE = {"latent_unet": "sd", "flux_transformer": "flux"}
 
 
 def run(backbone: str, strategy: str, steps: int, work: Path, pretrained: Path) -> dict:
     tag = f"{backbone}_{strategy}"
-    args = [*BACKBONES[backbone], f"model.pretrained={pretrained}", f"trainer={strategy}", f"trainer.max_steps={steps}", "data.batch_size=8",
+    args = [*BACKBONES[backbone], f"model.pretrained={pretrained}", f"trainer={strategy}", f"trainer.max_steps={steps}", "data.batch_size=4",
             "trainer.limit_val_batches=0", "callbacks.sample_grid=null", "callbacks.export=null", "callbacks.noising_strip=null",
             "callbacks.model_checkpoint.every_n_train_steps=100000", "callbacks.learning_curves=null", "logger=none",
             "+callbacks.probe._target_=bench_fsdp.StepProbe", f"+callbacks.probe.out={work / 'probes'}", f"+callbacks.probe.tag={tag}",
@@ -94,6 +105,8 @@ def run(backbone: str, strategy: str, steps: int, work: Path, pretrained: Path) 
         "step_s": statistics.median(t for r in ranks for t in r["step_s"][warm:]),
         "peak_mib": [r["peak_mib"] for r in ranks],
         "train_state_mib": [r["peak_mib"] - r["rss_start_mib"] for r in ranks],
+        "state_mib": [r["state_mib"] for r in ranks],
+        "held_mib": ranks[0]["held_mib"],
         "local_param_fraction": [r["local_params"] / r["params"] for r in ranks],
         "params_m": ranks[0]["params"] / 1e6,
     }
@@ -124,28 +137,31 @@ def main() -> None:
         med = lambda rows, key: statistics.median(x for r in rows for x in (r[key] if isinstance(r[key], list) else [r[key]]))  # noqa: E731
         summary[backbone] = {
             "params_m": ddp[0]["params_m"],
-            "ddp": {"step_s": med(ddp, "step_s"), "peak_mib": med(ddp, "peak_mib"), "train_state_mib": med(ddp, "train_state_mib")},
+            "ddp": {"step_s": med(ddp, "step_s"), "peak_mib": med(ddp, "peak_mib"), "train_state_mib": med(ddp, "train_state_mib"),
+                    "state_mib": med(ddp, "state_mib"), "held_mib": ddp[0]["held_mib"]},
             "fsdp": {"step_s": med(fsdp, "step_s"), "peak_mib": med(fsdp, "peak_mib"), "train_state_mib": med(fsdp, "train_state_mib"),
+                     "state_mib": med(fsdp, "state_mib"), "held_mib": fsdp[0]["held_mib"],
                      "local_param_fraction": med(fsdp, "local_param_fraction")},
         }
         s = summary[backbone]
         s["ratio_step_time"] = s["fsdp"]["step_s"] / s["ddp"]["step_s"]
         s["ratio_peak"] = s["fsdp"]["peak_mib"] / s["ddp"]["peak_mib"]
         s["ratio_train_state"] = s["fsdp"]["train_state_mib"] / s["ddp"]["train_state_mib"]
-    meta = {"steps": args.steps, "rounds": args.rounds, "batch": 8, "world_size": 2, "load_avg": os.getloadavg(),
+        s["ratio_state"] = s["fsdp"]["state_mib"] / s["ddp"]["state_mib"]
+    meta = {"steps": args.steps, "rounds": args.rounds, "batch": 4, "world_size": 2, "load_avg": os.getloadavg(),
             "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=1))
     lines = [
-        f"# FSDP2 vs DDP, 2 CPU processes (gloo), full fine-tune + AdamW + EMA, global batch 8, {args.steps} steps x {args.rounds} rounds (git {meta['git']})",
+        f"# FSDP2 vs DDP, 2 CPU processes (gloo), full fine-tune + AdamW + EMA, global batch 4, {args.steps} steps x {args.rounds} rounds (git {meta['git']})",
         "",
-        "| backbone | params | strategy | step s | peak RSS MiB / rank | training state MiB / rank | weights held / rank |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| backbone | params | strategy | step s | weights + grads + AdamW + EMA held / rank, MiB | peak RSS / rank, MiB | RSS growth during fit, MiB | weights held / rank |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for backbone, s in summary.items():
-        lines.append(f"| {backbone} | {s['params_m']:.1f}M | DDP | {s['ddp']['step_s']:.3f} | {s['ddp']['peak_mib']:.0f} | {s['ddp']['train_state_mib']:.0f} | 1.00 |")
-        lines.append(f"| | | FSDP2 | {s['fsdp']['step_s']:.3f} | {s['fsdp']['peak_mib']:.0f} | {s['fsdp']['train_state_mib']:.0f} | {s['fsdp']['local_param_fraction']:.2f} |")
-        lines.append(f"| | | **FSDP2 / DDP** | **{s['ratio_step_time']:.2f}** | **{s['ratio_peak']:.2f}** | **{s['ratio_train_state']:.2f}** | |")
+        lines.append(f"| {backbone} | {s['params_m']:.1f}M | DDP | {s['ddp']['step_s']:.2f} | {s['ddp']['state_mib']:.0f} | {s['ddp']['peak_mib']:.0f} | {s['ddp']['train_state_mib']:.0f} | 1.00 |")
+        lines.append(f"| | | FSDP2 | {s['fsdp']['step_s']:.2f} | {s['fsdp']['state_mib']:.0f} | {s['fsdp']['peak_mib']:.0f} | {s['fsdp']['train_state_mib']:.0f} | {s['fsdp']['local_param_fraction']:.2f} |")
+        lines.append(f"| | | **FSDP2 / DDP** | **{s['ratio_step_time']:.2f}** | **{s['ratio_state']:.2f}** | **{s['ratio_peak']:.2f}** | **{s['ratio_train_state']:.2f}** | |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
