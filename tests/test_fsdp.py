@@ -220,6 +220,13 @@ def _shard_every_family(rank: int, port: int, out: str) -> None:
         shard_module(holder, mesh, MixedPrecisionPolicy(), OffloadPolicy())
         blocks = [m for m in net.modules() if type(m).__name__.removeprefix("FSDP") in BLOCK_CLASSES]  # fully_shard renames the class
         report[name] = {"blocks": len(blocks), "wrapped": all(isinstance(m, FSDPModule) for m in blocks), "fraction": local_fraction(net)}
+    unknown = torch.nn.Module()
+    unknown.net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    try:
+        shard_module(unknown, mesh, MixedPrecisionPolicy(), OffloadPolicy())
+        report["unknown"] = None
+    except ConfigError as e:
+        report["unknown"] = str(e)
     if rank == 0:
         torch.save(report, out)
     dist.destroy_process_group()
@@ -229,6 +236,8 @@ def test_every_backbone_family_is_sharded_block_by_block(tmp_path):
     out = tmp_path / "report.pt"
     mp.spawn(_shard_every_family, args=(_free_port(), str(out)), nprocs=2, join=True)
     report = torch.load(out)
+    # a trained module with no block FSDP knows is refused before training, naming the fix
+    assert "trainer=fsdp cannot wrap net (Sequential)" in report.pop("unknown")
     assert set(report) == {"UNet2DModel", "UNet2DConditionModel", "DiT", "SD3Transformer2DModel", "FluxTransformer2DModel"}
     for name, r in report.items():
         assert r["blocks"] >= 2 and r["wrapped"], (name, r)
