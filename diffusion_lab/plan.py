@@ -13,7 +13,6 @@ try them. Writes ``<run dir>/plan.json``. A budget nothing fits is a one-paragra
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -28,8 +27,6 @@ from diffusion_lab.memory.switches import fit
 from diffusion_lab.utils.cli import explain_unknown_keys, friendly_errors
 from diffusion_lab.utils.config_path import CONFIG_PATH, conf_dir
 from diffusion_lab.utils.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 # hub ids whose architecture ships in conf/plan/architecture/
 HUB_IDS = {
@@ -50,7 +47,8 @@ def architecture(cfg: DictConfig) -> Architecture:
     if pretrained and Path(str(pretrained)).expanduser().is_dir():
         return load_architecture(folder=pretrained)
     raise ConfigError(
-        f"the plan reads the backbone's architecture from plan/architecture=<name> (shipped: {', '.join(sorted(set(HUB_IDS.values())))}) "
+        f"the plan covers the pretrained latent families (model=latent_sd|latent_sdxl|latent_sd3|latent_flux) and reads the "
+        f"backbone's architecture from plan/architecture=<name> (shipped: {', '.join(sorted(set(HUB_IDS.values())))}) "
         f"or from model.pretrained's config.json files; model.pretrained={pretrained!r} is neither a folder nor a hub id that ships. "
         f"Set plan/architecture=..., or model.pretrained=DIR with the model's *.json files "
         f"(`huggingface-cli download <hub id> --include '*.json' --local-dir DIR`)."
@@ -77,6 +75,7 @@ def settings(cfg: DictConfig) -> tuple[Settings, list[str]]:
         adapter=sel("adapter.unet") is not None,
         base_dtype=str(sel("adapter.base_dtype", "float32")),
         quantization=sel("quantization.weights"),
+        quant_backend=sel("quantization.backend"),
         quantize_text_encoders=bool(sel("quantization.text_encoders", False)),
         frozen_dtypes=tuple(sorted(frozen_dtypes.items())),
         offload_frozen=bool(sel("model.offload_frozen", False)),

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from diffusion_lab.components.adapters import lora_config
 from diffusion_lab.memory.architecture import backbone_counts, load_architecture, state_numel
-from diffusion_lab.memory.budget import Counts, Settings, Trace, breakdown
+from diffusion_lab.memory.budget import K_SAVED, Counts, Settings, Trace, breakdown
 from diffusion_lab.memory.planner import Planner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_fsdp_divides_by_world_size():
 
 def test_checkpointing_shrinks_activations_and_batch_scales_them():
     assert plan(gradient_checkpointing=True).activations < plan().activations / 5
-    assert plan(batch=4).activations == pytest.approx(TRACE.saved_1 + 3 * (TRACE.saved_2 - TRACE.saved_1))
+    assert plan(batch=4).activations == pytest.approx(K_SAVED * (TRACE.saved_1 + 3 * (TRACE.saved_2 - TRACE.saved_1)))
 
 
 def test_quantized_base_shrinks_the_frozen_weights():
@@ -116,7 +116,7 @@ def test_quantized_base_shrinks_the_frozen_weights():
 def test_the_trace_saves_less_with_checkpointing_and_lora():
     arch = shipped("sd15")
     p = Planner(arch, 256, lora=lora_config(**LORA))
-    full, lora = p.trace(False, 4), p.trace(True, 4)
+    full, lora = p.trace(False, "fp32"), p.trace(True, "fp32")
     assert full.ckpt_1 < full.saved_1 / 3
     assert lora.saved_1 < full.saved_1 * 0.9  # frozen convs and linears keep no inputs for a weight gradient
     assert full.saved_2 > full.saved_1 * 1.8  # per-sample activations dominate

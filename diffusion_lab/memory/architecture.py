@@ -98,7 +98,7 @@ def load_architecture(spec: Any = None, folder: str | Path | None = None) -> Arc
     vae_factor = 2 ** (len(frozen["vae"]["config"].get("block_out_channels", [0] * 4)) - 1) if "vae" in frozen else 8
     return Architecture(
         name=str(root), family=family, backbone_class=f"diffusers.{backbone['_class_name']}", backbone_config=backbone,
-        frozen=frozen, vae_factor=vae_factor, text_tokens=_folder_text_tokens(family, frozen),
+        frozen=frozen, vae_factor=vae_factor, text_tokens=TEXT_TOKENS[family],  # the pipeline's default, also for tiny folders
     )
 
 
@@ -106,11 +106,6 @@ def _part_class(config: dict) -> str:
     if "_class_name" in config:
         return f"diffusers.{config['_class_name']}"
     return f"transformers.{config['architectures'][0]}"
-
-
-def _folder_text_tokens(family: Family, frozen: dict) -> int:
-    """Tiny folders: the T5 tokens the pipeline pads to are still the pipeline's default."""
-    return TEXT_TOKENS[family]
 
 
 def _get_class(name: str):
@@ -222,6 +217,9 @@ class _FlashLikeAttention(torch.autograd.Function):
 
 
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    autocast = _Autocast.active  # SDPA is on autocast's low-precision list; a Python stand-in is not seen by the mode
+    if autocast is not None:
+        query, key, value = (autocast._cast(t, autocast.dtype) for t in (query, key, value))
     return _FlashLikeAttention.apply(query, key, value)
 
 
@@ -307,19 +305,31 @@ def backbone_inputs(arch: Architecture, model: torch.nn.Module, batch: int, reso
     raise ConfigError(f"no trace inputs for family {arch.family}")
 
 
-def trace_activations(arch: Architecture, resolution: int, batch: int = 1, dtype: torch.dtype = torch.float32, lora=None, model: torch.nn.Module | None = None) -> Activations:
-    """Saved-for-backward bytes of one forward + loss of ``arch``'s backbone on meta tensors."""
+Compute = Literal["fp32", "bf16", "mixed", "mixed_cpu"]
+
+
+def trace_activations(arch: Architecture, resolution: int, batch: int = 1, compute: Compute = "fp32", lora=None, base_dtype: torch.dtype = torch.float32,
+                      model: torch.nn.Module | None = None) -> Activations:
+    """Saved-for-backward bytes of one forward + loss of ``arch``'s backbone on meta tensors.
+    ``compute``: fp32 (32-true), bf16 (bf16-true / 16-true: every parameter in half precision), mixed
+    (bf16-mixed / 16-mixed: fp32 parameters, or a LoRA's frozen base in ``base_dtype`` under fp32
+    adapters, with CUDA autocast's casts emulated: ``_Autocast``), mixed_cpu (CPU autocast's casts)."""
     model = model if model is not None else backbone_model(arch, lora)  # requires_grad as it trains (add_lora froze the base)
-    model.to(dtype=dtype)  # autocast runs the matmuls (LoRA's too) in the compute dtype: what they save is in it
+    if compute == "bf16":
+        model.to(torch.bfloat16)
+    else:
+        for p in model.parameters():
+            p.data = p.data.to(torch.float32 if p.requires_grad or compute == "fp32" else base_dtype)
     skip = {_Tally.key(p)[0] for p in model.parameters()} | {_Tally.key(b)[0] for b in model.buffers()}
     tally = _Tally(skip)
     if getattr(model, "_supports_gradient_checkpointing", False):
         model.enable_gradient_checkpointing(gradient_checkpointing_func=tally.checkpoint)
-    inputs = backbone_inputs(arch, model, batch, resolution, dtype)
+    inputs = backbone_inputs(arch, model, batch, resolution, torch.bfloat16 if compute == "bf16" else torch.float32)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patched_sdpa())
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(tally.pack, lambda t: t))
-        out = model(**inputs, return_dict=False)[0]
+        with _Autocast(torch.bfloat16, cuda=compute == "mixed") if compute.startswith("mixed") else contextlib.nullcontext():
+            out = model(**inputs, return_dict=False)[0]
         target = torch.empty_like(out)
         loss = ((out.float() - target.float()) ** 2).mean()
     del loss
@@ -331,6 +341,50 @@ def trace_activations(arch: Architecture, resolution: int, batch: int = 1, dtype
     largest = max((sum(n for k, n in u.items() if k not in tally.unit_inputs) for u in units), default=0)
     kept = {**tally.outer, **tally.unit_inputs}
     return Activations(saved=saved, checkpointed=sum(kept.values()) + largest, largest_unit=largest)
+
+
+class _Autocast(torch.overrides.TorchFunctionMode):
+    """torch.autocast's casts, emulated for meta tensors (autocast keys on CUDA / CPU tensors only):
+    matmuls and convolutions in the low dtype; on CUDA also normalisations and softmax in float32
+    (CPU autocast runs them in their input's dtype); a leaf
+    parameter that trains is cast once per forward (autocast's weight cache), anything else per use.
+    The casts are what the ops then save for backward, as under real autocast."""
+
+    active: "_Autocast | None" = None
+
+    def __enter__(self):
+        _Autocast.active = self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _Autocast.active = None
+        return super().__exit__(*exc)
+
+    def __init__(self, dtype: torch.dtype, cuda: bool = True):
+        super().__init__()
+        import torch.nn.functional as F
+
+        self.dtype, self.cache = dtype, {}
+        self.low = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
+                    torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.bmm}
+        self.fp32 = {F.layer_norm, F.group_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax} if cuda else set()
+
+    def _cast(self, t, dtype):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == dtype or t.dtype == torch.float64:
+            return t
+        if dtype == self.dtype and t.is_leaf and t.requires_grad:
+            if id(t) not in self.cache:
+                self.cache[id(t)] = (t, t.to(dtype))
+            return self.cache[id(t)][1]
+        return t.to(dtype)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dtype = self.dtype if func in self.low else torch.float32 if func in self.fp32 else None
+        if dtype is not None:
+            args = tuple(self._cast(a, dtype) for a in args)
+            kwargs = {k: self._cast(v, dtype) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager

@@ -14,29 +14,27 @@ unit (a transformer / resnet block) at a time, two in flight (prefetch).
 
 Peak: gradients are allocated while backward frees the activations (and set to None by zero_grad),
 so the step peaks at the larger of (all activations) and (all gradients + the optimizer step's
-temporaries), over weights + optimizer state + EMA + frozen parts; DDP's gradient buckets and
+temporaries, or + the first block's activations still live at backward's end), over weights +
+optimizer state + EMA + frozen parts; DDP's gradient buckets and
 gradient accumulation keep gradients alive, and then they add (``Breakdown.total``).
 
-Activations: ``k_saved`` x the bytes the trace saw saved for backward (``architecture.py``), plus,
-under *-mixed, the half-precision copies of fp32 weights that autocast makes and the linear layers
-save (gone with checkpointing: recomputed per unit). ``k_saved`` is calibrated on CPU
+Activations: ``k_saved`` x the bytes the trace saw saved for backward (``architecture.py``; under
+*-mixed with autocast's casts emulated, so the half-precision weight copies the matmuls save are
+in it; with checkpointing, one unit's). ``k_saved`` is calibrated on CPU
 (experiments/bench/plan/): the transient buffers of backward over the saved tensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
 
 GB = 1e9
-Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"]
-Quantization = Literal["nf4", "int8", "float8"]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # bytes per nn.Linear weight of a quantized frozen base: the packed weight + its scales
 QUANT_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1 + 4 / 4096, "float8": 1 + 4 / 4096}
 OPTIMIZER_STATE_BYTES = {"adamw": None, "adamw_8bit": 2.0}  # None: two states in the parameters' dtype
-K_SAVED = 1.0  # calibrated: measured activation peak / traced saved bytes (experiments/bench/plan/results.md)
+K_SAVED = 1.1  # calibrated: measured activation peak / traced saved bytes (experiments/bench/plan/results.md)
 
 
 @dataclass(frozen=True)
@@ -62,10 +60,15 @@ class Trace:
     saved_2: int
     ckpt_1: int
     ckpt_2: int
+    unit_1: int = 0  # the largest checkpoint unit's saved bytes
+    unit_2: int = 0
 
     def saved(self, batch: int, checkpointing: bool) -> float:
         a1, a2 = (self.ckpt_1, self.ckpt_2) if checkpointing else (self.saved_1, self.saved_2)
         return a1 + (a2 - a1) * (batch - 1)
+
+    def unit(self, batch: int) -> float:
+        return self.unit_1 + (self.unit_2 - self.unit_1) * (batch - 1)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Settings:
     adapter: bool = False
     base_dtype: str = "float32"
     quantization: str | None = None
+    quant_backend: str | None = None  # bitsandbytes | torchao | quanto (quantization.backend)
     quantize_text_encoders: bool = False
     frozen_dtypes: tuple = ()
     offload_frozen: bool = False
@@ -105,21 +109,23 @@ class Breakdown:
     activations: float
     frozen: float
     step_temporaries: float  # the optimizer step's temporary buffers (activations are freed by then)
+    last_unit: float  # the first block's activations, still live when backward has made every other gradient
     gather: float  # FSDP: all-gathered units in flight
     grads_persist: bool = False  # DDP buckets / gradient accumulation keep gradients through the forward
 
     @property
     def total(self) -> float:
-        """The larger of two moments: backward's start (every activation live; gradients appear as
-        backward frees activations, zero_grad set them to None) and the optimizer step (activations
-        freed, gradients + the step's temporaries). Persistent gradients add to both."""
+        """The largest of three moments: backward's start (every activation live; gradients appear as
+        backward frees activations, zero_grad set them to None), backward's end (every gradient + the
+        first block's activations) and the optimizer step (gradients + the step's temporaries).
+        Persistent gradients add to all."""
         static = self.weights + self.optimizer + self.ema + self.frozen + self.gather
         if self.grads_persist:
             return static + self.grads + max(self.activations, self.step_temporaries)
-        return static + max(self.activations, self.grads + self.step_temporaries)
+        return static + max(self.activations, self.grads + max(self.last_unit, self.step_temporaries))
 
     def as_gb(self) -> dict[str, float]:
-        out = {f"{k}_gb": round(v / GB, 3) for k, v in asdict(self).items() if k != "grads_persist"}
+        out = {f"{k}_gb": round(v / GB, 3) for k, v in asdict(self).items() if k not in ("grads_persist", "last_unit")}
         out["total_gb"] = round(self.total / GB, 3)
         return out
 
@@ -163,15 +169,21 @@ def frozen_parts(c: Counts, s: Settings) -> float:
     return total
 
 
+def compute_mode(s: Settings) -> str:
+    """How the backbone computes: fp32 (32-true), bf16 (bf16-true / 16-true, and FSDP's bf16 policy:
+    gathered weights already in bf16, no autocast), mixed (autocast over fp32 weights / a LoRA's base)."""
+    if s.precision.endswith("-mixed"):
+        return "bf16" if s.sharded else "mixed_cpu" if s.accelerator == "cpu" else "mixed"
+    return "bf16" if s.precision in ("bf16-true", "16-true") else "fp32"
+
+
 def activations(c: Counts, t: Trace, s: Settings, k_saved: float = K_SAVED) -> float:
-    """Saved activations x the calibrated transient factor, + autocast's weight copies."""
+    """The traced saved bytes (autocast's weight copies included) x the calibrated transient factor.
+    torchao's weight-only linears dequantize per use and autograd saves the bf16 weight for backward
+    (measured: experiments/bench/plan/README.md); bitsandbytes' keep only the packed weight."""
     act = k_saved * t.saved(s.batch, s.gradient_checkpointing)
-    mixed = s.precision.endswith("-mixed")
-    if mixed and not s.sharded:  # FSDP2's mixed-precision policy gathers bf16 weights: no autocast copies
-        # fp32 weights the matmuls use are cast per use and the half copy is saved for backward
-        fp32_used = c.params if not s.adapter else (c.params if s.base_dtype == "float32" and not s.quantization else 0)
-        copies = 2 * (c.largest_block if s.gradient_checkpointing else fp32_used)
-        act += copies
+    if s.adapter and s.quantization and s.quant_backend == "torchao":
+        act += 2 * (c.largest_block if s.gradient_checkpointing else c.linear)
     return act
 
 
@@ -205,6 +217,7 @@ def breakdown(c: Counts, t: Trace, s: Settings, k_saved: float = K_SAVED) -> Bre
         activations=activations(c, t, s, k_saved),
         frozen=frozen_parts(c, s),
         step_temporaries=step_temporaries(c, s),
+        last_unit=t.unit(s.batch),
         gather=gather,
         grads_persist=(s.world_size > 1 and not s.sharded) or s.accumulate > 1,
     )

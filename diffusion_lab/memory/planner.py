@@ -12,7 +12,7 @@ import functools
 import torch
 
 from diffusion_lab.memory.architecture import Architecture, backbone_counts, backbone_model, trace_activations
-from diffusion_lab.memory.budget import K_SAVED, Breakdown, Counts, Settings, Trace, breakdown, compute_dtype_bytes
+from diffusion_lab.memory.budget import K_SAVED, Breakdown, Counts, Settings, Trace, breakdown, compute_mode
 
 
 class Planner:
@@ -28,12 +28,12 @@ class Planner:
         return backbone_model(self.arch, self.lora if adapter else None)
 
     @functools.cache
-    def trace(self, adapter: bool, dtype_bytes: int) -> Trace:
-        dtype = torch.bfloat16 if dtype_bytes == 2 else torch.float32
-        runs = [trace_activations(self.arch, self.resolution, batch, dtype, model=self.model(adapter)) for batch in (1, 2)]
-        return Trace(saved_1=runs[0].saved, saved_2=runs[1].saved, ckpt_1=runs[0].checkpointed, ckpt_2=runs[1].checkpointed)
+    def trace(self, adapter: bool, compute: str, base_dtype: str = "float32") -> Trace:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[base_dtype]
+        runs = [trace_activations(self.arch, self.resolution, batch, compute, base_dtype=dtype, model=self.model(adapter)) for batch in (1, 2)]
+        return Trace(runs[0].saved, runs[1].saved, runs[0].checkpointed, runs[1].checkpointed, runs[0].largest_unit, runs[1].largest_unit)
 
     def breakdown(self, s: Settings) -> Breakdown:
         if s.adapter and self.lora is None:
             raise ValueError("adapter=True needs the Planner's lora config")
-        return breakdown(self.counts(s.adapter), self.trace(s.adapter, compute_dtype_bytes(s.precision)), s, self.k_saved)
+        return breakdown(self.counts(s.adapter), self.trace(s.adapter, compute_mode(s), s.base_dtype if s.adapter else "float32"), s, self.k_saved)

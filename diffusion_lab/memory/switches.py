@@ -32,8 +32,8 @@ def candidates(s: Settings, global_batch: int) -> Iterator[Switch]:
     if not s.adapter:
         yield "adapter=lora", "train a LoRA instead of every weight", lambda x: x.with_(adapter=True, base_dtype="bfloat16" if x.precision != "32-true" else "float32")
     yield "adapter.base_dtype=bfloat16", "frozen base in bf16", lambda x: x.with_(base_dtype="bfloat16") if x.adapter else x
-    yield "quantization=int8", "frozen base in int8 (QLoRA)", lambda x: x.with_(quantization="int8") if x.adapter and x.quantization is None else x
-    yield "quantization=nf4", "frozen base in 4-bit NormalFloat (QLoRA)", lambda x: x.with_(quantization="nf4") if x.adapter and x.quantization in (None, "int8", "float8") else x
+    yield "quantization=int8", "frozen base in int8 (QLoRA)", lambda x: x.with_(quantization="int8", quant_backend="bitsandbytes") if x.adapter and x.quantization is None else x
+    yield "quantization=nf4", "frozen base in 4-bit NormalFloat (QLoRA)", lambda x: x.with_(quantization="nf4", quant_backend="bitsandbytes") if x.adapter and x.quantization in (None, "int8", "float8") else x
     if s.world_size > 1 and not s.sharded:
         yield "trainer=fsdp", f"shard weights, gradients and optimizer state over {s.world_size} devices", lambda x: x.with_(sharded=True)
     per_rank = s.batch

@@ -2,7 +2,8 @@
 FLUX.1-dev backbones (the shipped architectures with block widths divided, depth and layout kept).
 
     OMP_NUM_THREADS=1 python experiments/bench/plan/validate_plan.py            # all, writes results.{json,md}
-    OMP_NUM_THREADS=1 python experiments/bench/plan/validate_plan.py --only sd   # a subset (name prefix)
+    OMP_NUM_THREADS=1 python experiments/bench/plan/validate_plan.py --only sd   # re-measure a subset (name prefix), keep the rest
+    python experiments/bench/plan/validate_plan.py --predict-only               # re-predict the stored measurements
     python experiments/bench/plan/validate_plan.py --fits                        # the 24/48/80 GB table (planned)
 
 Measurement: each configuration runs in a fresh subprocess with glibc's mmap threshold at 64 KiB
@@ -79,7 +80,7 @@ CASES = [
     ("flux_bf16true_b2", "flux1_dev", 512, dict(precision="bf16-true", batch=2)),
     ("flux_lora_bf16base_b2", "flux1_dev", 512, dict(precision="bf16-mixed", batch=2, adapter=True, base_dtype="bfloat16")),
     ("flux_lora_fp32base_b2_ckpt", "flux1_dev", 512, dict(precision="bf16-mixed", batch=2, adapter=True, gradient_checkpointing=True)),
-    ("flux_qlora_int8_b2", "flux1_dev", 512, dict(precision="bf16-mixed", batch=2, adapter=True, base_dtype="bfloat16", quantization="int8")),
+    ("flux_qlora_int8_b2", "flux1_dev", 512, dict(precision="bf16-mixed", batch=2, adapter=True, base_dtype="bfloat16", quantization="int8", quant_backend="torchao")),
 ]
 LORA = dict(rank=16, target_modules=["to_k", "to_q", "to_v", "to_out.0"])
 
@@ -135,11 +136,10 @@ def _build(spec: dict, settings: dict, shrink: bool = False):
 
 
 def _quantize_int8(model) -> None:
-    """optimum-quanto's qint8 weights on every nn.Linear (the frozen base of a QLoRA)."""
-    from optimum.quanto import freeze, qint8, quantize
+    """torchao's int8 weight-only quantization of every nn.Linear (quantization=int8_torchao's weights)."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    quantize(model, weights=qint8)
-    freeze(model)
+    quantize_(model, Int8WeightOnlyConfig())
 
 
 def _step(arch, model, opt, settings: dict, resolution: int) -> None:
@@ -182,13 +182,16 @@ def measure(arch_name: str, resolution: int, settings: dict) -> dict:
     return {"measured_gb": round((peak - baseline) * 1024 / 1e9, 3), "baseline_gb": round(baseline * 1024 / 1e9, 3)}
 
 
-def run_case(case_id: str) -> dict:
+def run_case(case_id: str, measured: dict | None = None) -> dict:
+    """Measure ``case_id`` in a fresh process (or take ``measured`` from an earlier run) and predict it."""
     _, arch_name, resolution, settings = next(c for c in CASES if c[0] == case_id)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, __file__, "--child", case_id], capture_output=True, text=True, env=env, timeout=900)
-    if out.returncode:
-        raise RuntimeError(f"{case_id} failed:\n{out.stderr[-3000:]}")
-    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    if measured is None:
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, __file__, "--child", case_id], capture_output=True, text=True, env=env, timeout=900)
+        if out.returncode:
+            raise RuntimeError(f"{case_id} failed:\n{out.stderr[-3000:]}")
+        measured = json.loads(out.stdout.strip().splitlines()[-1])
+    measured = {k: measured[k] for k in ("measured_gb", "baseline_gb")}
     predicted = predict(arch_name, resolution, settings)
     err = predicted["total_gb"] / measured["measured_gb"] - 1
     return {"case": case_id, "architecture": arch_name, "resolution": resolution, **settings, **measured, "predicted": predicted,
@@ -211,7 +214,7 @@ def write_results(rows: list[dict]) -> None:
         p = r["predicted"]
         adapter = "LoRA r16" + (f" ({r.get('base_dtype', 'float32')} base)") if r.get("adapter") else "full"
         lines.append(
-            f"| {r['case']} | {r.get('precision')} | {adapter} | {r.get('quantization') or '-'} | {'yes' if r.get('gradient_checkpointing') else 'no'} | "
+            f"| {r['case']} | {r.get('precision')} | {adapter} | {(r['quantization'] + ' (' + r.get('quant_backend', '') + ')') if r.get('quantization') else '-'} | {'yes' if r.get('gradient_checkpointing') else 'no'} | "
             f"{r.get('batch', 1)} | {p['weights_gb']:.3f} | {p['grads_gb']:.3f} | {p['optimizer_gb']:.3f} | {p['activations_gb']:.3f} | "
             f"{r['predicted_gb']:.3f} | {r['measured_gb']:.3f} | {r['error'] * 100:+.1f}% |"
         )
@@ -225,6 +228,7 @@ def main() -> None:
     p.add_argument("--child")
     p.add_argument("--only", default="")
     p.add_argument("--fits", action="store_true", help="write fits.md: what fits on 24/48/80 GB (planned)")
+    p.add_argument("--predict-only", action="store_true", help="re-predict the measurements in results.json (after a change to the model)")
     a = p.parse_args()
     if a.child:
         _, arch_name, resolution, settings = next(c for c in CASES if c[0] == a.child)
@@ -235,15 +239,19 @@ def main() -> None:
 
         fits()
         return
+    old = {r["case"]: r for r in json.loads((HERE / "results.json").read_text())} if (HERE / "results.json").is_file() else {}
     rows = []
     for case_id, *_ in CASES:
         if not case_id.startswith(a.only):
+            if case_id in old:
+                rows.append(run_case(case_id, old[case_id]))
             continue
-        r = run_case(case_id)
+        if a.predict_only and case_id not in old:
+            continue
+        r = run_case(case_id, old[case_id] if a.predict_only else None)
         print(f"{case_id:32s} predicted {r['predicted_gb']:.3f} GB  measured {r['measured_gb']:.3f} GB  error {r['error'] * 100:+.1f}%", flush=True)
         rows.append(r)
-    if not a.only:
-        write_results(rows)
+    write_results(rows)
 
 
 if __name__ == "__main__":
