@@ -51,7 +51,7 @@ def architecture(cfg: DictConfig) -> Architecture:
         f"backbone's architecture from plan/architecture=<name> (shipped: {', '.join(sorted(set(HUB_IDS.values())))}) "
         f"or from model.pretrained's config.json files; model.pretrained={pretrained!r} is neither a folder nor a hub id that ships. "
         f"Set plan/architecture=..., or model.pretrained=DIR with the model's *.json files "
-        f"(`huggingface-cli download <hub id> --include '*.json' --local-dir DIR`)."
+        f"(`hf download <hub id> --include '*.json' --local-dir DIR`)."
     )
 
 

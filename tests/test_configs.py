@@ -172,7 +172,9 @@ CONTEXTS = {
     "model/unet": _unet_context,
     "optimizer": lambda o: [("train", [f"model={m}"]) for m in FAMILIES],
     "paths": lambda o: [("train", [])],
+    "plan/architecture": lambda o: [("plan", [])],
     "process": lambda o: [("train", LATENT if o == "vp_pretrained" else [])],
+    "quantization": lambda o: [("train", LATENT)],
     "recipe": lambda o: [("sample", [])],
     "sampler": _sampler_context,
     "sweep": lambda o: [("train", [])],
@@ -273,7 +275,7 @@ def _check_trainer(cfg, option, overrides):  # (test_experiment_instantiates bui
     assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
     assert _resolved(cfg, "trainer.default_root_dir") == "/run"  # Lightning writes into the run folder
     if "strategy" in cfg.trainer:
-        assert cfg.trainer.strategy._target_.startswith("pytorch_lightning.strategies.")
+        assert cfg.trainer.strategy._target_.startswith(("pytorch_lightning.strategies.", "diffusion_lab.components.fsdp."))
 
 
 def _check_logger(cfg, option, overrides):

@@ -113,9 +113,10 @@ def test_pretrained_errors_say_what_to_do(tmp_path):
     with pytest.raises(ConfigError, match=r"has no vae/ folder \(found: \['unet'\]\).*vae=tiny"):
         from_pretrained("diffusers.AutoencoderKL", str(tmp_path / "half"), subfolder="vae")
     # a hub id with no network (tests run with HF_HUB_OFFLINE=1): how to point at a local folder
-    with pytest.raises(ConfigError, match=r"huggingface-cli download some-org/missing-model --local-dir DIR.*model.pretrained=DIR"):
+    with pytest.raises(ConfigError, match=r"hf download some-org/missing-model --local-dir DIR.*model.pretrained=DIR") as err:
         from_pretrained("diffusers.AutoencoderKL", "some-org/missing-model", subfolder="vae", local_files_only=True)
-    with pytest.raises(ConfigError, match="huggingface-cli download"):
+    assert ".." not in str(err.value)  # the library's sentence ends in a period of its own (#29)
+    with pytest.raises(ConfigError, match="hf download"):
         load_scheduler("some-org/missing-model", local_files_only=True)
 
 

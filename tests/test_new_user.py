@@ -242,5 +242,5 @@ def test_offline_sdxl_refiner_recipe_says_how_to_get_the_models(tmp_path):
     res = subprocess.run([sys.executable, "-m", "diffusion_lab.sample", "recipe=sdxl_refiner", "prompt=a lighthouse", f"hydra.run.dir={tmp_path}"],
                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0 --local-dir DIR" in res.stderr
+    assert "hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir DIR" in res.stderr
     assert "set pipeline=DIR" in res.stderr

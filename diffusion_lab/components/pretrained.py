@@ -77,9 +77,9 @@ def resolve(pretrained: str | None, subfolder: str | None, key: str = "model.pre
 
 def offline_error(pretrained: str, subfolder: str | None, key: str, err: Exception) -> ConfigError:
     return ConfigError(
-        f"could not load {subfolder or 'the model'} of {key}={pretrained!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+        f"could not load {subfolder or 'the model'} of {key}={pretrained!r}: {type(err).__name__}: {str(err).splitlines()[0].rstrip('.') if str(err) else ''}. "
         f"It is not in the local Hugging Face cache and the hub cannot be reached (no network, or HF_HUB_OFFLINE=1 / "
-        f"local_files_only=true). Download it where there is network (`huggingface-cli download {pretrained} "
+        f"local_files_only=true). Download it where there is network (`hf download {pretrained} "
         f"--local-dir DIR`) and set {key}=DIR, or run once with network to fill the cache."
     )
 

@@ -81,7 +81,7 @@ def load_architecture(spec: Any = None, folder: str | Path | None = None) -> Arc
         raise ConfigError(
             f"model.pretrained={str(folder)!r} is not a diffusers pipeline folder (no model_index.json), so the plan cannot read "
             f"its architecture. Point model.pretrained at a pipeline folder (its *.json files are enough: "
-            f"`huggingface-cli download <hub id> --include '*.json' --local-dir DIR`), or pick a shipped one: "
+            f"`hf download <hub id> --include '*.json' --local-dir DIR`), or pick a shipped one: "
             f"plan/architecture=sd15|sdxl|sd35_medium|sd35_large|flux1_dev|qwen_image."
         )
     pipeline = json.loads(index.read_text()).get("_class_name", "")
