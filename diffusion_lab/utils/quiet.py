@@ -17,6 +17,16 @@ _LOG_NOISE = (
     # an advertisement printed by every Trainer without a LitLogger
     ("pytorch_lightning.utilities.rank_zero", "Tip: For seamless cloud logging"),
     ("lightning_fabric.utilities.rank_zero", "Tip: For seamless cloud logging"),
+    # quantization= backends (pyproject's quant extra), imported by diffusers / transformers at import time:
+    # bitsandbytes' optional faster CPU kernel comes from the `kernels` package; its own kernel is used without it
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # torchao's CUDA-only kernels (mxfp8, cutlass) do not load into a CPU torch; its CPU paths do not need them
+    ("torchao", "Could not load this library"),
+    # torchao registers its enums with torch's pytree, which now supports them natively
+    ("torch.utils._pytree", "is an Enum subclass and is now natively supported"),
+    # torchao tensor classes of older releases, needed only to unpickle checkpoints saved torchao-quantized;
+    # quantization= quantizes while loading ordinary weights
+    ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"),
 )
 
 # (message regex, category): Python warnings raised inside the libraries, not by project code
