@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,13 @@ CURVE = [
 # val/loss (fixed noise per batch, reduced over ranks) of 2 x 8 stays within this relative band of
 # 1 x 16 at every check; measured: <= 10 % while the loss falls from ~1.0 to ~0.12
 CURVE_RTOL = 0.2
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny(*overrides: str) -> list[str]:

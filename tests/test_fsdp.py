@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import torch.multiprocessing as mp
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError
 
-from tests.multiproc import CURVE, PROBE, STEPS, load_probes, run_cli, tiny
+from tests.multiproc import CURVE, PROBE, STEPS, free_port, load_probes, run_cli, tiny
 from tests.wandb_offline import find_offline_runs
 
 # val/loss of the FSDP run vs the DDP run, relative, at every check. Both reduce the same fp32
@@ -180,12 +179,6 @@ def test_lora_trains_under_fsdp_and_its_export_loads_in_plain_diffusers(tmp_path
 
 
 # ---- every backbone family is wrapped block by block -----------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _backbones() -> dict[str, torch.nn.Module]:
     from diffusion_lab.components import tiny
     from diffusion_lab.components.backbones import dit_transformer
@@ -234,7 +227,7 @@ def _shard_every_family(rank: int, port: int, out: str) -> None:
 
 def test_every_backbone_family_is_sharded_block_by_block(tmp_path):
     out = tmp_path / "report.pt"
-    mp.spawn(_shard_every_family, args=(_free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_shard_every_family, args=(free_port(), str(out)), nprocs=2, join=True)
     report = torch.load(out)
     # a trained module with no block FSDP knows is refused before training, naming the fix
     assert "trainer=fsdp cannot wrap net (Sequential)" in report.pop("unknown")

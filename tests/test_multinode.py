@@ -4,7 +4,6 @@ started twice with one process each, for DDP and FSDP2. Both ranks train into on
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,22 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.multiproc import PROBE, REPO, _cli, load_probes, tiny
+from tests.multiproc import PROBE, REPO, _cli, free_port, load_probes, tiny
 
 STEPS = 6
 RUN = ["logger=csv", "trainer.num_nodes=2", "trainer.devices=1", f"trainer.max_steps={STEPS}", "trainer.val_check_interval=3",
        "callbacks.model_checkpoint.every_n_train_steps=3", "callbacks.sample_grid.every_n_steps=3", *PROBE]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def two_nodes(args: list[str], log_dir: Path, timeout: float = 600) -> list[subprocess.CompletedProcess]:
     """README's multi-node torchrun line, once per node, both on this machine (``$HEAD_NODE`` = 127.0.0.1)."""
-    port = _free_port()
+    port = free_port()
     cmd, env = _cli(args, log_dir)
     train_args = cmd[cmd.index("diffusion_lab.train") + 1 :]
     procs = []

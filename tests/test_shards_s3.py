@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from diffusion_lab.data import ImageTransform
-from diffusion_lab.data.shards import MANIFEST, ShardDataModule, check_out_dir, read_manifest
+from diffusion_lab.data.shards import ShardDataModule, check_out_dir, read_manifest
 from diffusion_lab.prepare import prepare
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError, DataError
