@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from hydra.utils import instantiate
 
 from diffusion_lab.components import tiny
@@ -112,14 +112,11 @@ def test_lora_trains_on_each_quantized_base_near_the_unquantized_loss(option, ki
     assert 0 < gap < LOSS_TOLERANCE, (quantized, base)
 
 
-@pytest.mark.parametrize("variant", ["dora", "lokr"])
-def test_dora_and_lokr_train_on_a_quantized_base(variant, folders, tmp_path):
-    """DoRA on torchao int8, LoKr on bitsandbytes int8 (the pairs peft's layers take; the others are refused below).
-    LoKr's export is off here: see the xfail below."""
-    option = {"dora": "int8_torchao", "lokr": "int8"}[variant]
-    no_export = ["callbacks.export=null"] if variant == "lokr" else []
-    objects = fit(tmp_path / "run", "sd", folders("sd"), f"quantization={option}", f"adapter={variant}", "adapter.export_fused=false", *no_export)
-    assert objects["trainer"].global_step == 3 and quantized_layers(objects["model"].base_unet) == {LAYERS[option]}
+def test_dora_trains_on_a_quantized_base(folders, tmp_path):
+    """DoRA on torchao int8 (the pair peft's layers take; the others are refused below; LoKr on
+    bitsandbytes int8 is the export test below)."""
+    objects = fit(tmp_path / "run", "sd", folders("sd"), "quantization=int8_torchao", "adapter=dora", "adapter.export_fused=false")
+    assert objects["trainer"].global_step == 3 and quantized_layers(objects["model"].base_unet) == {LAYERS["int8_torchao"]}
     assert all(loss == loss for loss in losses(tmp_path / "run"))
 
 
