@@ -222,8 +222,8 @@ def test_reconstruction_matches_an_ema_run_with_the_target_profile_lightning(tra
 def test_cli_writes_a_pipeline_plain_diffusers_loads(trained, tmp_path):
     out, _ = trained
     cfg = compose_cfg("posthoc_ema", [f"run={out}", "sigma_rel=0.07"], tmp_path / "cli")
-    assert cfg.out_dir == f"{out}/posthoc_ema_0.07"
     folder = run_posthoc(cfg)
+    assert folder == out / "posthoc_ema_0.07"
     pipe = DDPMPipeline.from_pretrained(folder)
     rebuilt, _ = reconstruct(find_snapshots(out / "ema_snapshots"), 0.07)
     unet = dict(pipe.unet.named_parameters())
@@ -254,6 +254,27 @@ def test_bad_requests_are_config_errors(trained, tmp_path):
         PostHocEMACallback(str(tmp_path), every_n_steps=5, sigma_rels=[0.1])
     with pytest.raises(ConfigError, match="sigma_rels"):
         PostHocEMACallback(str(tmp_path), every_n_steps=5, sigma_rels=[0.1, 0.5])
+
+
+def test_steps_past_the_last_snapshot_are_refused_and_each_step_gets_its_own_folder(trained, tmp_path):
+    """#29 item 5: step=5000 after a 40-step run was accepted (an EMA "at step 5000"), and two calls
+    with different step= both wrote <run>/posthoc_ema_0.1, the second replacing the first."""
+    out, _ = trained
+    snaps = find_snapshots(out / "ema_snapshots")
+    with pytest.raises(ConfigError, match=r"step=5000 is after the last post-hoc EMA snapshot \(the snapshots cover steps 4 to 40\)"):
+        reconstruct(snaps, 0.1, step=5000)
+    with pytest.raises(ConfigError, match="step=5000"):
+        run_posthoc(compose_cfg("posthoc_ema", [f"run={out}", "sigma_rel=0.1", "step=5000"], tmp_path / "cli"))
+    assert not (out / "posthoc_ema_0.1_step5000").exists() and not (out / "posthoc_ema_0.1").exists()
+    at_20 = run_posthoc(compose_cfg("posthoc_ema", [f"run={out}", "sigma_rel=0.1", "step=20"], tmp_path / "cli"))
+    at_32 = run_posthoc(compose_cfg("posthoc_ema", [f"run={out}", "sigma_rel=0.1", "step=32"], tmp_path / "cli"))
+    assert (at_20, at_32) == (out / "posthoc_ema_0.1_step20", out / "posthoc_ema_0.1_step32")
+    assert [json.loads((f / "posthoc_ema.json").read_text())["step"] for f in (at_20, at_32)] == [20, 32]
+    # the same call again rewrites its own folder; another step into it is refused, the export kept
+    assert run_posthoc(compose_cfg("posthoc_ema", [f"run={out}", "sigma_rel=0.1", "step=20"], tmp_path / "cli")) == at_20
+    with pytest.raises(ConfigError, match=rf"out_dir={at_20} already holds the post-hoc EMA of sigma_rel 0.1 at step 20"):
+        run_posthoc(compose_cfg("posthoc_ema", [f"run={out}", "sigma_rel=0.1", "step=32", f"out_dir={at_20}"], tmp_path / "cli"))
+    assert json.loads((at_20 / "posthoc_ema.json").read_text())["step"] == 20
 
 
 def test_resume_continues_the_profiles_and_refuses_a_checkpoint_without_them(trained, tmp_path):

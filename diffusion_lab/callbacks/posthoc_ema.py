@@ -188,15 +188,19 @@ def find_snapshots(dirpath: str | Path) -> list[Snapshot]:
 
 def reconstruct(snapshots: list[Snapshot], sigma_rel: float, step: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(the EMA of width ``sigma_rel`` at ``step`` as ``{name: tensor}``, a report: coefficients,
-    relative residual of the profile fit, the snapshots used). ``step`` None = the last snapshot's;
-    snapshots after ``step`` are not used."""
+    relative residual of the profile fit, the snapshots used). ``step`` None = the last snapshot's,
+    else within the snapshots' steps; snapshots after ``step`` are not used."""
     if not snapshots:
         raise ConfigError("no post-hoc EMA snapshots found: train with callbacks.posthoc_ema.every_n_steps=N (N > 0) first.")
     last = max(s.step for s in snapshots)
     step = last if step is None else int(step)
     used = [s for s in snapshots if s.step <= step]
-    if not used:
-        raise ConfigError(f"step={step} is before the first post-hoc EMA snapshot (step {min(s.step for s in snapshots)}): pick a step between that and {last}.")
+    if not used or step > last:
+        where = "before the first" if not used else "after the last"
+        raise ConfigError(
+            f"step={step} is {where} post-hoc EMA snapshot (the snapshots cover steps {min(s.step for s in snapshots)} to "
+            f"{last}): pick a step in that range, or leave step unset (null) for the last."
+        )
     try:
         gamma_r = gamma_from_sigma_rel(sigma_rel)
     except ValueError as e:
