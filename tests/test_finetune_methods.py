@@ -232,3 +232,20 @@ def test_dreambooth_sd15_recipe_runs_one_step_on_tiny_parts(diffusers_folder, tm
     assert cfg.model.prior_loss_weight == 1.0 and cfg.data.num_class_images == 2 and cfg.model.gradient_checkpointing
     _, objects = train(cfg)
     assert objects["trainer"].global_step == 1 and len(list((tmp_path / "run" / "class_images").glob("*.png"))) == 2
+
+
+def test_dreambooth_missing_instance_dir_names_data_instance_dir(tmp_path):
+    """#29 item 8: data.instance_dir=/data/dog missing said "data.root='/data/dog' is not a
+    directory", a key the DreamBooth user never set."""
+    from hydra.utils import instantiate
+
+    missing = tmp_path / "dog"
+    cfg = compose_cfg("train", ["data=dreambooth", f"data.instance_dir={missing}", "data.instance_prompt=a photo of sks dog",
+                                "data.class_prompt=a photo of dog"], tmp_path / "run")
+    with pytest.raises(Exception) as raised:
+        instantiate(cfg.data.datamodule)
+    e = raised.value
+    while e is not None and not isinstance(e, DataError):
+        e = e.__cause__
+    assert e is not None and str(e).startswith(f"data.instance_dir={str(missing)!r} is not a directory. Point data.instance_dir at")
+    assert "data.root" not in str(e)

@@ -21,11 +21,23 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from diffusion_lab.data.sources import IMAGE_EXTENSIONS, ImageFolderDataset
 from diffusion_lab.data.transforms import ImageTransform, to_pil
 from diffusion_lab.utils.errors import ConfigError, DataError
 
 MANIFEST = "class_images.json"
 GenerateFn = Callable[[list[str]], torch.Tensor]  # prompts -> images [N, C, H, W] in [-1, 1]
+
+
+def instance_images(root: str, transform: ImageTransform, caption_column: str | None = None) -> Dataset:
+    """The subject's images: ``data.instance_dir`` read as ``data=image_folder`` reads a folder
+    (its errors name ``data.instance_dir``, the key a DreamBooth user sets, not ``data.root``)."""
+    if not Path(root).expanduser().is_dir():
+        raise DataError(
+            f"data.instance_dir={str(root)!r} is not a directory. Point data.instance_dir at a folder of the subject's "
+            f"images (3-20 is typical; searched recursively for {', '.join(IMAGE_EXTENSIONS)})."
+        )
+    return ImageFolderDataset(root, transform=transform, caption_column=caption_column)
 
 
 class DreamBoothDataset(Dataset):
