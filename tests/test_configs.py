@@ -463,10 +463,11 @@ def test_data_resolution_links_into_unet(tmp_path):
 # How to shrink each experiment so it instantiates in seconds; pixel experiments swap the tiny
 # UNet, others add their own entry.
 SHRINK: dict[str, list[str]] = {
-    # the digits latent stack reads earlier stages' exports: tiny stand-ins of the same shapes
+    # the digits latent stack reads earlier stages' exports from stack_dir: tiny ones of the same
+    # shapes written there ({digits_stack}), read through the vae each experiment names
     "vae_digits": [],
-    "ldm_digits": ["vae=tiny"],
-    "ldm_digits_lora": ["model/unet=ldm_digits", "vae=tiny", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
+    "ldm_digits": ["stack_dir={digits_stack}"],
+    "ldm_digits_lora": ["stack_dir={digits_stack}", "model/unet=ldm_digits", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
     # SD recipes load every part from model.pretrained: point it at a tiny random SD pipeline
     "sd_finetune": ["model.pretrained={tiny_sd}", "data.resolution=32"],
     "sd_finetune_tiny": ["model.pretrained={tiny_sd}"],
@@ -480,12 +481,12 @@ SHRINK: dict[str, list[str]] = {
     "flux_lora": ["model.pretrained={tiny_flux}", "data.resolution=32"],
     # textual inversion / DreamBooth (tests/test_finetune_methods.py runs them)
     "textual_inversion_tiny": ["model.pretrained={tiny_sd}"],
-    "textual_inversion_digits": ["model/unet=ldm_digits", "vae=tiny", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
+    "textual_inversion_digits": ["stack_dir={digits_stack}", "model/unet=ldm_digits", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
     "dreambooth_tiny": ["model.pretrained={tiny_sd}"],
     # class-conditional DiTs: a one-block DiT (conditioning=class_labels needs its label table)
     "dit_digits": ["model.unet.num_layers=1"],
-    "dit_digits_latent": ["model.unet.num_layers=1", "vae=tiny"],
-    "dreambooth_digits": ["model/unet=ldm_digits", "vae=tiny", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
+    "dit_digits_latent": ["model.unet.num_layers=1", "stack_dir={digits_stack}"],
+    "dreambooth_digits": ["stack_dir={digits_stack}", "model/unet=ldm_digits", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
     "dreambooth_sd15": ["model.pretrained={tiny_sd}", "data.resolution=32", "data.instance_dir=/nonexistent",
                         "data.instance_prompt=a sks dog", "data.class_prompt=a dog"],
     # ControlNet recipes (tests/test_controlnet.py runs them): the frozen base from a tiny SD pipeline
@@ -493,6 +494,24 @@ SHRINK: dict[str, list[str]] = {
     "controlnet_digits": ["model.pretrained={tiny_sd}"],
     "controlnet_sd15": ["model.pretrained={tiny_sd}", "data.resolution=32"],
 }
+
+
+@pytest.fixture(scope="module")
+def digits_stack_dir(tmp_path_factory) -> str:
+    """A stack_dir as the digits latent stack leaves it: vae/ (experiment=vae_digits: 16 px RGB ->
+    8x8x4) and pipeline/ (experiment=ldm_digits), tiny random ones of those shapes."""
+    from diffusion_lab.components import tiny
+
+    stack = tmp_path_factory.mktemp("tiny") / "ldm_digits"
+    tiny.tiny_vae(sample_size=16).save_pretrained(stack / "vae")
+    tiny.build(stack / "pipeline", resolution=16)
+    return str(stack)
+
+
+def test_experiments_are_checked_with_the_vae_they_name():
+    """A ``vae=`` swap here would hide a vae an experiment names that does not compose with it
+    (vae=digits under model=pixel_ddpm read model.local_files_only, which that model lacks)."""
+    assert {e: o for e, shrink in SHRINK.items() for o in shrink if o.startswith(("vae=", "vae.", "+vae"))} == {}
 
 
 @pytest.fixture(scope="module")
@@ -543,7 +562,7 @@ def _codec_geometry(cfg: DictConfig) -> tuple[int, int]:
 def test_experiment_instantiates(experiment, tmp_path, request):
     # GPU experiments are checked on CPU here: same config, accelerator swapped.
     shrink = SHRINK.get(experiment, ["model/unet=tiny"]) + ["trainer.accelerator=cpu"]
-    for name in ("tiny_sd", "tiny_sdxl", "tiny_sd3", "tiny_flux"):
+    for name in ("tiny_sd", "tiny_sdxl", "tiny_sd3", "tiny_flux", "digits_stack"):
         if any(f"{{{name}}}" in o for o in shrink):
             shrink = [o.replace(f"{{{name}}}", request.getfixturevalue(f"{name}_dir")) for o in shrink]
     cfg = compose_cfg("train", [f"experiment={experiment}", *shrink], tmp_path)
