@@ -1,4 +1,4 @@
-"""Check the environment before a long run: versions, imports, clashes, devices, offline modes.
+"""Check the environment before a long run: versions, imports, clashes, devices, hub reachability, offline modes.
 
     python -m diffusion_lab.doctor
 
@@ -16,6 +16,7 @@ import sys
 
 REQUIRED = ["torch", "pytorch_lightning", "hydra", "omegaconf", "diffusers", "transformers", "peft", "wandb", "torchmetrics", "datasets"]
 DIST = {"pytorch_lightning": "pytorch-lightning", "hydra": "hydra-core"}
+HUB_TIMEOUT_S = 3.0  # the reachability check of the hub; a reachable hub answers a HEAD in well under a second
 
 
 def _version(name: str) -> str | None:
@@ -23,6 +24,37 @@ def _version(name: str) -> str | None:
         return md.version(DIST.get(name, name))
     except md.PackageNotFoundError:
         return None
+
+
+def hub_unreachable(endpoint: str, timeout: float = HUB_TIMEOUT_S) -> str | None:
+    """Why ``endpoint`` cannot be reached within ``timeout`` seconds (None: it answered, any HTTP
+    status). Honours HTTPS_PROXY / HTTP_PROXY as the hub client does."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (OSError, ValueError) as e:  # URLError, timeouts, refused connections, a malformed endpoint
+        return str(getattr(e, "reason", e)) or type(e).__name__
+    return None
+
+
+def hub_row() -> tuple[str, str, str]:
+    """The Hugging Face hub line: offline by HF_HUB_OFFLINE, reachable, or not (checked with a short
+    timeout: unreachable and not offline, every hub access retries for ~30 s before it fails)."""
+    cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return ("ok", f"Hugging Face hub: offline (HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']}); cache {cache}",
+                "hub ids resolve only from the cache; point model.pretrained at a local folder otherwise.")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    why = hub_unreachable(endpoint)
+    if why is None:
+        return ("ok", f"Hugging Face hub: online ({endpoint} reachable); cache {cache}", "")
+    return ("warn", f"Hugging Face hub: unreachable ({endpoint}: {why}; checked with a {HUB_TIMEOUT_S:g} s timeout); cache {cache}",
+            "every hub access would retry for ~30 s before failing. Work offline: `export HF_HUB_OFFLINE=1` (hub ids then "
+            "resolve from the cache only) and point model.pretrained at local folders; or fix the network or proxy (HTTPS_PROXY).")
 
 
 def check() -> list[tuple[str, str, str]]:
@@ -57,9 +89,7 @@ def check() -> list[tuple[str, str, str]]:
             rows.append(("warn", f"no GPU: torch {torch.__version__} runs on {os.cpu_count()} CPU cores", "fine for digits and tiny models; SD fine-tuning needs a GPU (trainer=gpu)."))
     except Exception:
         pass
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    rows.append(("ok", f"Hugging Face hub: {'offline (HF_HUB_OFFLINE=1)' if offline else 'online'}; cache {os.environ.get('HF_HOME', '~/.cache/huggingface')}",
-                 "" if not offline else "hub ids resolve only from the cache; point model.pretrained at a local folder otherwise."))
+    rows.append(hub_row())
     from diffusion_lab.utils.resolvers import _wandb_mode
 
     rows.append(("ok", f"W&B mode: {_wandb_mode()}", "" if _wandb_mode() != "offline" else "runs are written under <run dir>/wandb; upload later with `wandb sync <run dir>/wandb/offline-run-*`."))
