@@ -13,7 +13,8 @@ Scoring (diffusion_lab.metrics.digit_quality): 500 samples, labels 0..9 in turn,
 steps from the checkpoint's EMA weights: FID in digit features vs all 1,797 real digits, the
 classifier's confidence, and class accuracy (generated digit == requested label). The DiT is also
 scored with classifier-free guidance (its null label); the UNet has no null label to guide with.
-Writes results.json, results.md, quality.png and samples.png to --out (default outputs/backbones).
+Writes results.json, results.md, quality.png and samples.png (speed: speed.json) to a new
+outputs/experiments/backbones/<date>_<time>/ (or --out; --out experiments/backbones refreshes the committed copy).
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ def score(args) -> None:
                          "train_steps": ckpt["global_step"], **cpu, **found})
             grids.append(images[:20])
             print(rows[-1], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from diffusion_lab.utils.outputs import run_dir
+
+    out = run_dir(args.out, "backbones")
     (out / "results.json").write_text(json.dumps({"num_images": args.num_images, "steps": args.steps, "seed": args.seed, "cpu_seconds_budget": args.cpu_seconds, "rows": rows}, indent=2) + "\n")
     table = [
         f"{args.num_images} samples (labels 0..9 in turn, seed {args.seed}), DPM-Solver++ {args.steps} steps, EMA weights, vs 1,797 real digits",
@@ -130,8 +132,9 @@ def speed(args) -> None:
         seconds = (time.process_time() - t0) / args.speed_steps
         rows.append({"backbone": name, "parameters": used_parameters(module.base_unet), "cpu_seconds_per_step": round(seconds, 4)})
         print(rows[-1], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from diffusion_lab.utils.outputs import run_dir
+
+    out = run_dir(args.out, "backbones")
     (out / "speed.json").write_text(json.dumps({"batch_size": 64, "steps": args.speed_steps, "threads": 1, "rows": rows}, indent=2) + "\n")
 
 
@@ -154,10 +157,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
+    from diffusion_lab.utils.outputs import add_out_argument
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["train", "score", "speed"])
     p.add_argument("--runs", default=str(ROOT / "outputs" / "backbones"))
-    p.add_argument("--out", default=str(ROOT / "outputs" / "backbones"))
+    add_out_argument(p, "backbones", "experiments/backbones")
     p.add_argument("--cpu-seconds", type=int, default=270, help="training CPU time of each backbone")
     p.add_argument("--num-images", type=int, default=500)
     p.add_argument("--steps", type=int, default=20)

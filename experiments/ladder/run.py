@@ -8,7 +8,8 @@ trained (one thread each) and scored; the bands in the configs come from these n
 Each run is the config as committed (700 steps of batch 32, EMA); scoring draws the config's
 ``ladder`` block (500 samples, DPM-Solver++ 20 steps, seed 0) from the checkpoint's EMA weights and
 reports FID in digit features against all 1,797 real digits and the classifier's confidence.
-Writes results.json, results.md, samples.png (one row per run) to --out (default outputs/ladder).
+Writes results.json, results.md, samples.png (one row per run) to a new
+outputs/experiments/ladder/<date>_<time>/ (or --out; --out experiments/ladder refreshes the committed copy).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def score(args) -> None:
     from diffusion_lab.inference.checkpoints import load_module
     from diffusion_lab.metrics.digit_quality import digit_quality
     from diffusion_lab.metrics.features import DigitFeatures
+    from diffusion_lab.utils.outputs import run_dir
 
     torch.set_num_threads(1)
     extractor, rows, grids = DigitFeatures(), [], []
@@ -56,8 +58,7 @@ def score(args) -> None:
                      "batch_size": cfg.data.batch_size, **cpu, **found})
         grids.append(images[:20])
         print(rows[-1], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_dir(args.out, "ladder")
     (out / "results.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     table = ["| run | process | seed | steps x batch | train CPU min | FID (digit features) | confidence | per digit (min-max of 500) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -70,10 +71,12 @@ def score(args) -> None:
 
 
 def main() -> None:
+    from diffusion_lab.utils.outputs import add_out_argument
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["train", "score"])
     p.add_argument("--runs", default=str(ROOT / "outputs" / "ladder"), help="where the training runs go / are read from")
-    p.add_argument("--out", default=str(ROOT / "outputs" / "ladder"), help="where the table and grid go")
+    add_out_argument(p, "ladder", "experiments/ladder")
     p.add_argument("--only", nargs="*", choices=PROCESSES)
     p.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
     p.add_argument("--parallel", type=int, default=3)

@@ -11,7 +11,8 @@ Scoring draws 500 samples per (sampler, steps) from one fixed x_T with the expor
 EMA weights, and scores them against all 1,797 real digits with FID / KID in the digit
 classifier's feature space plus the classifier's confidence and class balance. Writes
 results.json, results.md (the table), quality.png (FID and confidence vs steps and vs wall time)
-and samples.png to --out (default: outputs/processes, never the committed copy by accident).
+and samples.png to a new outputs/experiments/processes/<date>_<time>/ (or --out; never the committed
+copy by accident: --out experiments/processes refreshes it).
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ def score(args) -> None:
                          "class_histogram": hist, "class_min": min(hist), "class_max": max(hist)})
         best = min((r for r in rows if r["process"] == name), key=lambda r: r["fid"])
         grids.append(images[f"{best['sampler']}-{best['steps']}"][:20])
-    write(rows, grids, Path(args.out), args)
+    from diffusion_lab.utils.outputs import run_dir
+
+    write(rows, grids, run_dir(args.out, "processes"), args)
 
 
 def write(rows: list[dict], grids: list[torch.Tensor], out: Path, args) -> None:
@@ -148,10 +151,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
+    from diffusion_lab.utils.outputs import add_out_argument
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["train", "score"])
     p.add_argument("--runs", default=str(ROOT / "outputs" / "processes"), help="where the training runs go / are read from")
-    p.add_argument("--out", default=str(ROOT / "outputs" / "processes"), help="where the table and plots go")
+    add_out_argument(p, "processes", "experiments/processes")
     p.add_argument("--only", nargs="*", choices=list(VARIANTS), help="a subset of the variants")
     p.add_argument("--max-steps", type=int, default=2500)
     p.add_argument("--num-images", type=int, default=500)
