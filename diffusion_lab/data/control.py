@@ -71,6 +71,16 @@ def control_image(pixel_values: torch.Tensor, kind: ControlKind, sigma: float = 
     return (drawn * 2.0 - 1.0).expand_as(pixel_values).contiguous()
 
 
+def _paired_images(dataset: Dataset) -> dict[str, str]:
+    """``paired_images`` (column -> batch key) of the ``ImageFolderDataset`` under ``dataset``
+    (through ``Subset``s and other wrappers with a ``dataset``), else {}."""
+    while dataset is not None:
+        if hasattr(dataset, "paired_images"):
+            return dict(dataset.paired_images or {})
+        dataset = getattr(dataset, "dataset", None)
+    return {}
+
+
 class ControlMaps(Dataset):
     """``dataset``'s items plus ``conditioning_pixel_values``: the ``kind`` map of each item's
     ``pixel_values`` (``control_image``), computed when the item is loaded (in the loader's
@@ -78,6 +88,13 @@ class ControlMaps(Dataset):
 
     def __init__(self, dataset: Dataset, kind: ControlKind, sigma: float = 1.0) -> None:
         check_control_kind(kind)
+        columns = [c for c, key in _paired_images(dataset).items() if key == CONTROL_KEY]
+        if columns:  # the computed map would silently replace the user's files
+            raise ConfigError(
+                f"data.control={kind} computes {CONTROL_KEY} from each image, and data.paired_images reads {CONTROL_KEY} "
+                f"from the metadata column {columns[0]!r}: two sources for one control image. To train on your files add "
+                f"data.control=null; to train on computed {kind} maps drop data.paired_images."
+            )
         self.dataset = dataset
         self.kind = kind
         self.sigma = sigma
