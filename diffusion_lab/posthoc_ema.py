@@ -39,7 +39,7 @@ def run(cfg: DictConfig) -> Path:
     weights, report = reconstruct(snapshots, float(cfg.sigma_rel), cfg.step)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.run, cfg.sigma_rel, cfg.step)
     check_out_dir(out_dir, report)
-    module = load_module(cfg.ckpt_path, use_ema=False)
+    module = load_module(cfg.ckpt_path, use_ema=False, trust=cfg.trust_checkpoint)
     load_weights(module, weights)
     export(module, out_dir)
     (out_dir / "posthoc_ema.json").write_text(json.dumps(report, indent=2) + "\n")

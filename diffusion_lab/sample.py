@@ -33,7 +33,7 @@ def run(cfg: DictConfig) -> Path:
     if cfg.ckpt_path:
         from diffusion_lab.inference.checkpoints import load_module
 
-        module = load_module(cfg.ckpt_path, use_ema=cfg.use_ema)
+        module = load_module(cfg.ckpt_path, use_ema=cfg.use_ema, trust=cfg.trust_checkpoint)
     pipe = G.load_text_pipeline(cfg, module)
     if pipe is not None:
         return run_text_to_image(cfg, pipe, device)

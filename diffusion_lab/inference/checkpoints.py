@@ -9,18 +9,25 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.safe_load import check_config, load_checkpoint
 
 
-def load_module(ckpt_path: str, use_ema: bool = True, map_location: str = "cpu"):
+def load_module(ckpt_path: str, use_ema: bool = True, map_location: str = "cpu", trust: bool = False):
     """The ``DiffusionModule`` saved in ``ckpt_path``: built from the resolved config stored in the
-    checkpoint, weights loaded, and (``use_ema``) the EMA weights copied into the UNet."""
+    checkpoint, weights loaded, and (``use_ema``) the EMA weights copied into the UNet.
+
+    The file is read as tensors and plain values only, and its config is built only when it names
+    nothing but what ``conf/`` builds (``utils/safe_load.py``); ``trust`` (``trust_checkpoint=true``)
+    skips both checks, for a checkpoint whose author you trust."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist. Checkpoints are written to <run dir>/checkpoints/ (last.ckpt).")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    config = ckpt.get("diffusion_lab_config")
-    if config is None:
+    ckpt = load_checkpoint(path, map_location, trust)
+    config = ckpt.get("diffusion_lab_config") if isinstance(ckpt, dict) else None
+    if not isinstance(config, dict):
         raise ConfigError(f"{ckpt_path} has no 'diffusion_lab_config': it was not written by diffusion_lab.train. Use pipeline=<folder> instead.")
+    if not trust:
+        check_config(config.get("model"), ckpt_path)
     cfg = OmegaConf.create(config)
     module = instantiate(cfg.model)
     module.load_state_dict(ckpt["state_dict"])

@@ -54,7 +54,7 @@ def generated_images(cfg: DictConfig, reference_captions: Callable[[], list[str]
     if cfg.ckpt_path:
         from diffusion_lab.inference.checkpoints import load_module
 
-        module = load_module(cfg.ckpt_path, use_ema=cfg.use_ema)
+        module = load_module(cfg.ckpt_path, use_ema=cfg.use_ema, trust=cfg.trust_checkpoint)
     t0 = time.perf_counter()
     pipe = G.load_text_pipeline(cfg, module)
     if pipe is not None:
