@@ -122,3 +122,22 @@ def test_computed_and_paired_controls_together_are_refused_naming_both(diffusers
     assert isinstance(error, ConfigError) and "\n" not in str(error)
     assert all(k in str(error) for k in ("data.control=edges", "data.paired_images", "conditioning_image", "data.control=null"))
     assert not (tmp_path / "run" / "controlnet").exists()  # refused before training
+
+
+# ---- item 3: README's bucket_sizes spellings, typed into a real shell
+
+def test_readme_bucket_sizes_survive_a_real_shell(tmp_path):
+    import yaml
+
+    from diffusion_lab.data.buckets import AspectBuckets
+
+    spellings = re.findall(r"`([^`]*data\.bucket_sizes=[^`]*)`", README)
+    assert spellings, "README shows no data.bucket_sizes= example"
+    for spelling in spellings:
+        line = (f"{sys.executable} -m diffusion_lab.train data=image_folder data.root={tmp_path} data.resolution=512 "
+                f"data.buckets=true {spelling} --cfg job --package data")
+        done = subprocess.run(["bash", "-c", line], cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, f"README's {spelling} in bash: {done.stderr[-500:]}"
+        sizes = yaml.safe_load(done.stdout)["bucket_sizes"]
+        assert AspectBuckets(512, 64, sizes).sizes == [(512, 512), (448, 576)], spelling
