@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from diffusion_lab.components.text import DualTextConditioner
 from diffusion_lab.data.dreambooth import DreamBoothDataset, find_dreambooth_dataset
 from diffusion_lab.modules.diffusion_module import batch_len
 from diffusion_lab.modules.latent import LatentDiffusion
@@ -23,6 +24,27 @@ def select(batch: dict, keep: torch.Tensor) -> dict:
     """The examples of ``batch`` where ``keep`` (``[N]`` bool) is true: tensors and lists alike."""
     idx = keep.nonzero().flatten().tolist()
     return {k: v[keep.to(v.device)] if torch.is_tensor(v) else [v[i] for i in idx] for k, v in batch.items()}
+
+
+def check_family(kwargs: dict) -> None:
+    """ConfigError before training unless the parts are SD 1.x/2.x's (one text encoder, a UNet
+    without SDXL's ``text_time`` added conditioning): DreamBooth here extends ``model=latent_sd``."""
+    unet, conditioner = kwargs.get("unet"), kwargs.get("conditioner")
+    config = getattr(unet, "config", None) or {}
+    encoders = len(getattr(conditioner, "encoders", ())) or 1
+    if "force_zeros_for_empty_prompt" in kwargs or isinstance(conditioner, DualTextConditioner):
+        what = "model=latent_sdxl is SDXL (two text encoders)"
+    elif config.get("addition_embed_type") == "text_time":
+        what = f"model.pretrained={kwargs.get('pretrained')!r} is an SDXL pipeline (its UNet takes text_time added conditioning)"
+    elif encoders != 1:
+        what = f"this model has {encoders} text encoders ({type(conditioner).__name__})"
+    else:
+        return
+    raise ConfigError(
+        f"DreamBooth here is for SD 1.x/2.x (model=latent_sd: one text encoder), not SDXL (model=latent_sdxl), SD3 or "
+        f"FLUX: {what}. Use an SD 1.x/2.x base for model.pretrained, or fine-tune SDXL without prior preservation "
+        f"(experiment=sdxl_lora, or experiment=sdxl_finetune_tiny offline)."
+    )
 
 
 class DreamBooth(LatentDiffusion):
@@ -48,6 +70,7 @@ class DreamBooth(LatentDiffusion):
     ) -> None:
         if prior_loss_weight < 0:
             raise ConfigError(f"model.prior_loss_weight={prior_loss_weight} must be >= 0.")
+        check_family(kwargs)
         super().__init__(**kwargs)
 
     def dreambooth_data(self) -> DreamBoothDataset:
