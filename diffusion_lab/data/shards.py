@@ -357,8 +357,8 @@ def check_shards_fit_model(manifest: dict, module: torch.nn.Module, root: str) -
     codec = getattr(module, "codec", None)
     if codec is None or isinstance(codec, IdentityCodec):
         raise ConfigError(
-            f"data.root={root} holds VAE latents (encoded for model={stored['family']}) but this model has no VAE "
-            f"({type(module).__name__}); train a latent model on it, or prepare pixel shards (prepare.encode=false)."
+            f"data.root={root} holds VAE latents (prepared with {_prepared_with(stored)}) but this model has no VAE "
+            f"({type(module).__name__}); train with the model it was prepared with, or prepare pixel shards (prepare.encode=false)."
         )
     if fingerprint(codec) != stored["vae"]:
         raise ConfigError(
@@ -376,10 +376,20 @@ def check_shards_fit_model(manifest: dict, module: torch.nn.Module, root: str) -
             )
         if fingerprint(conditioner) != stored["text_encoder"] or list(module.text_keys) != stored["text_keys"]:
             raise ConfigError(
-                f"data.root={root} stores text states of another text encoder (shards.json: {stored['text_encoder'][:12]}, "
-                f"{stored.get('text_encoder_config')}) than this run's text_encoder=; use the model config it was prepared "
-                f"with, or prepare again with this one."
+                f"data.root={root} stores text states of another text encoder (shards.json: text encoder "
+                f"{stored['text_encoder'][:12]}, states {stored['text_keys']}) than this run's text_encoder= "
+                f"({fingerprint(conditioner)[:12]}, states {list(module.text_keys)}); they would be wrong for this model. "
+                f"Train with the model it was prepared with ({_prepared_with(stored)}), or prepare again with this one: "
+                f"python -m diffusion_lab.prepare prepare.encode=true model=... out_dir=<new> (prepare.text_states=false: captions only)."
             )
+
+
+def _prepared_with(stored: dict) -> str:
+    """The model overrides encoded shards were prepared with (``manifest["model"]``), for messages."""
+    overrides = stored.get("train_overrides")
+    if overrides:
+        return " ".join(overrides)
+    return f"model family {stored['family']}" + (f", model.pretrained={stored['pretrained']}" if stored.get("pretrained") else "")
 
 
 # ---- items -----------------------------------------------------------------------------------
