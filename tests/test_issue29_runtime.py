@@ -88,3 +88,28 @@ def test_shards_of_another_model_name_the_model_they_were_prepared_with(encoded)
     with pytest.raises(ConfigError, match=rf"holds VAE latents \(prepared with {' '.join(LATENT)}\) but this model has no VAE"):
         check_shards_fit_model(manifest, pixel, str(out))
     assert (out / MANIFEST).is_file()
+
+
+# ---- item 9: paths.output_dir is the run dir, train.log and .hydra/ included ------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_paths_output_dir_holds_everything_the_run_writes(tmp_path):
+    """With paths.output_dir=DIR the run printed "run dir: DIR", but train.log and .hydra/ went to
+    ./outputs/train/runs/<time>/. A run that fails on its data (after Hydra made its run dir) is enough."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir, cwd = tmp_path / "mine", tmp_path / "cwd"
+    cwd.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("PROJECT_ROOT", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffusion_lab.train", f"paths.output_dir={run_dir}", "data=image_folder", f"data.root={tmp_path / 'none'}",
+         "logger=csv", "trainer=cpu"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2 and "is not a directory" in proc.stderr, proc.stderr[-2000:]
+    assert (run_dir / "train.log").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+    assert not (cwd / "outputs").exists(), sorted(str(p) for p in (cwd / "outputs").rglob("*"))

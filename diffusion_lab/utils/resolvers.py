@@ -61,6 +61,9 @@ def register_resolvers() -> None:
         # W&B run name from the swept overrides / W&B group = the sweep (see utils/run_names.py)
         "run_name": _run_naming("run_name"),
         "sweep_group": _run_naming("sweep_group"),
+        # the first argument that is not null: conf/hydra/default.yaml's run dir is paths.output_dir when it is set
+        # (paths.output_dir=DIR), else a new dated folder, so train.log and .hydra/ land in the run dir too
+        "coalesce": lambda *values: next((v for v in values if v is not None), None),
         # "_rank<k>" in a process torchrun / SLURM started as global rank k > 0, else "": their
         # Hydra log files in the shared run folder (conf/hydra/default.yaml)
         "rank_suffix": lambda: "" if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0" else f"_rank{os.environ.get('RANK', os.environ.get('SLURM_PROCID'))}",
