@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -73,6 +75,25 @@ def start_cli(args: list[str], log_dir: Path, log: Path) -> subprocess.Popen:
     cmd, env = _cli(args, log_dir)
     with open(log, "w") as out:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def kill_all_ranks_after_step(args: list[str], step: int, log_dir: Path, timeout: float = 600) -> None:
+    """``python -m diffusion_lab.train <args>`` in a session of its own, held after optimizer step
+    ``step`` (``tests.test_reliability.PauseAtStep``), then SIGKILLed with every rank it launched,
+    as when a node is lost."""
+    marker = log_dir / f"paused_at_{step}"
+    pause = f"+callbacks.pause={{_target_: tests.test_reliability.PauseAtStep, step: {step}, marker: '{marker}'}}"
+    cmd, env = _cli([*args, pause], log_dir)
+    with open(log_dir / "killed.log", "w") as log:
+        child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), (log_dir / "killed.log").read_text()[-3000:]
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
 
 
 class RankProbe(pl.Callback):

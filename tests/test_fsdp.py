@@ -6,10 +6,6 @@ and the export is one ordinary diffusers folder."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +16,7 @@ import torch.multiprocessing as mp
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError
 
-from tests.multiproc import CURVE, PROBE, STEPS, free_port, load_probes, run_cli, tiny
+from tests.multiproc import CURVE, PROBE, STEPS, free_port, kill_all_ranks_after_step, load_probes, run_cli, tiny
 from tests.wandb_offline import find_offline_runs
 
 # val/loss of the FSDP run vs the DDP run, relative, at every check. Both reduce the same fp32
@@ -121,21 +117,8 @@ def test_half_written_sharded_checkpoint_is_refused(tmp_path, train_cfg):
 def test_sigkilled_fsdp_run_resumes_bit_identical(fsdp_run, tmp_path):
     """Both ranks SIGKILLed after step 25 (last checkpoint: step 20, mid-epoch), resumed from it
     with 2 processes to step 30: every rank ends with the unbroken run's weights and EMA, bit for bit."""
-    from tests.test_reliability import _child_env
-
-    killed, marker = tmp_path / "killed", tmp_path / "marker"
-    pause = f"+callbacks.pause={{_target_: tests.test_reliability.PauseAtStep, step: 25, marker: '{marker}'}}"
-    cmd = [sys.executable, "-m", "diffusion_lab.train", *tiny(*FSDP, pause, f"hydra.run.dir={killed}"), f"paths.log_dir={tmp_path}"]
-    with open(tmp_path / "child.log", "w") as log:  # its own session: the kill takes both ranks, as a lost node does
-        child = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], env=_child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), (tmp_path / "child.log").read_text()[-3000:]
-    finally:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
+    killed = tmp_path / "killed"
+    kill_all_ranks_after_step(tiny(*FSDP, f"hydra.run.dir={killed}"), 25, tmp_path)
     ckpt = killed / "checkpoints" / "step_000020.ckpt"
     assert not list(ckpt.parent.glob(".*tmp*"))  # the kill came between saves: nothing half-written
     proc = run_cli(tiny(*FSDP, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'resumed'}"), tmp_path)

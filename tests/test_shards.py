@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -276,8 +271,7 @@ def test_sigkilled_ddp_run_on_shards_resumes_bit_identical(folder_shards, tmp_pa
     steps: both ranks SIGKILLed after step 9, resumed from step 8 (mid epoch 1) to 12: every rank
     ends with the weights and EMA of the unbroken 2-process run. No loader workers: forking them
     beside gloo's threads hung once here (the single-process kill test has 2 workers)."""
-    from tests.multiproc import PROBE, load_probes
-    from tests.test_reliability import _child_env
+    from tests.multiproc import PROBE, kill_all_ranks_after_step, load_probes
 
     run = tiny(
         "trainer=ddp_cpu", *shard_overrides(folder_shards, "data.random_flip=true", "data.num_workers=0", "data.batch_size=6"), *PROBE,
@@ -286,19 +280,8 @@ def test_sigkilled_ddp_run_on_shards_resumes_bit_identical(folder_shards, tmp_pa
     proc = run_cli([*run, f"hydra.run.dir={tmp_path / 'unbroken'}"], tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    killed, marker = tmp_path / "killed", tmp_path / "marker"
-    pause = f"+callbacks.pause={{_target_: tests.test_reliability.PauseAtStep, step: 9, marker: '{marker}'}}"
-    cmd = [sys.executable, "-m", "diffusion_lab.train", *run, pause, f"hydra.run.dir={killed}", f"paths.log_dir={tmp_path}"]
-    with open(tmp_path / "child.log", "w") as log:  # its own session: the kill takes both ranks, as a lost node does
-        child = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], env=_child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), (tmp_path / "child.log").read_text()[-3000:]
-    finally:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
+    killed = tmp_path / "killed"
+    kill_all_ranks_after_step([*run, f"hydra.run.dir={killed}"], 9, tmp_path)
     ckpt = killed / "checkpoints" / "step_000008.ckpt"
     proc = run_cli([*run, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
