@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import diffusion_lab  # noqa: F401  (registers config resolvers)
 from diffusion_lab.components.fsdp import check_loadable
+from diffusion_lab.components.pretrained import check_hub_downloads
 from diffusion_lab.utils.cli import explain_unknown_keys, friendly_errors
 from diffusion_lab.utils.config_path import CONFIG_PATH
 from diffusion_lab.utils.ddp_jobs import job_scope
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> tuple[float | None, dict]:
     """Run one training job; returns (optimized metric or None, objects built)."""
+    check_hub_downloads(cfg)  # offline: every missing model and data set in one message, before any retry
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data.datamodule)
     model = instantiate(cfg.model)

@@ -133,3 +133,121 @@ def load_scheduler(
         raise offline_error(source, subfolder, key, e) from e
     config.update({k: v for k, v in overrides.items() if v is not None})
     return build_scheduler(class_name or f"diffusers.{config['_class_name']}", **config)
+
+
+# --- every hub download a composed config needs, checked before anything is loaded ------------------------------
+
+_HF_DATASET = "diffusion_lab.data.HFImageDataset"  # the only data source that takes a hub name (data=hf's data.name)
+_LOAD_SCHEDULER = f"{__name__}.load_scheduler"  # its subfolder defaults to scheduler/
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it (also when set after its import, as tests do)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _source_key(node, field: str, key: str) -> str:
+    """The key a user sets: ``model.pretrained`` for a ``${model.pretrained}`` interpolation, else ``key`` itself."""
+    raw = node._get_node(field)._value()
+    if isinstance(raw, str) and raw.startswith("${") and raw.endswith("}") and raw.count("${") == 1 and ":" not in raw:
+        return raw[2:-1]
+    return key
+
+
+def _hub_id(value) -> str | None:
+    """``value`` if it names a hub repository (``org/name``); None for unset, local folders, and paths that
+    are not there (``resolve`` refuses those with their own message)."""
+    if not isinstance(value, str) or not value or Path(value).expanduser().exists() or _looks_like_path(value):
+        return None
+    return value
+
+
+def hub_ids_used(cfg) -> dict[tuple[str, str], dict]:
+    """{(hub id, "model" | "dataset"): {"keys": [...], "subfolders": {...}, "local_files_only": bool}} for every
+    ``pretrained`` of a config node (unet, vae, text encoders, scheduler, controlnet), ``model.safety_checker``
+    and data=hf's ``data.name``, found by walking ``cfg`` (interpolations are followed to the key they copy)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    found: dict[tuple[str, str], dict] = {}
+
+    def add(repo: str | None, kind: str, key: str, subfolder=None, local_only=False) -> None:
+        if repo is None:
+            return
+        entry = found.setdefault((repo, kind), {"keys": [], "subfolders": set(), "local_files_only": False})
+        if key not in entry["keys"]:
+            entry["keys"].append(key)
+        if isinstance(subfolder, str) and subfolder:
+            entry["subfolders"].add(subfolder)
+        entry["local_files_only"] |= bool(local_only)
+
+    def value(node, field):
+        try:
+            return node.get(field)
+        except Exception:  # an interpolation to a key this config lacks: not ours to report
+            return None
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, DictConfig):
+            if "pretrained" in node:
+                key = _source_key(node, "pretrained", f"{path}pretrained")
+                subfolder = value(node, "subfolder") or ("scheduler" if value(node, "_target_") == _LOAD_SCHEDULER else None)
+                add(_hub_id(value(node, "pretrained")), "model", key, subfolder, value(node, "local_files_only"))
+            if value(node, "_target_") == _HF_DATASET and not value(node, "data_files"):
+                add(_hub_id(value(node, "name")), "dataset", _source_key(node, "name", f"{path}name"))
+            children = [(k, node._get_node(k)) for k in node.keys()]
+        elif isinstance(node, ListConfig):
+            children = [(str(i), node._get_node(i)) for i in range(len(node))]
+        else:
+            return
+        for k, child in children:
+            if child is not None and not OmegaConf.is_interpolation(child) and isinstance(child, (DictConfig, ListConfig)):
+                walk(child, f"{path}{k}.")
+
+    walk(cfg, "")
+    model = cfg.get("model") if isinstance(cfg, DictConfig) else None
+    if isinstance(model, DictConfig) and "safety_checker" in model:
+        add(_hub_id(value(model, "safety_checker")), "model", "model.safety_checker", "safety_checker", value(model, "local_files_only"))
+    return found
+
+
+def in_hub_cache(repo: str, kind: str, subfolders=()) -> bool:
+    """Whether the local Hugging Face cache holds ``repo`` (and its ``subfolders``), or, for a data set,
+    ``datasets``' own prepared copy (which ``load_dataset`` uses offline)."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        snapshot = Path(snapshot_download(repo, repo_type=kind, local_files_only=True))
+        if all((snapshot / s).is_dir() for s in subfolders):
+            return True
+    except Exception:  # LocalEntryNotFoundError and friends: not cached
+        pass
+    if kind == "dataset":
+        root = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets").expanduser()
+        return (root / repo.replace("/", "___")).is_dir()
+    return False
+
+
+def check_hub_downloads(cfg) -> None:
+    """Before anything is loaded: with the hub out of reach (``HF_HUB_OFFLINE=1``, or ``local_files_only``),
+    every hub id the run uses that is not in the local cache, in ONE ``ConfigError`` with the download command
+    and the key to set, instead of failing on the first (after ~30 s of retries) and then on the next."""
+    offline = hub_offline()
+    missing = []
+    for (repo, kind), use in hub_ids_used(cfg).items():
+        if not (offline or use["local_files_only"]) or in_hub_cache(repo, kind, sorted(use["subfolders"])):
+            continue
+        keys = " / ".join(use["keys"])
+        if kind == "dataset":
+            missing.append(f"the data set {repo} ({keys}): `hf download {repo} --repo-type dataset --local-dir DIR`, then set "
+                           f"data.data_files='DIR/**/*.parquet'")
+        else:
+            missing.append(f"the model {repo} ({keys}): `hf download {repo} --local-dir DIR`, then set {use['keys'][0]}=DIR")
+    if missing:
+        why = "HF_HUB_OFFLINE=1" if offline else "local_files_only=true"
+        raise ConfigError(
+            f"this run needs {len(missing)} download(s) from the Hugging Face hub that are not in the local cache, and the hub "
+            f"cannot be used ({why}): " + "; ".join(f"({i}) {m}" for i, m in enumerate(missing, 1)) + ". Download them where "
+            f"there is network and point the keys at the folders, or run once with network (HF_HUB_OFFLINE unset) to fill the cache."
+        )
