@@ -105,6 +105,15 @@ def test_sharded_checkpoint_without_fsdp_is_a_clear_error(fsdp_run, train_cfg):
         train(cfg)
 
 
+def test_half_precision_weights_without_their_autocast_are_refused_before_training(tmp_path):
+    """experiment=sd_finetune sets trainer.precision=16-mixed; with trainer=fsdp's bf16 weights that
+    would be an fp16 autocast over bf16 weights: one paragraph naming both keys, before any step."""
+    proc = run_cli(tiny("trainer=fsdp_cpu", "trainer.strategy.param_dtype=bfloat16", "trainer.precision=32-true", f"hydra.run.dir={tmp_path / 'run'}"), tmp_path)
+    assert proc.returncode != 0
+    assert "trainer.strategy.param_dtype=bfloat16" in proc.stderr and "set trainer.precision=bf16-mixed" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_half_written_sharded_checkpoint_is_refused(tmp_path, train_cfg):
     half = tmp_path / "step_000010.ckpt"
     half.mkdir()

@@ -199,11 +199,13 @@ class FSDP2Strategy(ModelParallelStrategy):
     def shard(self, module: torch.nn.Module) -> list[str]:
         """``shard_module`` with this strategy's mesh and policies (called from ``configure_model``)."""
         precision = getattr(self.precision_plugin, "precision", None)
-        if self.mp_policy.param_dtype not in (None, torch.float32) and precision not in ("bf16-mixed", "16-mixed"):
+        autocast = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}.get(self.mp_policy.param_dtype)
+        if autocast is not None and precision != autocast:
+            dtype = str(self.mp_policy.param_dtype).removeprefix("torch.")
             raise ConfigError(
-                f"trainer.strategy.param_dtype={str(self.mp_policy.param_dtype).removeprefix('torch.')} computes the blocks in half "
-                f"precision, which needs autocast around them: set trainer.precision=bf16-mixed (trainer=fsdp does), or "
-                f"trainer.strategy.param_dtype=float32 with trainer.precision={precision}."
+                f"trainer.strategy.param_dtype={dtype} gathers the blocks' weights in {dtype}, which needs the autocast of the "
+                f"same dtype around them, but trainer.precision={precision}: set trainer.precision={autocast} (trainer=fsdp "
+                f"does; an experiment may override it), or trainer.strategy.param_dtype=float32 to keep trainer.precision={precision}."
             )
         return shard_module(module, self.device_mesh["data_parallel"], self.mp_policy, self.offload_policy, self.reshard_after_forward)
 
