@@ -96,3 +96,19 @@ def test_local_files_only_without_hf_hub_offline(tmp_path, monkeypatch):
         check_hub_downloads(cfg)
     cfg = compose_cfg("train", ["experiment=sdxl_lora", f"data.data_files={tmp_path}/*.parquet"], tmp_path / "run")
     check_hub_downloads(cfg)  # online: the hub fetches it
+
+
+# ---- curves.png at the end of any run that logged a training loss ----------------------------------------
+def test_curves_png_is_drawn_at_the_end_of_a_run_shorter_than_the_validation_interval(train_cfg):
+    """README: every run dir gets curves.png; it appeared only once a validation ran (default every 500 steps)."""
+    import json
+    from pathlib import Path
+
+    from diffusion_lab.train import train
+
+    cfg = train_cfg("trainer.max_steps=3", "trainer.val_check_interval=500", "callbacks.sample_grid=null", "callbacks.noising_strip=null")
+    train(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert (out / "curves.png").stat().st_size > 0
+    history = json.loads((out / "curves.json").read_text())
+    assert [row["step"] for row in history] == [3] and "train/loss" in history[0] and "val/loss" not in history[0]

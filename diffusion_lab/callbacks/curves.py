@@ -1,6 +1,7 @@
 """The run's own learning curves as pictures: ``curves.png`` in the run dir (and W&B).
 
-Left: the training loss (mean over each validation interval) and ``val/loss`` against the step.
+Left: the training loss (mean over each validation interval, and over the steps after the last one)
+and ``val/loss`` against the step.
 Right: the validation loss in each noise-level bucket (``val/loss_t<k>``, see
 ``metrics/stratified.py``) against the step, so a run shows where in the schedule it improved.
 The history is kept in checkpoints, so a resumed run draws its whole curve.
@@ -19,8 +20,9 @@ from diffusion_lab.callbacks.samples import log_image
 
 
 class LearningCurvesCallback(pl.Callback):
-    """After every validation, record (step, train loss, val/loss, val/loss_t<k>) and redraw
-    ``path`` (PNG); the numbers go to ``path`` with suffix ``.json``."""
+    """After every validation, and at the end of training when steps ran since the last one, record
+    (step, train loss, val/loss, val/loss_t<k>) and redraw ``path`` (PNG); the numbers go to ``path``
+    with suffix ``.json``."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -38,8 +40,15 @@ class LearningCurvesCallback(pl.Callback):
         if trainer.sanity_checking:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/loss") and torch.is_tensor(v) and v.numel() == 1}
-        if not metrics:
-            return
+        if metrics:
+            self._record(trainer, metrics)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """The steps since the last validation (all of a run shorter than val_check_interval) are drawn too."""
+        if self._train_count:
+            self._record(trainer, {})
+
+    def _record(self, trainer, metrics: dict[str, float]) -> None:
         row = {"step": trainer.global_step, **metrics}
         if self._train_count:
             row["train/loss"] = float(self._train_sum) / self._train_count
@@ -58,7 +67,7 @@ class LearningCurvesCallback(pl.Callback):
         buckets = sorted({k for r in self.history for k in r if k.startswith("val/loss_t")}, key=lambda k: int(k.rsplit("t", 1)[1]))
         fig, axes = plt.subplots(1, 2 if buckets else 1, figsize=(11 if buckets else 5.5, 4), squeeze=False)
         ax = axes[0][0]
-        for key, style in (("train/loss", "-"), ("val/loss", "o-")):
+        for key, style in (("train/loss", ".-"), ("val/loss", "o-")):  # markers: a run of one interval is one point
             pts = [(r["step"], r[key]) for r in self.history if key in r]
             if pts:
                 ax.plot(*zip(*pts), style, label=key)
