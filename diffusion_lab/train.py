@@ -26,7 +26,7 @@ from diffusion_lab.utils.config_path import CONFIG_PATH
 from diffusion_lab.utils.ddp_jobs import job_scope
 from diffusion_lab.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from diffusion_lab.utils.results import optimized_metric, save_config
-from diffusion_lab.utils.validate import check_callbacks_fit_model, check_checkpoint_file, check_pixel_model_fits_data
+from diffusion_lab.utils.validate import check_callbacks_fit_model, check_checkpoint_file, check_pixel_model_fits_data, check_quantization_applies
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
     """Run one training job; returns (optimized metric or None, objects built)."""
     check_hub_downloads(cfg)  # offline: every missing model and data set in one message, before any retry
     pl.seed_everything(cfg.seed, workers=True)
+    check_quantization_applies(cfg)
     datamodule = instantiate(cfg.data.datamodule)
     model = instantiate(cfg.model)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)

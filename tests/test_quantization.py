@@ -258,3 +258,13 @@ def test_offload_frozen_trains_with_the_frozen_parts_on_the_cpu(cache, folders, 
     assert all(p.device.type == "cpu" for p in [*module.codec.parameters(), *module.conditioner.parameters()])
     assert all(p.device.type == "meta" for p in module.base_unet.parameters() if p.requires_grad)
     assert "codec.vae.encoder.conv_in.weight" in module.state_dict()  # still registered: checkpoints hold them
+
+
+@pytest.mark.parametrize("model", ["pixel_ddpm", "autoencoder"])
+def test_quantization_of_a_family_without_a_pretrained_base_is_refused(model, train_cfg):
+    """A pixel model or the autoencoder, trained from scratch, has no frozen base: quantization= would
+    silently do nothing. Refused before anything is built."""
+    from diffusion_lab.train import train
+
+    with pytest.raises(ConfigError, match=rf"quantization=nf4 .* model={model} has no such base"):
+        train(train_cfg(f"model={model}", "quantization=nf4", "trainer=cpu", "logger=csv", tiny=False))

@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 import pytorch_lightning as pl
+from omegaconf import OmegaConf
 
 from diffusion_lab.utils.errors import ConfigError, DataError
 
@@ -118,3 +119,19 @@ def check_checkpoint_file(ckpt_path: str) -> None:
             f"archive): it was cut short (copied or written by a tool without atomic saves) or is another "
             f"kind of file. Resume from an older checkpoint instead.{hint}"
         )
+
+
+def check_quantization_applies(cfg) -> None:
+    """``quantization=`` quantizes a pretrained frozen base while it is loaded; a family without one
+    (pixel models, the autoencoder, ControlNet) would silently train unquantized: a ConfigError."""
+    name = OmegaConf.select(cfg, "quantization.name", default="none")
+    if name in (None, "none") or "quantization" in cfg.model:
+        return
+    from hydra.core.hydra_config import HydraConfig
+
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    family = choices.get("model") or cfg.model.get("_target_", "this model")
+    raise ConfigError(
+        f"quantization={name} quantizes the frozen pretrained backbone of a QLoRA run (model=latent_sd|latent_sdxl|latent_sd3|"
+        f"latent_flux), but model={family} has no such base: nothing would be quantized. Use quantization=none, or one of those families."
+    )
