@@ -50,6 +50,7 @@ from diffusion_lab.data.datamodule import DiffusionDataModule, bucket_ids_of
 from diffusion_lab.data.sources import MASK_KEY
 from diffusion_lab.data.transforms import ImageTransform, to_pil, to_uint8
 from diffusion_lab.utils.errors import ConfigError, DataError
+from diffusion_lab.utils.quiet import without_printed_noise
 
 MANIFEST = "shards.json"
 FORMAT_VERSION = 1
@@ -887,11 +888,12 @@ def write_shards(
                 dest = Path(tmp) / split / (f"{size[0]}x{size[1]}" if size else "")
                 workers = max(1, min(num_workers, -(-len(inputs) // batch_size)))
                 print(f"writing {len(inputs)} {split} items to {out_dir}/{dest.relative_to(tmp)} ({kind}, {workers} worker processes)", flush=True)
-                optimize(
-                    writer, inputs, str(dest), batch_size=batch_size, num_workers=workers,
-                    **({"chunk_size": chunk_size} if chunk_size else {"chunk_bytes": chunk_bytes}),
-                    keep_data_ordered=True, reorder_files=False, start_method="fork", verbose=True,
-                )
+                with without_printed_noise():  # litdata's account banner (utils/quiet.py)
+                    optimize(
+                        writer, inputs, str(dest), batch_size=batch_size, num_workers=workers,
+                        **({"chunk_size": chunk_size} if chunk_size else {"chunk_bytes": chunk_bytes}),
+                        keep_data_ordered=True, reorder_files=False, start_method="fork", verbose=True,
+                    )
                 failed = sorted(log_dir.glob("failed-*.txt"))
                 if failed:
                     name, why = failed[0].read_text().splitlines()[0].split("\t", 1)
