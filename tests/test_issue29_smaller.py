@@ -191,3 +191,22 @@ def test_prepare_prints_no_litdata_account_banner(tmp_path, capfd):
     printed = capfd.readouterr().out
     assert "writing" in printed and "Finished data processing" in printed  # litdata's own progress lines still print
     assert "lightning.ai" not in printed
+
+
+def test_readme_offline_recipe_command_lists_every_download(tmp_path):
+    """README (Troubleshooting): with HF_HUB_OFFLINE=1, `python -m diffusion_lab.train experiment=sdxl_lora` lists
+    the weights and the data set at once: exit 2, one paragraph, seconds (no hub retries)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "WANDB_MODE": "offline"}
+    env.pop("HF_HUB_CACHE", None), env.pop("HF_DATASETS_CACHE", None)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "diffusion_lab.train", "experiment=sdxl_lora", f"paths.output_dir={tmp_path / 'run'}"],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir DIR" in proc.stderr
+    assert f"hf download {DATA} --repo-type dataset --local-dir DIR" in proc.stderr
+    assert time.monotonic() - start < 120
