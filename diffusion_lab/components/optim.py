@@ -13,7 +13,7 @@ def adamw_8bit(params, **kwargs):
     except ImportError as e:
         raise ConfigError(
             "model.optimizer is 8-bit AdamW, which needs bitsandbytes (not installed). Install the optional "
-            "extra with `pip install -e '.[bnb]'` (needs a CUDA GPU), or use the default optimizer: "
+            "extra with `pip install -e '.[bnb]'` (`make install` brings it), or use the default optimizer: "
             "model.optimizer._target_=torch.optim.AdamW."
         ) from e
     kwargs.pop("fused", None)  # model.optimizer.fused is torch's AdamW switch; bitsandbytes fuses anyway
