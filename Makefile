@@ -26,7 +26,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m diffusion_lab.train experiment=ddpm_digits
 
-## The default test suite (CPU, ~10 min of tests on 2 cores; multi-process, wheel and ladder tests are in test-slow).
+## The default test suite (CPU, ~12 min of tests on 2 cores; multi-process DDP/FSDP2/two-node, kill+resume, wheel and ladder tests are in test-slow, ~19 min).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
