@@ -249,5 +249,5 @@ def check_hub_downloads(cfg) -> None:
         raise ConfigError(
             f"this run needs {len(missing)} download(s) from the Hugging Face hub that are not in the local cache, and the hub "
             f"cannot be used ({why}): " + "; ".join(f"({i}) {m}" for i, m in enumerate(missing, 1)) + ". Download them where "
-            f"there is network and point the keys at the folders, or run once with network (HF_HUB_OFFLINE unset) to fill the cache."
+            "there is network and point the keys at the folders, or run once with network (HF_HUB_OFFLINE unset) to fill the cache."
         )

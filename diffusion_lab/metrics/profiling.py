@@ -82,3 +82,29 @@ def peak_bf16_flops(device_name: str) -> float | None:
         if key in device_name:
             return PEAK_BF16_FLOPS[key]
     return None
+
+
+# ---- process memory on Linux (CPU runs: torch's CPU allocator keeps no statistics) -------------------
+def status_kb(*keys: str) -> dict[str, int]:
+    """``/proc/self/status`` fields in KiB (``VmRSS``, ``VmHWM``, ``RssAnon``, ``RssFile``)."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {k: int(fields[k].split()[0]) for k in keys}
+
+
+def settle() -> None:
+    """Free what is unreferenced and hand glibc's free heap pages back to the OS."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def reset_peak() -> None:
+    """Reset ``VmHWM`` to the current ``VmRSS`` (Linux >= 4.0: ``echo 5 > /proc/PID/clear_refs``); checked."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    now = status_kb("VmRSS", "VmHWM")
+    if now["VmHWM"] > now["VmRSS"] + 4096:
+        raise RuntimeError(f"/proc/self/clear_refs did not reset VmHWM: {now}")

@@ -27,16 +27,15 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from diffusion_lab.metrics.profiling import status_kb
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 
 
 def _vm(key: str) -> float:
     """``VmRSS`` / ``VmHWM`` of this process in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
+    return status_kb(key)[key] / 1024
 
 
 class StepProbe(pl.Callback):

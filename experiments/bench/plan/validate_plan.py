@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,10 +101,6 @@ def predict(arch_name: str, resolution: int, settings: dict) -> dict:
 
 
 # ---- the measured side (runs in the child process) ---------------------------------------------
-def _rss_kb(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def _build(spec: dict, settings: dict, shrink: bool = False):
     import torch
 
@@ -165,20 +160,22 @@ def measure(arch_name: str, resolution: int, settings: dict) -> dict:
 
     import torch
 
+    from diffusion_lab.metrics.profiling import reset_peak, status_kb
+
     spec = scaled(arch_name)
     arch, warm = _build(spec, settings, shrink=True)
     opt = torch.optim.AdamW([p for p in warm.parameters() if p.requires_grad], foreach=False)
     _step(arch, warm, opt, {**settings, "batch": 1}, 128)
     del warm, opt
     gc.collect()
-    baseline = _rss_kb("VmRSS")
+    baseline = status_kb("VmRSS")["VmRSS"]
     arch, model = _build(spec, settings)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=False)
     _step(arch, model, opt, settings, resolution)
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
+    reset_peak()
     _step(arch, model, opt, settings, resolution)
-    peak = _rss_kb("VmHWM")
+    peak = status_kb("VmHWM")["VmHWM"]
     return {"measured_gb": round((peak - baseline) * 1024 / 1e9, 3), "baseline_gb": round(baseline * 1024 / 1e9, 3)}
 
 

@@ -25,8 +25,6 @@ activations and so gradient checkpointing start to count. Every configuration ru
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import statistics
@@ -35,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from diffusion_lab.metrics.profiling import reset_peak, settle, status_kb
 
 HERE = Path(__file__).resolve().parent
 # option -> (quantization= name, backend, weights)
@@ -55,29 +55,6 @@ LONG_TOKENS, LONG_OPTIONS = 1024, ["bf16", "nf4"]  # 512 px: where activations, 
 # resident set tracks the live tensors instead of the heap's high-water mark
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 MB = 1 << 20
-
-
-# ---- memory probes (Linux) -----------------------------------------------------------------------
-def status_kb(*keys: str) -> dict[str, int]:
-    """``/proc/self/status`` fields in KiB (``VmRSS``, ``VmHWM``, ``RssAnon``, ``RssFile``)."""
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return {k: int(fields[k].split()[0]) for k in keys}
-
-
-def settle() -> None:
-    """Free what is unreferenced and hand glibc's free heap pages back to the OS."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def reset_peak() -> None:
-    """Reset ``VmHWM`` to the current ``VmRSS`` (Linux >= 4.0: ``echo 5 > /proc/PID/clear_refs``); checked."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    now = status_kb("VmRSS", "VmHWM")
-    if now["VmHWM"] > now["VmRSS"] + 4096:
-        raise RuntimeError(f"/proc/self/clear_refs did not reset VmHWM: {now}")
 
 
 # ---- exact weight bytes --------------------------------------------------------------------------
