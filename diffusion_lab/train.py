@@ -19,7 +19,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import diffusion_lab  # noqa: F401  (registers config resolvers)
-from diffusion_lab.components.fsdp import check_loadable
 from diffusion_lab.components.pretrained import check_hub_downloads
 from diffusion_lab.utils.cli import explain_unknown_keys, friendly_errors
 from diffusion_lab.utils.config_path import CONFIG_PATH
@@ -41,12 +40,11 @@ def train(cfg: DictConfig) -> tuple[float | None, dict]:
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     check_pixel_model_fits_data(model, datamodule)
     check_callbacks_fit_model(model, cfg.get("callbacks"))
-    if cfg.get("ckpt_path"):
-        check_checkpoint_file(cfg.ckpt_path)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    check_loadable(cfg.get("ckpt_path"), trainer.strategy)
+    if cfg.get("ckpt_path"):
+        check_checkpoint_file(cfg.ckpt_path, trainer.strategy)
     # W&B finished even on failure; under DDP each job of a sweep is its own process group
     with job_scope(trainer, loggers):
         save_config(cfg, trainer)

@@ -237,16 +237,3 @@ class FSDP2Strategy(ModelParallelStrategy):
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-
-
-def check_loadable(ckpt_path: str | None, strategy) -> None:
-    """ConfigError before training when a sharded (folder) checkpoint is resumed without FSDP."""
-    if not ckpt_path or not Path(ckpt_path).is_dir() or isinstance(strategy, FSDP2Strategy):
-        return
-    raise ConfigError(
-        f"ckpt_path={ckpt_path} is a sharded FSDP checkpoint (a folder, one shard per rank), which only trainer=fsdp / "
-        f"fsdp_cpu can resume (on any number of devices: trainer.devices=1 works). To resume it with another strategy, "
-        f"convert it to one file first: python -m torch.distributed.checkpoint.format_utils dcp_to_torch {ckpt_path} full.ckpt "
-        f"(then ckpt_path=full.ckpt)."
-    )
-

@@ -100,9 +100,10 @@ def check_callbacks_fit_model(module: pl.LightningModule, callbacks_cfg) -> None
         )
 
 
-def check_checkpoint_file(ckpt_path: str) -> None:
+def check_checkpoint_file(ckpt_path: str, strategy=None) -> None:
     """``ckpt_path`` must be a whole checkpoint file (a ``torch.save`` zip archive), or the folder of
-    a sharded one (``trainer=fsdp``: one shard per rank, a ``.metadata`` index and ``meta.pt``)."""
+    a sharded one (``trainer=fsdp``: one shard per rank, a ``.metadata`` index and ``meta.pt``),
+    which only the FSDP2 ``strategy`` resumes."""
     path = Path(ckpt_path).expanduser()
     others = sorted(str(p) for p in path.parent.glob("*.ckpt") if p != path) if path.parent.is_dir() else []
     hint = f" Checkpoints next to it: {others}." if others else " Checkpoints are written to <run dir>/checkpoints/ (last.ckpt)."
@@ -110,6 +111,14 @@ def check_checkpoint_file(ckpt_path: str) -> None:
         if not ((path / ".metadata").is_file() and (path / "meta.pt").is_file()):
             raise ConfigError(f"ckpt_path={ckpt_path!r} is a folder but not a whole sharded checkpoint (no .metadata / meta.pt): "
                               f"it was cut short or is another folder. Resume from an older checkpoint instead.{hint}")
+        from diffusion_lab.components.fsdp import FSDP2Strategy
+
+        if strategy is not None and not isinstance(strategy, FSDP2Strategy):
+            raise ConfigError(
+                f"ckpt_path={ckpt_path} is a sharded FSDP checkpoint (a folder, one shard per rank), which only trainer=fsdp / "
+                f"fsdp_cpu can resume, on any number of devices (trainer=fsdp_cpu trainer.devices=1 runs on one CPU process). Add "
+                f"trainer=fsdp (or fsdp_cpu) to this command, or resume from a checkpoint of a run without FSDP."
+            )
         return
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist.{hint}")
