@@ -1,0 +1,1 @@
+"""Model families: what each text-to-image family does differently (``families/base.py``)."""

@@ -1,0 +1,139 @@
+"""``Family``: what one text-to-image model family does differently from the others.
+
+``LatentDiffusion`` (``modules/latent.py``) is the one latent text-to-image module: VAE codec, text
+conditioner, backbone, the shared diffusion step, sampling and export. Everything that differs
+between SD 1.x, SDXL, SD3, FLUX.1, Qwen-Image, ... is a ``Family`` object it is given
+(``model.family``, built by Hydra), and nothing else:
+
+    text_states(conditioner, captions)   the pipeline's ``encode_prompt``: captions -> backbone kwargs
+    conditioning(module, batch, n, ...)  per-example extras (SDXL's time ids, FLUX's embedded guidance,
+                                         an edit family's reference latents)
+    forward(backbone, x_t, t, **cond)    the backbone's call: packing, position ids, timestep scale
+    sampling_schedule(...)               the pipeline's ``set_timesteps`` arguments (shift ``mu``, sigmas)
+    pipeline(...) / save_lora(...)       the diffusers pipeline the export writes, and its LoRA files
+
+A new family is one file under ``diffusion_lab/families/`` (a ``Family`` subclass, and its text
+conditioner when no existing one matches the pipeline's ``encode_prompt``) plus ``conf/model/<name>.yaml``.
+Methods (``adapter=``, DreamBooth's ``model.prior_loss_weight``, textual inversion, ControlNet,
+edit training) are parts that work with any family whose ``supports`` says so.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+import torch
+
+from diffusion_lab.utils.errors import ConfigError
+
+FLOW_ONLY = (
+    "the pipeline samples with FlowMatchEulerDiscreteScheduler: the transformer was trained by flow matching on the "
+    "pipeline's own (shifted) schedule; use process=flow_matching_pretrained (the model's default) or process=flow_matching."
+)
+
+
+def filter_set_timesteps(scheduler, **kwargs) -> dict:
+    """The ``set_timesteps`` arguments ``scheduler`` takes (a DPM-Solver has no ``mu``), None dropped."""
+    accepted = inspect.signature(scheduler.set_timesteps).parameters
+    return {k: v for k, v in kwargs.items() if k in accepted and v is not None}
+
+
+def source(module) -> str:
+    """`` (from <folder or hub id>)`` of a loaded diffusers / transformers model, for messages."""
+    name = getattr(getattr(module, "config", None), "_name_or_path", "") or ""
+    return f" (from {name})" if name else ""
+
+
+class Family:
+    """Base of the model families. Subclasses set the class attributes and override what differs.
+
+    Class attributes:
+        name: the ``model=`` option (``latent_flux``), used in messages.
+        pipeline_class: the diffusers pipeline the export writes (``"FluxPipeline"``).
+        backbone_name: the backbone's component name in that pipeline (``"unet"`` | ``"transformer"``).
+        encoder_names, tokenizer_names: the text parts' component names, in ``conditioner.encoders`` order.
+        processes, process_limits: the ``process=`` kinds this family trains, and why others are refused.
+        text_keys: the keys ``text_states`` returns (the latent / text cache holds exactly these).
+        cfg: previews and exports run classifier-free guidance (False: FLUX.1's embedded guidance).
+        lora_encoders: component names of the text encoders the pipeline's LoRA loader has a slot for.
+        methods: what the family can take beyond full fine-tuning and LoRA (``supports``).
+    """
+
+    name: ClassVar[str] = ""
+    pipeline_class: ClassVar[str] = ""
+    backbone_name: ClassVar[str] = "transformer"
+    encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    processes: ClassVar[tuple[str, ...]] = ("flow_matching",)
+    process_limits: ClassVar[str] = FLOW_ONLY
+    text_keys: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
+    cfg: ClassVar[bool] = True
+    lora_encoders: ClassVar[tuple[str, ...]] = ()
+    # why a method is refused for this family: {method: reason}; a method not listed is supported
+    refuses: ClassVar[dict[str, str]] = {}
+
+    # ---- checks, before training ---------------------------------------------------------------
+    def check_parts(self, backbone, codec, conditioner, resolution: int, image_channels: int) -> None:
+        """ConfigError naming the keys when the parts disagree (channels, text widths, resolution)."""
+
+    def supports(self, method: str) -> str | None:
+        """None when ``method`` (``lora``, ``dreambooth``, ``textual_inversion``, ``controlnet``, ``edit``)
+        works with this family, else the reason it does not (for a ConfigError naming both keys)."""
+        return self.refuses.get(method)
+
+    # ---- conditioning --------------------------------------------------------------------------
+    def text_states(self, conditioner, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Captions -> the backbone's text inputs (keys ``text_keys``), exactly the pipeline's
+        ``encode_prompt`` (padded to a fixed length, with the mask where the backbone takes one)."""
+        return conditioner(captions)
+
+    def conditioning(self, module, batch: dict | None, n: int, sampling: bool) -> dict[str, torch.Tensor]:
+        """Extra per-example backbone inputs beyond the text states (``batch``: the training batch, or the
+        ``cond_batch`` of sampling, possibly None). Default: none."""
+        return {}
+
+    def unconditional(self, cond: dict, uncond: dict) -> dict | None:
+        """The negative half of classifier-free guidance from the encoded "" (``uncond``); None: no CFG."""
+        return uncond if self.cfg else None
+
+    # ---- the backbone ----------------------------------------------------------------------------
+    def forward(self, backbone: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        """``backbone`` on latents ``[N, c, h, w]`` (already in the backbone's dtype) at the process's
+        timesteps ``t`` -> its prediction ``[N, c, h, w]``. Families with packed tokens pack and unpack here."""
+        raise NotImplementedError
+
+    def sampling_schedule(self, backbone, scheduler, shape: tuple[int, ...], num_inference_steps: int) -> dict | None:
+        """Extra ``set_timesteps`` arguments the pipeline passes (None: none)."""
+        return None
+
+    # ---- export ----------------------------------------------------------------------------------
+    def pipeline_parts(self, backbone, vae, scheduler, encoders, tokenizers) -> dict[str, Any]:
+        """The keyword arguments of ``pipeline_class(...)`` (override for extra components)."""
+        parts = {self.backbone_name: backbone, "vae": vae, "scheduler": scheduler}
+        parts.update(zip(self.encoder_names, encoders))
+        parts.update(zip(self.tokenizer_names, tokenizers))
+        return parts
+
+    def pipeline(self, backbone, vae, scheduler, encoders, tokenizers):
+        """A diffusers ``pipeline_class`` of these parts (``export/pipelines.py`` saves it)."""
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class)
+        return cls(**self.pipeline_parts(backbone, vae, scheduler, list(encoders), list(tokenizers)))
+
+    def save_lora(self, out_dir: str, backbone_layers: dict, backbone_metadata: dict, encoder_layers: dict[str, tuple[dict, dict]]) -> None:
+        """LoRA files ``<pipeline_class>.load_lora_weights(out_dir)`` reads, written by the pipeline's
+        own ``save_lora_weights`` (``encoder_layers``: component name -> (state dict, metadata))."""
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class)
+        kwargs = {f"{self.backbone_name}_lora_layers": backbone_layers, f"{self.backbone_name}_lora_adapter_metadata": backbone_metadata}
+        for name, (layers, metadata) in encoder_layers.items():
+            kwargs[f"{name}_lora_layers"], kwargs[f"{name}_lora_adapter_metadata"] = layers, metadata
+        cls.save_lora_weights(out_dir, safe_serialization=True, **kwargs)
+
+    # ---- helpers for subclasses ----------------------------------------------------------------------
+    def check_process(self, kind: str) -> None:
+        if kind not in self.processes:
+            raise ConfigError(f"process={kind} cannot be used with model={self.name} (it trains {', '.join(self.processes)}): {self.process_limits}")
