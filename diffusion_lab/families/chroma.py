@@ -21,6 +21,7 @@ import torch
 
 from diffusion_lab.components.pretrained import Dtype
 from diffusion_lab.components.text import TextConditioner
+from diffusion_lab.families.flux import Flux, image_ids, pack, unpack
 
 
 class ChromaTextConditioner(TextConditioner):
@@ -53,3 +54,67 @@ class ChromaTextConditioner(TextConditioner):
             states = self.text_encoder(ids, output_hidden_states=False, attention_mask=mask)[0]
         keep = torch.arange(mask.shape[1], device=device)[None, :] <= mask.sum(dim=1, keepdim=True)  # + one padding token
         return {"encoder_hidden_states": states.float(), "attention_mask": keep.float()}
+
+
+class Chroma(Flux):
+    """``ChromaTransformer2DModel`` on FLUX.1's packed latents, conditioned on T5 states + Chroma's text mask,
+    sampled with true classifier-free guidance (negative prompt "", ``ChromaPipeline``'s default). Exports a
+    ``ChromaPipeline``; the schedule (sigmas ``linspace(1, 1/N, N)`` and the resolution shift ``mu``) is FLUX.1's.
+    """
+
+    name = "latent_chroma"
+    pipeline_class = "ChromaPipeline"
+    encoder_names = ("text_encoder",)
+    tokenizer_names = ("tokenizer",)
+    text_keys = ("encoder_hidden_states", "attention_mask")
+    cfg = True  # ChromaPipeline runs real CFG (guidance_scale 5.0 by default) against the negative prompt
+    refuses = {
+        "textual_inversion": "ChromaPipeline's text encoder is T5 (a SentencePiece vocabulary): the textual-inversion "
+        "part learns CLIP token embeddings.",
+        "controlnet": "diffusers has no ControlNet for ChromaTransformer2DModel.",
+    }
+
+    def __init__(self) -> None:  # no embedded guidance: nothing to configure
+        super().__init__()
+
+    def check_parts(self, backbone, codec, conditioner, resolution: int, image_channels: int) -> None:
+        """FLUX.1's checks (channels, T5 width, resolution), with no pooled projection on either side."""
+        from types import SimpleNamespace
+
+        from diffusers.configuration_utils import FrozenDict
+
+        from diffusion_lab.components.mmdit import check_transformer_parts
+
+        config = FrozenDict({**backbone.config, "pooled_projection_dim": None})
+        text = SimpleNamespace(hidden_size=conditioner.hidden_size, pooled_size=None)
+        check_transformer_parts(self.name, SimpleNamespace(config=config), codec, text, resolution, image_channels, self.packing)
+
+    def lora_text_encoders(self, conditioner) -> tuple[torch.nn.Module, ...]:
+        """None: the text encoder is T5, which the repo's text-encoder LoRA (CLIP's attention) does not target."""
+        return ()
+
+    def text_states(self, conditioner, captions: list[str]) -> dict[str, torch.Tensor]:
+        return conditioner(captions)
+
+    def conditioning(self, module, batch: dict | None, n: int, sampling: bool) -> dict[str, torch.Tensor]:
+        return {}
+
+    def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states, attention_mask=None, **controls) -> torch.Tensor:
+        """``[N, c, h, w]`` at timesteps ``t`` = sigma x 1000 -> velocity ``[N, c, h, w]``: the transformer
+        call of ``ChromaPipeline.__call__``, its text mask extended by ones over the image tokens
+        (``_prepare_attention_mask``) in the latents' float dtype, as the pipeline passes it."""
+        h, w = x_t.shape[-2:]
+        tokens = pack(x_t)
+        if attention_mask is not None:
+            image = torch.ones(tokens.shape[0], tokens.shape[1], device=x_t.device, dtype=x_t.dtype)
+            attention_mask = torch.cat([attention_mask.to(x_t.dtype), image], dim=1)
+        out = backbone(
+            hidden_states=tokens,
+            timestep=(t / 1000).to(x_t.dtype),
+            encoder_hidden_states=encoder_hidden_states,
+            txt_ids=torch.zeros(encoder_hidden_states.shape[1], 3, device=x_t.device, dtype=x_t.dtype),
+            img_ids=image_ids(h, w, x_t.device, x_t.dtype),
+            attention_mask=attention_mask,
+            **controls,
+        ).sample
+        return unpack(out, h, w)
