@@ -1,0 +1,137 @@
+"""Sana (Xie et al. 2024, NVIDIA): a linear-attention DiT (``SanaTransformer2DModel``: ReLU linear self-attention,
+cross-attention to text, GLUMBConv feed-forward, no positional embedding) on the latents of a deep-compression
+autoencoder (``AutoencoderDC``: 32x down-sampling, 32 channels, deterministic: no posterior), conditioned on
+the last hidden states of a decoder-only LLM (Gemma 2, ``Gemma2Model``) prompted with a "complex human
+instruction". Trained by flow matching (flow shift 3.0, logit-normal timesteps in Sana's own configs); sampled
+with classifier-free guidance by ``SanaPipeline`` (DPM-Solver++ on flow sigmas, guidance 4.5, 20 steps).
+
+    SanaTextConditioner   SanaPipeline.encode_prompt / _get_gemma_prompt_embeds
+    DCAECodec             AutoencoderDC's encode(...).latent * scaling_factor, decode(z / scaling_factor)
+    Sana.forward          the transformer call of SanaPipeline.__call__ (timestep x timestep_scale, the mask)
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+
+from diffusion_lab.components.pretrained import Dtype
+from diffusion_lab.components.text import TextConditioner
+from diffusion_lab.components.vae import VAECodec
+from diffusion_lab.families.base import Family
+from diffusion_lab.utils.errors import ConfigError
+
+
+def pipeline_instruction() -> list[str]:
+    """``SanaPipeline.__call__``'s default ``complex_human_instruction``: what the pipeline samples with."""
+    from diffusers import SanaPipeline
+
+    return list(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
+
+
+class SanaTextConditioner(TextConditioner):
+    """Gemma 2's last hidden states, exactly as ``SanaPipeline.encode_prompt`` computes them.
+
+    A caption is lower-cased and stripped (``_text_preprocessing``, ``clean_caption=False``), prefixed with the
+    instruction, tokenized right-padded to ``instruction tokens + max_sequence_length - 2``, encoded with the
+    attention mask, and of the states and mask only ``<bos>`` and the last ``max_sequence_length - 1``
+    positions are kept (``select_index``, the paper's sec. 3.1): ``[N, max_sequence_length, D]``. The empty
+    caption is encoded as the pipeline's negative prompt "": without instruction, ``max_sequence_length``
+    tokens. Every caption thus gives the same fixed length, so batches, cached states and the two halves of
+    classifier-free guidance concatenate; the transformer ignores the padding through the mask.
+
+    Args:
+        tokenizer: ``GemmaTokenizer`` (the pipeline's ``tokenizer/``).
+        text_encoder: ``Gemma2Model`` (``text_encoder/``); its ``hidden_size`` is the transformer's ``caption_channels``.
+        max_sequence_length: text tokens (the pipeline's ``max_sequence_length``, 300).
+        complex_human_instruction: "pipeline" (the lines ``SanaPipeline`` samples with by default), a list of
+            lines, or null / [] for none (diffusers' ``train_dreambooth_lora_sana.py`` default).
+        trainable, dtype: as ``TextConditioner``.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder: torch.nn.Module,
+        max_sequence_length: int = 300,
+        complex_human_instruction: str | Sequence[str] | None = "pipeline",
+        trainable: bool = False,
+        dtype: Dtype = "float32",
+    ) -> None:
+        super().__init__(tokenizer, text_encoder, trainable, dtype)
+        if isinstance(complex_human_instruction, str):
+            if complex_human_instruction != "pipeline":
+                raise ConfigError(f"text_encoder.complex_human_instruction={complex_human_instruction!r}: use pipeline, a list of lines, or null.")
+            complex_human_instruction = pipeline_instruction()
+        self.complex_human_instruction = list(complex_human_instruction or [])
+        self.max_sequence_length = int(max_sequence_length)
+
+    def _gemma(self, captions: list[str], instruction: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_get_gemma_prompt_embeds`` + ``encode_prompt``'s ``select_index`` for the instruction-prefixed
+        captions -> (states ``[N, M, D]``, mask ``[N, M]``), M = ``max_sequence_length``."""
+        m = self.max_sequence_length
+        self.tokenizer.padding_side = "right"
+        length = m
+        if instruction:
+            prefix = "\n".join(instruction)
+            captions = [prefix + c for c in captions]
+            length = len(self.tokenizer.encode(prefix)) + m - 2
+        tokens = self.tokenizer(captions, padding="max_length", max_length=length, truncation=True, add_special_tokens=True, return_tensors="pt")
+        device = self.text_encoder.device
+        mask = tokens.attention_mask.to(device)
+        states = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+        if instruction:
+            select = [0] + list(range(-m + 1, 0))
+            states, mask = states[:, select], mask[:, select]
+        return states, mask
+
+    def forward(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Captions -> ``encoder_hidden_states`` ``[N, M, D]`` (fp32) and ``encoder_attention_mask`` ``[N, M]`` (int64)."""
+        captions = [c.lower().strip() for c in captions]  # _text_preprocessing(clean_caption=False)
+        empty = [i for i, c in enumerate(captions) if not c]
+        full = [i for i, c in enumerate(captions) if c]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            states = mask = None
+            for idx, instruction in ((full, self.complex_human_instruction), (empty, [])):
+                if not idx:
+                    continue
+                s, k = self._gemma([captions[i] for i in idx], instruction)
+                if len(idx) == len(captions):
+                    states, mask = s, k
+                    break
+                if states is None:
+                    states = s.new_zeros(len(captions), *s.shape[1:])
+                    mask = k.new_zeros(len(captions), *k.shape[1:])
+                states[idx], mask[idx] = s, k
+            return {"encoder_hidden_states": states.float(), "encoder_attention_mask": mask}
+
+
+class DCAECodec(VAECodec):
+    """A frozen ``AutoencoderDC`` (Chen et al. 2024, "Deep Compression Autoencoder"): deterministic latents
+    ``z = E(x) * scaling_factor``, images ``D(z / scaling_factor)``, as ``SanaPipeline`` and diffusers'
+    ``train_dreambooth_lora_sana.py`` use it. It has no posterior: ``moments`` are the latents themselves.
+
+    Args:
+        vae: the ``AutoencoderDC``.
+        dtype: dtype it is held in (diffusers' Sana script keeps it in float32).
+    """
+
+    def __init__(self, vae: torch.nn.Module, dtype: Dtype = "float32") -> None:
+        super().__init__(vae, sample_posterior=False, dtype=dtype)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent along each side: ``2 ** (stages - 1)`` (32 for Sana's DC-AE)."""
+        return int(self.vae.spatial_compression_ratio)
+
+    @torch.no_grad()
+    def moments(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[N, C, H, W]`` in [-1, 1] -> unscaled latents ``[N, c, h, w]`` (fp32, cacheable)."""
+        latent = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent
+        return latent.to(images.device, torch.float32).contiguous()
+
+    def latents(self, moments: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Unscaled latents -> diffusion-space latents (``sample`` is ignored: nothing to sample)."""
+        return (moments - self.shift_factor) * self.scaling_factor
