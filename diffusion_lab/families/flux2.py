@@ -152,10 +152,15 @@ def check_folder(pretrained: str | None, key: str = "model.pretrained", local_fi
     )
 
 
-def load_transformer(pretrained: str | None, subfolder: str = "transformer", local_files_only: bool = False, **kwargs):
-    """``Flux2Transformer2DModel.from_pretrained`` after ``check_folder``."""
+def load_part(class_name: str, pretrained: str | None, subfolder: str, local_files_only: bool = False, **kwargs):
+    """``from_pretrained`` of one part after ``check_folder`` (whichever part Hydra builds first refuses a foreign folder)."""
     check_folder(pretrained, local_files_only=local_files_only)
-    return from_pretrained("diffusers.Flux2Transformer2DModel", pretrained, subfolder=subfolder, local_files_only=local_files_only, **kwargs)
+    return from_pretrained(class_name, pretrained, subfolder=subfolder, local_files_only=local_files_only, **kwargs)
+
+
+def load_transformer(pretrained: str | None, subfolder: str = "transformer", local_files_only: bool = False, **kwargs):
+    """The ``Flux2Transformer2DModel`` of a FLUX.2 klein folder or hub id (``backbone=flux2_pretrained``)."""
+    return load_part("diffusers.Flux2Transformer2DModel", pretrained, subfolder, local_files_only, **kwargs)
 
 
 class Flux2(Family):
@@ -207,8 +212,9 @@ class Flux2(Family):
             raise ConfigError(" ".join(problems))
 
     def lora_text_encoders(self, conditioner) -> tuple[torch.nn.Module, ...]:
-        """None: ``Flux2LoraLoaderMixin`` has a transformer slot only."""
-        return ()
+        """Called when ``adapter.train_text_encoder=true``: a ConfigError (``Flux2LoraLoaderMixin`` has a
+        transformer slot only, so the exported LoRA could not carry it)."""
+        raise ConfigError(f"adapter.train_text_encoder=true with model={self.name}: {self.refuses['train_text_encoder']}")
 
     # ---- the backbone ----------------------------------------------------------------------------
     def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, **extra) -> torch.Tensor:

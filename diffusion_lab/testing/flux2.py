@@ -149,11 +149,14 @@ def tiny_transformer(in_channels: int = 16, joint_attention_dim: int = 3 * 16, s
 
 
 def scheduler():
-    """FLUX.2's flow-matching scheduler: ``use_dynamic_shifting``, the pipeline passes ``mu`` from
-    ``compute_empirical_mu`` (the shift values below are only its defaults, unused with ``mu``)."""
+    """FLUX.2's flow-matching scheduler: FLUX.1-dev's saved config (diffusers' ``convert_flux2_to_diffusers.py``
+    copies it), ``use_dynamic_shifting``: the pipeline passes ``mu`` from ``compute_empirical_mu``, so the
+    base / max shift values are never used by it; training draws from the unshifted table."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    )
 
 
 def tiny_pipeline(resolution: int = 32, seed: int = 0, is_distilled: bool = False):
