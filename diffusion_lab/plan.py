@@ -72,7 +72,7 @@ def settings(cfg: DictConfig) -> tuple[Settings, list[str]]:
         frozen_dtypes[part] = sel("text_encoder.dtype", "float32")
     s = Settings(
         precision=str(sel("trainer.precision", "32-true")),
-        adapter=sel("adapter.unet") is not None,
+        adapter=sel("adapter.backbone") is not None,
         base_dtype=str(sel("adapter.base_dtype", "float32")),
         quantization=sel("quantization.weights"),
         quant_backend=sel("quantization.backend"),
@@ -103,7 +103,7 @@ def settings(cfg: DictConfig) -> tuple[Settings, list[str]]:
 def lora(cfg: DictConfig):
     from diffusion_lab.components.adapters import lora_config
 
-    a = cfg.adapter if OmegaConf.select(cfg, "adapter.unet") is not None else cfg.plan.lora_default
+    a = cfg.adapter if OmegaConf.select(cfg, "adapter.backbone") is not None else cfg.plan.lora_default
     return lora_config(rank=int(a.rank), target_modules=list(a.target_modules), variant=str(OmegaConf.select(a, "variant", default="lora")))
 
 

@@ -7,10 +7,11 @@
     python -m diffusion_lab.tiny_sd outputs/tiny_sd_split --sd15-split  # VAE/UNet cost split of SD 1.5
     python -m diffusion_lab.tiny_sd outputs/tiny_sd3 --kind sd3        # SD3.5 layout (MMDiT, 2 CLIP + T5)
     python -m diffusion_lab.tiny_sd outputs/tiny_flux --kind flux      # FLUX.1-dev layout (guidance embedding)
+    python -m diffusion_lab.tiny_sd outputs/tiny_qwen_image --kind qwen_image   # any family with a builder in diffusion_lab/testing/
 
 The command line only: the parts and the pipelines are built by ``diffusion_lab.components.tiny``,
 whose factories are also the ``_target_`` of ``vae=tiny``, ``text_encoder=tiny`` and
-``model/unet=sd_tiny``, so the saved folder and the config groups are the same models.
+``backbone=sd_tiny``, so the saved folder and the config groups are the same models.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from diffusion_lab.components.tiny import SD15_SPLIT_VAE, build
+from diffusion_lab.components.tiny import SD15_SPLIT_VAE, build, kinds
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", help="folder to write (replaced atomically)")
-    p.add_argument("--kind", default="sd", choices=["sd", "sdxl", "sdxl-refiner", "sd3", "flux"])
+    p.add_argument("--kind", default="sd", choices=kinds(), help="a family (diffusion_lab/testing/<kind>.py builds the new ones)")
     p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)

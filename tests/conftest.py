@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Overrides that make any training config run in seconds on CPU.
 TINY = [
-    "model/unet=tiny",
+    "backbone=tiny",
     "trainer=cpu",
     "logger=csv",
     "trainer.max_steps=4",

@@ -115,12 +115,12 @@ class RankProbe(pl.Callback):
         sampler = trainer.train_dataloader.sampler
         # trainer=fsdp: whole tensors gathered from the shards (every rank calls on_train_end), and
         # how many elements of each sharded parameter this rank holds
-        params = dict(pl_module.base_unet.named_parameters())
+        params = dict(pl_module.base_backbone.named_parameters())
         out = {
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
             "global_step": trainer.global_step,
-            "unet": {k: whole(v.detach()).cpu().clone() for k, v in pl_module.base_unet.state_dict().items()},
+            "unet": {k: whole(v.detach()).cpu().clone() for k, v in pl_module.base_backbone.state_dict().items()},
             "local_numel": {k: (p.to_local().numel() if isinstance(p, DTensor) else p.numel()) for k, p in params.items()},
             "numel": {k: p.numel() for k, p in params.items()},
             "trainable": sorted(k for k, p in params.items() if p.requires_grad),

@@ -35,7 +35,7 @@ def _is_partial(path: Path) -> bool:
 
 
 def _groups() -> list[str]:
-    """Every folder under conf/ holding option files (``model/unet``, ``hydra/launcher``, ...)."""
+    """Every folder under conf/ holding option files (``backbone``, ``hydra/launcher``, ...)."""
     dirs = {p.parent for p in CONF.rglob("*.yaml") if p.parent != CONF and not _is_partial(p.parent)}
     return sorted(d.relative_to(CONF).as_posix() for d in dirs)
 
@@ -142,7 +142,7 @@ SELECTOR = {  # override key of a group (plain group name unless listed)
 
 
 def _unet_context(option: str) -> list[tuple[str, list[str]]]:
-    _, values = _file_values(f"model/unet/{option}")
+    _, values = _file_values(f"backbone/{option}")
     if option.startswith("dit_"):  # class-conditional DiTs (components/backbones.py): pixel, or on a VAE's latents
         return [("train", ["conditioning=class_labels", *(["vae=tiny", "data=digits_captioned"] if "latent" in option else [])])]
     pixel = values.get("_target_") == "diffusers.UNet2DModel"
@@ -159,7 +159,7 @@ def _sampler_context(option: str) -> list[tuple[str, list[str]]]:
 CONTEXTS = {
     "adapter": lambda o: [("train", LATENT)],
     "callbacks": lambda o: [("train", ["model=autoencoder"] if o == "autoencoder" else [])],
-    "conditioning": lambda o: [("train", ["model.unet.num_class_embeds=10"] if o == "class_labels" else [])],
+    "conditioning": lambda o: [("train", ["backbone.num_class_embeds=10"] if o == "class_labels" else [])],
     "data": lambda o: [("train", NEEDS_ROOT.get(o, []))],
     "debug": lambda o: [("train", [])],
     "experiment": lambda o: [("train", [])],
@@ -170,7 +170,7 @@ CONTEXTS = {
     "logger": lambda o: [("train", [])],
     "lr_scheduler": lambda o: [("train", [f"model={m}"]) for m in FAMILIES if m == "pixel_ddpm" or _file_values(f"model/{m}")[1].get("lr_scheduler")],
     "model": lambda o: [("train", [])],
-    "model/unet": _unet_context,
+    "backbone": _unet_context,
     "optimizer": lambda o: [("train", [f"model={m}"]) for m in FAMILIES],
     "paths": lambda o: [("train", [])],
     "plan/architecture": lambda o: [("plan", [])],
@@ -240,7 +240,7 @@ def _check_conditioning(cfg, option, overrides):
 
 
 def _check_adapter(cfg, option, overrides):
-    lora = _resolved(cfg, "model.unet_lora")
+    lora = _resolved(cfg, "model.backbone_lora")
     if option == "none":
         assert lora is None and _resolved(cfg, "model.text_lora") is None
     else:
@@ -254,7 +254,7 @@ def _check_data(cfg, option, overrides):
     assert shards or (dm["_target_"] == "diffusion_lab.data.DiffusionDataModule" and dm["dataset"]["_target_"])
     for key in ("batch_size", "num_workers", "pin_memory", "persistent_workers", *(("resolution", "channels") if shards else ("val_fraction",))):
         assert dm[key] == cfg.data[key], key  # the knobs reach the datamodule
-    unet = _resolved(cfg, "model.unet")
+    unet = _resolved(cfg, "model.backbone")
     assert unet["sample_size"] == cfg.data.resolution and unet["in_channels"] == unet["out_channels"] == cfg.data.channels
 
 
@@ -265,7 +265,7 @@ def _check_model(cfg, option, overrides):
 
 
 def _check_unet(cfg, option, overrides):
-    unet = _resolved(cfg, "model.unet")
+    unet = _resolved(cfg, "model.backbone")
     if "sample_size" in unet:
         assert cfg.data.resolution % unet["sample_size"] == 0  # the data's side, or the latents' side
     if unet["_target_"] == "diffusers.UNet2DModel":  # pixel UNets: the data's channels in and out
@@ -311,7 +311,7 @@ CHECKS = {
     "adapter": _check_adapter,
     "data": _check_data,
     "model": _check_model,
-    "model/unet": _check_unet,
+    "backbone": _check_unet,
     "trainer": _check_trainer,
     "logger": _check_logger,
     "callbacks": _check_callbacks,
@@ -335,7 +335,7 @@ def _cases():
 def test_every_group_is_covered():
     """A group folder no context composes fails here: add it to CONTEXTS (and CHECKS)."""
     groups = _groups()
-    assert {"model/unet", "hydra/launcher", "optimizer", "lr_scheduler", "process", "sampler"} <= set(groups)
+    assert {"backbone", "hydra/launcher", "optimizer", "lr_scheduler", "process", "sampler"} <= set(groups)
     assert not set(groups) - set(CONTEXTS), f"config groups no test composes: {sorted(set(groups) - set(CONTEXTS))}"
     assert not set(CONTEXTS) - set(groups), f"CONTEXTS names groups that no longer exist: {sorted(set(CONTEXTS) - set(groups))}"
     assert all(_options(g) for g in groups)
@@ -462,8 +462,8 @@ def test_sampler_swap_keeps_the_training_schedule(sampler, tmp_path):
 
 
 def test_data_resolution_links_into_unet(tmp_path):
-    cfg = compose_cfg("train", ["data.resolution=24", "model/unet=tiny"], tmp_path)
-    assert cfg.model.unet.sample_size == 24 and cfg.model.unet.in_channels == cfg.data.channels == 1
+    cfg = compose_cfg("train", ["data.resolution=24", "backbone=tiny"], tmp_path)
+    assert cfg.model.backbone.sample_size == 24 and cfg.model.backbone.in_channels == cfg.data.channels == 1
 
 
 # ---- every experiment instantiates, with the shape its config implies
@@ -475,7 +475,7 @@ SHRINK: dict[str, list[str]] = {
     # shapes written there ({digits_stack}), read through the vae each experiment names
     "vae_digits": [],
     "ldm_digits": ["stack_dir={digits_stack}"],
-    "ldm_digits_lora": ["stack_dir={digits_stack}", "model/unet=ldm_digits", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
+    "ldm_digits_lora": ["stack_dir={digits_stack}", "backbone=ldm_digits", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
     # SD recipes load every part from model.pretrained: point it at a tiny random SD pipeline
     "sd_finetune": ["model.pretrained={tiny_sd}", "data.resolution=32"],
     "sd_finetune_tiny": ["model.pretrained={tiny_sd}"],
@@ -489,12 +489,12 @@ SHRINK: dict[str, list[str]] = {
     "flux_lora": ["model.pretrained={tiny_flux}", "data.resolution=32"],
     # textual inversion / DreamBooth (tests/test_finetune_methods.py runs them)
     "textual_inversion_tiny": ["model.pretrained={tiny_sd}"],
-    "textual_inversion_digits": ["stack_dir={digits_stack}", "model/unet=ldm_digits", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
+    "textual_inversion_digits": ["stack_dir={digits_stack}", "backbone=ldm_digits", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
     "dreambooth_tiny": ["model.pretrained={tiny_sd}"],
     # class-conditional DiTs: a one-block DiT (conditioning=class_labels needs its label table)
-    "dit_digits": ["model.unet.num_layers=1"],
-    "dit_digits_latent": ["model.unet.num_layers=1", "stack_dir={digits_stack}"],
-    "dreambooth_digits": ["stack_dir={digits_stack}", "model/unet=ldm_digits", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
+    "dit_digits": ["backbone.num_layers=1"],
+    "dit_digits_latent": ["backbone.num_layers=1", "stack_dir={digits_stack}"],
+    "dreambooth_digits": ["stack_dir={digits_stack}", "backbone=ldm_digits", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
     "dreambooth_sd15": ["model.pretrained={tiny_sd}", "data.resolution=32", "data.instance_dir=/nonexistent",
                         "data.instance_prompt=a sks dog", "data.class_prompt=a dog"],
     # ControlNet recipes (tests/test_controlnet.py runs them): the frozen base from a tiny SD pipeline
@@ -569,7 +569,7 @@ def _codec_geometry(cfg: DictConfig) -> tuple[int, int]:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_instantiates(experiment, tmp_path, request):
     # GPU experiments are checked on CPU here: same config, accelerator swapped.
-    shrink = SHRINK.get(experiment, ["model/unet=tiny"]) + ["trainer.accelerator=cpu"]
+    shrink = SHRINK.get(experiment, ["backbone=tiny"]) + ["trainer.accelerator=cpu"]
     for name in ("tiny_sd", "tiny_sdxl", "tiny_sd3", "tiny_flux", "digits_stack"):
         if any(f"{{{name}}}" in o for o in shrink):
             shrink = [o.replace(f"{{{name}}}", request.getfixturevalue(f"{name}_dir")) for o in shrink]
@@ -578,9 +578,9 @@ def test_experiment_instantiates(experiment, tmp_path, request):
     channels, factor = _codec_geometry(cfg)
     side = cfg.data.resolution // factor
     assert model.latent_shape(2) == (2, channels, side, side)
-    unet = getattr(model, "unet", None)
+    unet = getattr(model, "backbone", None)
     if unet is not None:  # the network takes and returns what the codec makes (Flux: 2x2 latent patches packed)
-        packed = channels * getattr(model, "packing", 1) ** 2
+        packed = channels * getattr(getattr(model, "family", None), "packing", 1) ** 2
         assert unet.config.in_channels == (unet.config.get("out_channels") or unet.config.in_channels) == packed
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
     assert trainer.max_steps == cfg.trainer.max_steps

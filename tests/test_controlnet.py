@@ -83,7 +83,7 @@ def test_only_the_controlnet_trains_and_the_export_steers_plain_diffusers(run, d
     module = objects["model"]
     base = StableDiffusionPipeline.from_pretrained(diffusers_folder)
     for name, p in base.unet.state_dict().items():  # the UNet is frozen: bit-identical after training
-        torch.testing.assert_close(module.base_unet.state_dict()[name], p, rtol=0, atol=0)
+        torch.testing.assert_close(module.base_backbone.state_dict()[name], p, rtol=0, atol=0)
     assert {n.split(".")[0] for n, p in module.named_parameters() if p.requires_grad} == {"controlnet"}
 
     controlnet = ControlNetModel.from_pretrained(out / "controlnet")

@@ -1,4 +1,4 @@
-"""The DiT backbone (model/unet=dit_*): composes, trains (pixel and latent), guides through its own
+"""The DiT backbone (backbone=dit_*): composes, trains (pixel and latent), guides through its own
 null label, and exports a DiTPipeline that plain diffusers samples to the project's own images."""
 
 import subprocess
@@ -19,33 +19,33 @@ from diffusion_lab.utils.errors import ConfigError
 from tests.conftest import TINY, compose_cfg
 
 # a DiT small enough for seconds on CPU (the configs' 4 x 184 wide one trains in experiments/backbones)
-SMALL_DIT = ["model.unet.num_layers=1", "model.unet.num_attention_heads=2", "model.unet.attention_head_dim=8"]
-# conftest's TINY run (4 steps, CSV logger, small grids) with the small DiT instead of model/unet=tiny
-FAST = [*(o for o in TINY if not o.startswith("model/unet=")), *SMALL_DIT, "trainer.max_steps=2"]
+SMALL_DIT = ["backbone.num_layers=1", "backbone.num_attention_heads=2", "backbone.attention_head_dim=8"]
+# conftest's TINY run (4 steps, CSV logger, small grids) with the small DiT instead of backbone=tiny
+FAST = [*(o for o in TINY if not o.startswith("backbone=")), *SMALL_DIT, "trainer.max_steps=2"]
 # the latent DiT on the tiny random AutoencoderKL (RGB in, 4 latent channels, down-sampling 2)
 LATENT = ["experiment=dit_digits_latent", "vae=tiny", "data.resolution=8"]
 
 
 def test_brief_command_composes_with_null_class(tmp_path):
-    cfg = compose_cfg("train", ["model=pixel_ddpm", "model/unet=dit_digits", "conditioning=class_labels", "data.resolution=8"], tmp_path)
+    cfg = compose_cfg("train", ["model=pixel_ddpm", "backbone=dit_digits", "conditioning=class_labels", "data.resolution=8"], tmp_path)
     module = instantiate(cfg.model)
-    assert isinstance(module.base_unet, DiTTransformer2DModel)
+    assert isinstance(module.base_backbone, DiTTransformer2DModel)
     assert module.conditioner.num_classes == 10 and module.conditioner.null_class == DIT_PIPELINE_NULL_CLASS
     # the DiT's label table has DiTPipeline's layout: rows 0..999 and the null row 1000
-    table = module.base_unet.transformer_blocks[0].norm1.emb.class_embedder
+    table = module.base_backbone.transformer_blocks[0].norm1.emb.class_embedder
     assert table.num_classes == DIT_PIPELINE_NULL_CLASS and table.embedding_table.num_embeddings == DIT_PIPELINE_NULL_CLASS + 1
     # used parameters match the demo UNet with class embeddings within 5%
-    unet_cfg = compose_cfg("train", ["experiment=ddpm_digits", "conditioning=class_labels", "model.unet.num_class_embeds=10"], tmp_path / "u")
-    unet_params = sum(p.numel() for p in instantiate(unet_cfg.model.unet).parameters())
-    unused = len(module.base_unet.transformer_blocks) * (DIT_PIPELINE_NULL_CLASS - 10) * module.base_unet.inner_dim
-    dit_params = sum(p.numel() for p in module.base_unet.parameters()) - unused
+    unet_cfg = compose_cfg("train", ["experiment=ddpm_digits", "conditioning=class_labels", "backbone.num_class_embeds=10"], tmp_path / "u")
+    unet_params = sum(p.numel() for p in instantiate(unet_cfg.model.backbone).parameters())
+    unused = len(module.base_backbone.transformer_blocks) * (DIT_PIPELINE_NULL_CLASS - 10) * module.base_backbone.inner_dim
+    dit_params = sum(p.numel() for p in module.base_backbone.parameters()) - unused
     assert abs(dit_params / unet_params - 1) < 0.05, (dit_params, unet_params)
 
 
 def test_unet_class_labels_have_no_unconditional_branch(tmp_path):
     """A UNet2DModel's class embedding has no null row: the conditioner gives no uncond, so sampling
     is unguided (guidance_scale has no effect) instead of indexing past the table."""
-    cfg = compose_cfg("train", ["experiment=ddpm_digits", "conditioning=class_labels", "model.unet.num_class_embeds=10"], tmp_path)
+    cfg = compose_cfg("train", ["experiment=ddpm_digits", "conditioning=class_labels", "backbone.num_class_embeds=10"], tmp_path)
     conditioner = instantiate(cfg.conditioning)
     assert conditioner.null_class is None
     cond, uncond = conditioner.sampling(None, 4, "cpu")
@@ -59,10 +59,10 @@ def test_cfg_uses_the_null_label_and_changes_samples(tmp_path):
     assert cond["class_labels"].tolist() == [3, 7] and uncond["class_labels"].tolist() == [1000, 1000]
     # the null row must differ from a class row for guidance to do anything: perturb it as training would
     with torch.no_grad():
-        for block in module.base_unet.transformer_blocks:
+        for block in module.base_backbone.transformer_blocks:
             block.norm1.emb.class_embedder.embedding_table.weight[1000].normal_()
             block.norm1.linear.weight.normal_(std=0.02)  # adaLN-Zero starts at zero: give the labels a path
-        module.base_unet.proj_out_2.weight.normal_(std=0.02)
+        module.base_backbone.proj_out_2.weight.normal_(std=0.02)
     kw = dict(n=2, num_inference_steps=4, cond_batch={"label": torch.tensor([3, 7])})
     plain = module.generate(generator=torch.Generator().manual_seed(0), **kw)
     again = module.generate(generator=torch.Generator().manual_seed(0), **kw)
@@ -132,10 +132,10 @@ def test_latent_export_gives_the_projects_images_in_plain_diffusers(tmp_path):
     cfg = compose_cfg("train", [*LATENT, *SMALL_DIT], tmp_path / "run")
     module = instantiate(cfg.model).eval()
     with torch.no_grad():  # a non-trivial network: adaLN-Zero and the output layer start at zero
-        for block in module.base_unet.transformer_blocks:
+        for block in module.base_backbone.transformer_blocks:
             block.norm1.linear.weight.normal_(std=0.05)
             block.norm1.emb.class_embedder.embedding_table.weight[1000].normal_()
-        module.base_unet.proj_out_2.weight.normal_(std=0.05)
+        module.base_backbone.proj_out_2.weight.normal_(std=0.05)
     out_dir = tmp_path / "pipeline"
     export(module, str(out_dir))
     labels, steps = [3, 7], 4

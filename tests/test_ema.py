@@ -85,7 +85,7 @@ def test_lora_ema_follows_the_lora_weights_only(lora_run):
     ema = next(c for c in objects["trainer"].callbacks if type(c) is EMACallback)
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
-    assert any(n.startswith("unet.") for n in names) and any(n.startswith("conditioner.") for n in names)  # UNet and text encoder LoRA
+    assert any(n.startswith("backbone.") for n in names) and any(n.startswith("conditioner.") for n in names)  # UNet and text encoder LoRA
     assert len(ema.ema.shadow_params) == len(names)
     assert sum(s.numel() for s in ema.ema.shadow_params) < 0.2 * sum(p.numel() for p in module.parameters())
     # it changed with training (LoRA B starts at zero) and is an average, not the last weights
@@ -101,13 +101,13 @@ def test_lora_export_and_checkpoint_hold_the_ema_weights(lora_run):
     def lora(m):  # copies: lora_state_dict's tensors are the live parameters
         return {k: v.detach().clone() for k, v in lora_state_dict(m).items()}
 
-    raw_unet, raw_text = lora(module.base_unet), lora(module.conditioner.encoders[0])
+    raw_unet, raw_text = lora(module.base_backbone), lora(module.conditioner.encoders[0])
     with ema_weights(objects["trainer"], module):
-        ema_unet, ema_text = lora(module.base_unet), lora(module.conditioner.encoders[0])
+        ema_unet, ema_text = lora(module.base_backbone), lora(module.conditioner.encoders[0])
     for prefix, ema_sd, raw_sd in (("unet.", ema_unet, raw_unet), ("text_encoder.", ema_text, raw_text)):
         assert all(torch.equal(exported[prefix + k], v.cpu()) for k, v in ema_sd.items()), prefix
         assert any(not torch.equal(exported[prefix + k], v.cpu()) for k, v in raw_sd.items()), prefix
     # load_module(use_ema=True) puts the same EMA LoRA weights back
     rebuilt = load_module(str(out / "checkpoints" / "last.ckpt"), use_ema=True)
-    assert all(torch.equal(lora_state_dict(rebuilt.base_unet)[k], v.cpu()) for k, v in ema_unet.items())
+    assert all(torch.equal(lora_state_dict(rebuilt.base_backbone)[k], v.cpu()) for k, v in ema_unet.items())
     assert all(torch.equal(lora_state_dict(rebuilt.conditioner.encoders[0])[k], v.cpu()) for k, v in ema_text.items())

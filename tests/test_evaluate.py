@@ -35,7 +35,7 @@ def trained_pipeline(tmp_path_factory):
     cfg = compose_cfg(
         "train",
         [
-            "model/unet=tiny",
+            "backbone=tiny",
             "trainer=cpu",
             "logger=none",
             "data.resolution=8",

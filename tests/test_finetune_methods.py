@@ -79,7 +79,7 @@ def test_textual_inversion_trains_only_the_new_token_and_loads_in_diffusers(ti_r
     assert torch.equal(rows[: len(base_rows)], base_rows) and ids == [len(base_rows)]
     init = base.tokenizer.convert_tokens_to_ids("digit</w>")
     assert not torch.allclose(rows[ids[0]], base_rows[init])  # it trained away from the initializer
-    assert all(torch.equal(a, b) for a, b in zip(module.base_unet.state_dict().values(), base.unet.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(module.base_backbone.state_dict().values(), base.unet.state_dict().values()))
 
     learned = load_file(folder / "learned_embeds.safetensors")
     assert list(learned) == ["<thick>"] and learned["<thick>"].shape == (1, 32)

@@ -16,7 +16,7 @@ from diffusion_lab.prepare import prepare, train_command
 from diffusion_lab.utils.errors import ConfigError
 from tests.conftest import compose_cfg
 
-LATENT = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "model/unet=sd_tiny", "process=vp_sd"]
+LATENT = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "backbone=sd_tiny", "process=vp_sd"]
 DATA = ["data=digits_captioned", "data.resolution=16", "data.val_fraction=0.97"]
 
 
@@ -84,7 +84,7 @@ def test_shards_of_another_model_name_the_model_they_were_prepared_with(encoded)
     assert "stores text states of another text encoder" in message and "text_encoder=;" not in message
     assert "_target_" not in message and "than this run's text_encoder= (" in message
     assert f"prepared with ({' '.join(LATENT)})" in message
-    pixel = instantiate(compose_cfg("train", ["model/unet=tiny", *overrides[:4]], tmp / "pixel").model)
+    pixel = instantiate(compose_cfg("train", ["backbone=tiny", *overrides[:4]], tmp / "pixel").model)
     with pytest.raises(ConfigError, match=rf"holds VAE latents \(prepared with {' '.join(LATENT)}\) but this model has no VAE"):
         check_shards_fit_model(manifest, pixel, str(out))
     assert (out / MANIFEST).is_file()

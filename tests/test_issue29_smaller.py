@@ -147,8 +147,8 @@ def test_pixel_dit_pipeline_saves_and_loads_without_noise(tmp_path, diffusers_pi
     loaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe", vae=None)
     assert loaded.labels == {str(i): i for i in range(10)}  # the string keys are converted: the warning was noise
     assert not [m for m in diffusers_pipeline_log if "cannot be saved" in m or "Expected types" in m], diffusers_pipeline_log
-    logging.getLogger("diffusers.pipelines.pipeline_utils").warning("self.unet=object() of type <class 'object'> cannot be saved.")
-    assert diffusers_pipeline_log[-1].startswith("self.unet=object()")  # a part that is really lost still shows
+    logging.getLogger("diffusers.pipelines.pipeline_utils").warning("self.backbone=object() of type <class 'object'> cannot be saved.")
+    assert diffusers_pipeline_log[-1].startswith("self.backbone=object()")  # a part that is really lost still shows
 
 
 def test_frozen_parts_in_eval_mode_are_not_reported_and_hold_no_trainable_parameter(tmp_path):
@@ -177,7 +177,7 @@ def test_frozen_parts_in_eval_mode_are_not_reported_and_hold_no_trainable_parame
         quiet_known_noise()  # pytest's own per-test filters go in front of the ones installed at import
         mp.setattr(entry, "instantiate_callbacks", lambda c: [*build(c), Probe()])
         entry.train(cfg)
-    assert {n.split(".")[0] for n in seen["eval"]} == {"codec", "conditioner", "unet"}  # VAE, text encoder, frozen UNet
+    assert {n.split(".")[0] for n in seen["eval"]} == {"codec", "conditioner", "backbone"}  # VAE, text encoder, frozen UNet
     assert seen["trainable"] == []
     assert not [w for w in caught if "in eval mode" in str(w.message)]
 

@@ -25,9 +25,9 @@ TINY_CIFAR = [
     "debug=fast",
     "data.batch_size=4",
     "data.num_workers=0",
-    "model.unet.block_out_channels=[16,16,16,16]",
-    "model.unet.layers_per_block=1",
-    "model.unet.norm_num_groups=8",
+    "backbone.block_out_channels=[16,16,16,16]",
+    "backbone.layers_per_block=1",
+    "backbone.norm_num_groups=8",
     "model.preview_steps=2",
     "callbacks.sample_grid.num_images=2",
     "callbacks.progress_bar=null",
@@ -59,7 +59,7 @@ def test_cifar10_recipe_composes_with_the_published_setup(name, tmp_path):
     published = {"cifar10_ddpm": "FID 3.17", "cifar10_edm": "FID 1.97 at 35 NFE", "cifar10_rectified_flow": "FID 2.58"}[name]
     assert f"PUBLISHED: {published}" in header
     assert cfg.data.resolution == 32 and cfg.data.channels == 3 and cfg.trainer.accelerator == "gpu"
-    unet = instantiate(cfg.model.unet)
+    unet = instantiate(cfg.model.backbone)
     params = sum(p.numel() for p in unet.parameters()) / 1e6
     if name == "cifar10_ddpm":  # Ho et al.'s 35.7M, 800k steps of 128, 1000 ancestral steps
         assert round(params, 1) == 35.7 and cfg.trainer.max_steps == 800_000 and cfg.data.batch_size == 128

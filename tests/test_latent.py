@@ -12,7 +12,7 @@ from diffusion_lab.utils.errors import ConfigError, DiffusionLabError
 
 from tests.conftest import compose_cfg
 
-GROUPS = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "model/unet=sd_tiny", "process=vp_sd", "data=digits_captioned", "logger=csv"]
+GROUPS = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "backbone=sd_tiny", "process=vp_sd", "data=digits_captioned", "logger=csv"]
 
 
 def user_error(excinfo) -> DiffusionLabError:
@@ -57,10 +57,10 @@ def test_codec_reads_scaling_and_shift_from_the_vae_config():
 def test_frozen_parts_stay_frozen_and_in_eval_mode(tmp_path):
     model = instantiate(compose_cfg("train", GROUPS, tmp_path).model)
     model.train()
-    assert model.unet.training and not model.codec.vae.training and not model.conditioner.text_encoder.training
+    assert model.backbone.training and not model.codec.vae.training and not model.conditioner.text_encoder.training
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"unet"}
-    assert all(p.requires_grad for p in model.unet.parameters())
+    assert trainable == {"backbone"}
+    assert all(p.requires_grad for p in model.backbone.parameters())
     hp = dict(model.hparams)
     assert "codec" not in hp and "conditioner" not in hp and hp["resolution"] == 32
 
@@ -69,7 +69,7 @@ def test_text_encoder_trainable_switch(tmp_path):
     model = instantiate(compose_cfg("train", GROUPS + ["text_encoder.trainable=true"], tmp_path).model)
     model.train()
     assert model.conditioner.text_encoder.training
-    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"unet", "conditioner"}
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"backbone", "conditioner"}
 
 
 def test_lora_trains_only_fp32_adapters_on_a_half_precision_base(tmp_path):
@@ -78,19 +78,19 @@ def test_lora_trains_only_fp32_adapters_on_a_half_precision_base(tmp_path):
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n, _ in trainable)
     assert all(p.dtype == torch.float32 for _, p in trainable)  # fp16 loss scaling can unscale these
-    assert {n.split(".")[0] for n, _ in trainable} == {"unet", "conditioner"}
-    frozen_unet = [p for n, p in model.unet.named_parameters() if "lora_" not in n]
+    assert {n.split(".")[0] for n, _ in trainable} == {"backbone", "conditioner"}
+    frozen_unet = [p for n, p in model.backbone.named_parameters() if "lora_" not in n]
     assert all(p.dtype == torch.bfloat16 for p in frozen_unet)
     # rank 2 on the UNet's q/k/v/out projections
-    assert all(p.shape[0] == 2 for n, p in trainable if "unet" in n and "lora_A" in n)
+    assert all(p.shape[0] == 2 for n, p in trainable if "backbone" in n and "lora_A" in n)
 
 
 @pytest.mark.parametrize(
     "override, keys",
     [
-        ("model.unet.in_channels=8", ["model.unet.in_channels=8", "vae.latent_channels=4"]),
-        ("model.unet.cross_attention_dim=48", ["model.unet.cross_attention_dim=48", "text_encoder.hidden_size=32"]),
-        ("data.resolution=30", ["data.resolution=30", "vae", "model.unet.down_block_types", "data.resolution=32"]),
+        ("backbone.in_channels=8", ["backbone.in_channels=8", "vae.latent_channels=4"]),
+        ("backbone.cross_attention_dim=48", ["backbone.cross_attention_dim=48", "text_encoder.hidden_size=32"]),
+        ("data.resolution=30", ["data.resolution=30", "vae", "backbone.down_block_types", "data.resolution=32"]),
         ("data=digits", ["data.channels=1", "vae.in_channels=3"]),
     ],
 )

@@ -200,7 +200,7 @@ def test_sd_finetune_recipe_runs_fast_dev_run_with_the_tiny_pipeline(tiny_pipeli
     assert cfg.trainer.accumulate_grad_batches == 4 and cfg.model.optimizer.lr == 1e-5 and cfg.model.lr_scheduler.name == "constant"
     assert cfg.model.gradient_checkpointing and cfg.callbacks.ema is not None
     _, objects = train(cfg)
-    assert objects["model"].base_unet.is_gradient_checkpointing
+    assert objects["model"].base_backbone.is_gradient_checkpointing
     assert objects["trainer"].global_step == 1
 
 

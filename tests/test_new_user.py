@@ -69,10 +69,10 @@ def test_progress_bar_counts_steps_on_step_bounded_runs(tmp_path, max_time):
 
 
 def test_a_unet_too_deep_for_the_resolution_is_one_paragraph_before_training(tmp_path):
-    """README's `model/unet=ddpm_flowers` on the default 16 px digits: 6 down blocks need a multiple of 32."""
+    """README's `backbone=ddpm_flowers` on the default 16 px digits: 6 down blocks need a multiple of 32."""
     from diffusion_lab.utils.errors import ConfigError
 
-    overrides = tiny("model/unet=ddpm_flowers", "model.unet.block_out_channels=[8,8,8,8,8,8]", "+model.unet.norm_num_groups=4")
+    overrides = tiny("backbone=ddpm_flowers", "backbone.block_out_channels=[8,8,8,8,8,8]", "+backbone.norm_num_groups=4")
     with pytest.raises(ConfigError, match=r"model\.unet\.down_block_types\) halve the image 5 times, so data\.resolution must be a multiple of 32.*data\.resolution=32"):
         train(compose_cfg("train", overrides, tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -147,14 +147,14 @@ def test_a_group_at_package_choice_is_not_taken_for_a_misspelled_key():
 
 
 def test_tiny_component_factories_leave_the_run_seed_in_charge(tmp_path):
-    """`seed=` must change the training noise of runs that build vae=tiny / model/unet=sd_tiny:
+    """`seed=` must change the training noise of runs that build vae=tiny / backbone=sd_tiny:
     the factories seed their weights without resetting the global RNG after seed_everything."""
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
     from diffusion_lab.components.tiny import tiny_unet, tiny_vae
 
-    cfg = compose_cfg("train", ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "model/unet=sd_tiny"], tmp_path)
+    cfg = compose_cfg("train", ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "backbone=sd_tiny"], tmp_path)
     draws = []
     for seed in (1, 2):
         pl.seed_everything(seed)

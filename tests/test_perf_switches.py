@@ -17,7 +17,7 @@ from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError
 from tests.conftest import TINY, compose_cfg
 
-LATENT = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "model/unet=sd_tiny", "process=vp_sd", "data=digits_captioned", "data.resolution=16", "logger=csv"]
+LATENT = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "backbone=sd_tiny", "process=vp_sd", "data=digits_captioned", "data.resolution=16", "logger=csv"]
 
 
 def build_model(tmp_path, *overrides, base=TINY):
@@ -32,7 +32,7 @@ def pixel_inputs(n=2, size=16):
 
 def test_channels_last_puts_conv_weights_in_nhwc_with_the_same_outputs(tmp_path):
     plain, nhwc = build_model(tmp_path), build_model(tmp_path, "model.channels_last=true")
-    convs = [m.weight for m in nhwc.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1)]
+    convs = [m.weight for m in nhwc.backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
     assert not any(m.weight.is_contiguous(memory_format=torch.channels_last) for m in plain.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1))
     x, t = pixel_inputs()
@@ -44,10 +44,10 @@ def test_attention_switch_sets_the_processor_and_the_kernel_that_runs(tmp_path):
     sdpa, eager = build_model(tmp_path), build_model(tmp_path, "model.attention=eager")
     x, t = pixel_inputs()
     # sdpa is diffusers' default processor, and F.scaled_dot_product_attention is what runs
-    assert speed.attention_processors(sdpa.unet) == {"AttnProcessor2_0"}
+    assert speed.attention_processors(sdpa.backbone) == {"AttnProcessor2_0"}
     kernels = profiling.attention_kernels(lambda: sdpa.denoise(x, t))
-    assert sum(kernels.values()) == len(speed.attention_modules(sdpa.unet)) and all("scaled_dot_product" in k for k in kernels)
-    assert speed.attention_processors(eager.unet) == {"AttnProcessor"}
+    assert sum(kernels.values()) == len(speed.attention_modules(sdpa.backbone)) and all("scaled_dot_product" in k for k in kernels)
+    assert speed.attention_processors(eager.backbone) == {"AttnProcessor"}
     assert not profiling.attention_kernels(lambda: eager.denoise(x, t))
     with torch.no_grad():
         torch.testing.assert_close(eager.denoise(x, t), sdpa.denoise(x, t), atol=1e-5, rtol=1e-4)
@@ -110,11 +110,11 @@ def test_frozen_vae_and_text_encoder_in_bf16_while_the_unet_trains_in_fp32(tmp_p
     model = build_model(tmp_path, "vae.dtype=bfloat16", "text_encoder.dtype=bfloat16", base=LATENT)
     assert {p.dtype for p in model.codec.vae.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.conditioner.text_encoder.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in model.unet.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.backbone.parameters()} == {torch.float32}
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     batch = {"pixel_values": images, "caption": ["a handwritten digit one", "a handwritten digit two"]}
     model.diffusion_loss(batch).backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.unet.parameters())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.backbone.parameters())
     assert all(p.grad is None for p in model.codec.parameters())
     assert model.codec.moments(images).dtype == torch.float32  # the parts hand fp32 on to the UNet
 
@@ -153,7 +153,7 @@ class GradNormAfterStep(pl.Callback):
     norms: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        grads = [p.grad for p in pl_module.unet.parameters() if p.grad is not None]
+        grads = [p.grad for p in pl_module.backbone.parameters() if p.grad is not None]
         self.norms.append(float(torch.nn.utils.get_total_norm(grads)))
 
 

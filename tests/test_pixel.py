@@ -154,7 +154,7 @@ def test_flowers_recipe_runs_on_local_parquet(tmp_path):
     parquet.parent.mkdir()
     datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image()).to_parquet(str(parquet))
     overrides = [
-        "experiment=ddpm_flowers", "model/unet=tiny", "trainer=cpu", "trainer.precision=32-true", "logger=csv",
+        "experiment=ddpm_flowers", "backbone=tiny", "trainer=cpu", "trainer.precision=32-true", "logger=csv",
         "data.name=null", f"data.data_files={parquet}", "data.resolution=16", "data.batch_size=4", "data.num_workers=0",
         "debug=fast",
     ]

@@ -164,7 +164,7 @@ class ReferenceEMA(PostHocEMACallback):
 
 STEPS = 40
 RUN = [
-    "model/unet=tiny", "trainer=cpu", "logger=csv", f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
+    "backbone=tiny", "trainer=cpu", "logger=csv", f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
     "trainer.limit_val_batches=1", "trainer.log_every_n_steps=10", "data.batch_size=8", "model.preview_steps=2",
     "model.optimizer.lr=3e-3", "callbacks.sample_grid=null", "callbacks.noising_strip=null", "callbacks.progress_bar=null",
     f"callbacks.model_checkpoint.every_n_train_steps={STEPS}", "callbacks.posthoc_ema.every_n_steps=4",
@@ -297,7 +297,7 @@ def test_resume_continues_the_profiles_and_refuses_a_checkpoint_without_them(tra
 def test_off_by_default_keeps_nothing(tmp_path):
     from hydra.utils import instantiate
 
-    cfg = compose_cfg("train", ["model/unet=tiny"], tmp_path)
+    cfg = compose_cfg("train", ["backbone=tiny"], tmp_path)
     assert cfg.callbacks.posthoc_ema.every_n_steps == 0
     cb = instantiate(cfg.callbacks.posthoc_ema)
     cb.setup(None, instantiate(cfg.model), "fit")

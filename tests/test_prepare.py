@@ -26,7 +26,7 @@ from diffusion_lab.utils.errors import ConfigError, DataError
 from tests.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
-LATENT = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "model/unet=sd_tiny", "process=vp_sd"]
+LATENT = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "backbone=sd_tiny", "process=vp_sd"]
 
 
 def image_folder(root: Path, n: int = 12, bad: int | None = None, size: tuple[int, int] = (12, 10)) -> Path:

@@ -102,7 +102,7 @@ def test_lora_trains_on_each_quantized_base_near_the_unquantized_loss(option, ki
     module = objects["model"]
     assert objects["trainer"].global_step == 3
     # the backbone and the frozen text encoders hold the option's quantized layers; the LoRA trains in fp32
-    assert is_quantized(module.base_unet) and quantized_layers(module.base_unet) == {LAYERS[option]}
+    assert is_quantized(module.base_backbone) and quantized_layers(module.base_backbone) == {LAYERS[option]}
     assert all(is_quantized(e) and quantized_layers(e) == {LAYERS[option]} for e in module.conditioner.encoders)
     trained = [p for p in module.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 for p in trained)
@@ -116,7 +116,7 @@ def test_dora_trains_on_a_quantized_base(folders, tmp_path):
     """DoRA on torchao int8 (the pair peft's layers take; the others are refused below; LoKr on
     bitsandbytes int8 is the export test below)."""
     objects = fit(tmp_path / "run", "sd", folders("sd"), "quantization=int8_torchao", "adapter=dora", "adapter.export_fused=false")
-    assert objects["trainer"].global_step == 3 and quantized_layers(objects["model"].base_unet) == {LAYERS["int8_torchao"]}
+    assert objects["trainer"].global_step == 3 and quantized_layers(objects["model"].base_backbone) == {LAYERS["int8_torchao"]}
     assert all(loss == loss for loss in losses(tmp_path / "run"))
 
 
@@ -128,7 +128,7 @@ def test_lokr_export_on_a_quantized_base_loads_on_the_unquantized_base_and_chang
     from safetensors.torch import load_file
 
     objects = fit(tmp_path / "run", "sd", folders("sd"), "quantization=int8", "adapter=lokr", "adapter.export_fused=false", "model.optimizer.lr=0.05")
-    unet = objects["model"].base_unet
+    unet = objects["model"].base_backbone
     assert quantized_layers(unet) == {LAYERS["int8"]}
     folder = tmp_path / "run" / "lokr"
     saved = load_file(folder / "pytorch_lora_weights.safetensors")
@@ -154,12 +154,12 @@ def test_lokr_export_on_a_quantized_base_loads_on_the_unquantized_base_and_chang
 def test_quanto_backend_trains(folders, tmp_path):
     objects = fit(tmp_path / "run", "sd", folders("sd"), "quantization=float8", "quantization.backend=quanto")
     assert objects["trainer"].global_step == 3
-    assert {type(m).__name__ for m in objects["model"].base_unet.modules()} & {"QLinear"}
+    assert {type(m).__name__ for m in objects["model"].base_backbone.modules()} & {"QLinear"}
 
 
 def test_qlora_export_loads_on_the_unquantized_base_and_changes_it(folders, tmp_path):
     objects = fit(tmp_path / "run", "sd", folders("sd"), "quantization=nf4", "adapter.train_text_encoder=true", "model.optimizer.lr=1e-2")
-    assert is_quantized(objects["model"].base_unet)
+    assert is_quantized(objects["model"].base_backbone)
     pipe = StableDiffusionPipeline.from_pretrained(folders("sd"), safety_checker=None)
     assert not any(is_quantized(m) for m in (pipe.unet, pipe.text_encoder))
 
@@ -189,7 +189,7 @@ def test_full_finetuning_on_a_quantized_base_is_refused(folders, tmp_path):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (["model/unet=sd_tiny", "data.resolution=32"], r"model/unet.*built in-process.*quantization=none"),
+        (["backbone=sd_tiny", "data.resolution=32"], r"backbone.*built in-process.*quantization=none"),
         (["adapter=lokr", "adapter.export_fused=false", "quantization=nf4"], r"adapter=lokr cannot train on quantization=nf4"),
         (["adapter=dora", "quantization=int8"], r"adapter=dora cannot train on quantization=int8"),
         (["adapter.export_fused=true"], r"adapter.export_fused=false"),
@@ -231,7 +231,7 @@ def gradients(cfg) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "family",
     [
-        pytest.param(["model=pixel_ddpm", "model/unet=tiny"], id="pixel-unet2d"),
+        pytest.param(["model=pixel_ddpm", "backbone=tiny"], id="pixel-unet2d"),
         pytest.param(["experiment=dit_digits"], id="dit"),
         pytest.param("flux", id="flux"),
     ],
@@ -246,7 +246,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, folders, tmp_pa
     assert plain.keys() == checkpointed.keys() and plain
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert instantiate(checkpointed_cfg.model).base_unet.is_gradient_checkpointing
+    assert instantiate(checkpointed_cfg.model).base_backbone.is_gradient_checkpointing
 
 
 @pytest.mark.parametrize("cache", [False, True])
@@ -256,7 +256,7 @@ def test_offload_frozen_trains_with_the_frozen_parts_on_the_cpu(cache, folders, 
     assert objects["trainer"].global_step == 3 and all(loss == loss for loss in losses(tmp_path / "run"))
     module.to("meta")  # a move the frozen parts skip: they stay on the CPU, the backbone goes
     assert all(p.device.type == "cpu" for p in [*module.codec.parameters(), *module.conditioner.parameters()])
-    assert all(p.device.type == "meta" for p in module.base_unet.parameters() if p.requires_grad)
+    assert all(p.device.type == "meta" for p in module.base_backbone.parameters() if p.requires_grad)
     assert "codec.vae.encoder.conv_in.weight" in module.state_dict()  # still registered: checkpoints hold them
 
 

@@ -90,7 +90,7 @@ class PoisonWeights(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             with torch.no_grad():
-                next(pl_module.unet.parameters()).view(-1)[0] = float("nan")
+                next(pl_module.backbone.parameters()).view(-1)[0] = float("nan")
 
 
 class InfGradient(pl.Callback):

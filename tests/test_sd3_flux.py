@@ -126,13 +126,13 @@ def test_sd3_without_t5_conditions_on_zeros_as_the_pipeline_does(folders, tmp_pa
 
 @pytest.mark.parametrize("kind", PIPELINES)
 def test_backbone_from_its_own_config_and_process_checks(kind, folders, tmp_path):
-    """model/unet=<kind>_tiny builds the folder's transformer from its own config (the factory the
+    """backbone=<kind>_tiny builds the folder's transformer from its own config (the factory the
     folder was saved from); a process other than flow matching is a ConfigError naming both keys."""
-    module = build_module(tmp_path, kind, folders[kind], f"model/unet={kind}_tiny")
+    module = build_module(tmp_path, kind, folders[kind], f"backbone={kind}_tiny")
     saved = PIPELINES[kind].from_pretrained(folders[kind]).transformer
     layout = lambda m: json.loads(json.dumps({k: v for k, v in m.config.items() if not k.startswith("_")}))  # noqa: E731 (tuples as lists)
-    assert layout(module.base_unet) == layout(saved)
-    assert all(torch.equal(a, b) for a, b in zip(module.base_unet.parameters(), saved.parameters()))  # the same seeded factory
+    assert layout(module.base_backbone) == layout(saved)
+    assert all(torch.equal(a, b) for a, b in zip(module.base_backbone.parameters(), saved.parameters()))  # the same seeded factory
     with pytest.raises(Exception) as excinfo:
         build_module(tmp_path, kind, folders[kind], "process=vp")
     assert f"process=vp cannot be used with model=latent_{kind}" in str(user_error(excinfo))
@@ -275,7 +275,7 @@ def test_gpu_lora_recipe_runs_a_step_on_the_tiny_pipeline(kind, folders, tmp_pat
     assert cfg.adapter.rank == 16 and cfg.model.cache and cfg.trainer.precision == "bf16-mixed" and cfg.model.gradient_checkpointing
     _, objects = train(cfg)
     module = objects["model"]
-    assert module.base_unet.is_gradient_checkpointing and module.base_unet.dtype == torch.bfloat16
+    assert module.base_backbone.is_gradient_checkpointing and module.base_backbone.dtype == torch.bfloat16
     assert {p.dtype for e in module.conditioner.encoders for p in e.parameters()} == {torch.bfloat16}
     assert type(objects["datamodule"].train_set).__name__ == "CachedLatentDataset"
     assert objects["trainer"].global_step == 1 and (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").exists()

@@ -183,9 +183,9 @@ def test_an_sd1_folder_or_unet_is_a_config_error(tiny_sdxl, tmp_path):
     assert f"model.pretrained='{sd1}'" in message and "text_encoder_2/" in message and re.search(r"model=latent_sd\b", message)
     # an SD UNet (no added text/time conditioning) with SDXL's text encoders
     with pytest.raises(Exception) as excinfo:
-        build_module(tmp_path, tiny_sdxl, "model/unet=sd_tiny", "model.unet.cross_attention_dim=64")
+        build_module(tmp_path, tiny_sdxl, "backbone=sd_tiny", "backbone.cross_attention_dim=64")
     message = str(user_error(excinfo))
-    assert "model.unet has addition_embed_type=None" in message and "6 time ids" in message and re.search(r"model=latent_sd\b", message)
+    assert "backbone has addition_embed_type=None" in message and "6 time ids" in message and re.search(r"model=latent_sd\b", message)
     # the SDXL refiner's UNet: 5 time ids (aesthetic score) x 8 + pooled 32 = 72, not 6 x 8 + 32 = 80
     refiner = tiny.tiny_sdxl_pipeline(refiner=True).unet
     with pytest.raises(ConfigError, match=r"projection_class_embeddings_input_dim=72.*\(8\) = 80"):
@@ -200,7 +200,7 @@ def test_sdxl_lora_recipe_runs_fast_dev_run_with_the_tiny_pipeline(tiny_sdxl, tm
     assert cfg.adapter.rank == 16 and cfg.model.cache and cfg.trainer.precision == "bf16-mixed" and cfg.model.optimizer.lr == 1e-4
     _, objects = train(cfg)
     module = objects["model"]
-    assert module.base_unet.is_gradient_checkpointing and module.base_unet.dtype == torch.bfloat16
+    assert module.base_backbone.is_gradient_checkpointing and module.base_backbone.dtype == torch.bfloat16
     assert {p.dtype for p in module.conditioner.text_encoder_2.parameters()} == {torch.bfloat16}
     assert type(objects["datamodule"].train_set).__name__ == "CachedLatentDataset"
     assert objects["trainer"].global_step == 1 and (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").exists()

@@ -248,7 +248,7 @@ def test_sdxl_trains_on_encoded_bucketed_shards(tmp_path):
     latents = write(tmp_path, *data, "data.buckets=true", "data.bucket_step=8", *model, "prepare.encode=true")
     manifest = json.loads((latents / MANIFEST).read_text())
     assert manifest["model"]["text_keys"] == ["encoder_hidden_states", "text_embeds"] and len(manifest["buckets"]) >= 3
-    cfg = compose_cfg("train", tiny(*model, *shard_overrides(latents, "data.resolution=32", "data.batch_size=2", "trainer.max_steps=2"), "model/unet=sd_pretrained", "callbacks.sample_grid=null"), tmp_path / "run")
+    cfg = compose_cfg("train", tiny(*model, *shard_overrides(latents, "data.resolution=32", "data.batch_size=2", "trainer.max_steps=2"), "backbone=sd_pretrained", "callbacks.sample_grid=null"), tmp_path / "run")
     _, objects = train(cfg)
     assert objects["trainer"].global_step == 2
     batches = list(objects["datamodule"].train_dataloader())
@@ -262,7 +262,7 @@ def test_data_shards_takes_its_shape_from_the_manifest(folder_shards, tmp_path):
     cfg = compose_cfg("train", ["data=shards", f"data.root={folder_shards}"], tmp_path / "run")
     assert (cfg.data.resolution, cfg.data.channels) == (manifest["resolution"], manifest["channels"])
     assert cfg.data.mode == ("L" if manifest["channels"] == 1 else "RGB")
-    assert cfg.model.unet.in_channels == manifest["channels"]
+    assert cfg.model.backbone.in_channels == manifest["channels"]
 
 
 @pytest.mark.slow  # three 2-process runs: ~3 min

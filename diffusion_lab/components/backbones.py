@@ -1,4 +1,4 @@
-"""Backbones other than diffusers' UNets, built from the ``model/unet`` group (its name from the
+"""Backbones other than diffusers' UNets, built from the ``backbone`` group (its name from the
 UNet days: any denoiser ``net(x_t [N,C,H,W], t [N], **cond).sample -> [N,C,H,W]``).
 
 ``dit_transformer``: a class-conditional ``DiTTransformer2DModel`` (Peebles & Xie 2023) whose label
@@ -27,13 +27,13 @@ def dit_transformer(num_class_embeds: int, null_class: int = DIT_PIPELINE_NULL_C
 
     if not 0 < num_class_embeds <= null_class:
         raise ConfigError(
-            f"model.unet.num_class_embeds={num_class_embeds} must be between 1 and model.unet.null_class={null_class} "
+            f"backbone.num_class_embeds={num_class_embeds} must be between 1 and backbone.null_class={null_class} "
             f"(the DiT's label rows 0..num_class_embeds-1 are the classes, row null_class the unconditional label)."
         )
     size, patch = config.get("sample_size", 32), config.get("patch_size", 2)
     if size % patch:
         raise ConfigError(
-            f"model.unet.sample_size={size} is not divisible by model.unet.patch_size={patch}: the DiT cuts the "
+            f"backbone.sample_size={size} is not divisible by backbone.patch_size={patch}: the DiT cuts the "
             f"input into patch_size x patch_size tokens. Use a patch_size that divides it (1, 2, ...) or another data.resolution."
         )
     return DiTTransformer2DModel(num_embeds_ada_norm=null_class, **config)

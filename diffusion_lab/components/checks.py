@@ -19,14 +19,14 @@ def check_latent_parts(unet, codec, conditioner, resolution: int, image_channels
     for key in ("in_channels", "out_channels"):
         if cfg[key] != codec.latent_channels:
             problems.append(
-                f"model.unet.{key}={cfg[key]}{_source(unet)} does not match vae.latent_channels={codec.latent_channels}"
+                f"backbone.{key}={cfg[key]}{_source(unet)} does not match vae.latent_channels={codec.latent_channels}"
                 f"{_source(codec.vae)}: the UNet denoises VAE latents, so use a UNet with {key}={codec.latent_channels} "
                 f"or the VAE the UNet was trained with."
             )
     cross = cfg.cross_attention_dim
     if any(int(c) != conditioner.hidden_size for c in (cross if isinstance(cross, (list, tuple)) else [cross])):
         problems.append(
-            f"model.unet.cross_attention_dim={cross}{_source(unet)} does not match text_encoder.hidden_size="
+            f"backbone.cross_attention_dim={cross}{_source(unet)} does not match text_encoder.hidden_size="
             f"{conditioner.hidden_size}{_source(conditioner.text_encoder)}: the UNet cross-attends to the text "
             f"encoder's hidden states; pick a text encoder with hidden_size={cross} or a UNet with "
             f"cross_attention_dim={conditioner.hidden_size}."
@@ -37,7 +37,7 @@ def check_latent_parts(unet, codec, conditioner, resolution: int, image_channels
         problems.append(
             f"data.resolution={resolution} is not divisible by {factor} = vae down-sampling {codec.downsample_factor} "
             f"(vae.block_out_channels) x UNet down-sampling {factor // codec.downsample_factor} "
-            f"(model.unet.down_block_types); use e.g. data.resolution={ok}."
+            f"(backbone.down_block_types); use e.g. data.resolution={ok}."
         )
     if image_channels != codec.image_channels:
         problems.append(
@@ -62,7 +62,7 @@ def check_sdxl_parts(unet, conditioner) -> None:
     found = cfg.get("projection_class_embeddings_input_dim")
     if cfg.get("addition_embed_type") != "text_time" or found != expected:
         raise ConfigError(
-            f"model.unet{_source(unet)} has addition_embed_type={cfg.get('addition_embed_type')!r} and "
+            f"backbone{_source(unet)} has addition_embed_type={cfg.get('addition_embed_type')!r} and "
             f"projection_class_embeddings_input_dim={found}, but model=latent_sdxl needs an SDXL base UNet: addition_embed_type="
             f"'text_time' taking the pooled text embedding ({conditioner.pooled_size} = text_encoder_2 projection_dim) plus "
             f"6 time ids x addition_time_embed_dim{f' ({time_dim}) = {expected}' if time_dim else ''}. An SD 1.x/2.x UNet has no added conditioning "

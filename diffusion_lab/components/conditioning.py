@@ -38,7 +38,7 @@ class ClassLabels:
     def __init__(self, num_classes: int | None, null_class: int | None = None) -> None:
         if not num_classes:
             raise ConfigError(
-                "conditioning=class_labels needs a UNet with class embeddings: set model.unet.num_class_embeds "
+                "conditioning=class_labels needs a UNet with class embeddings: set backbone.num_class_embeds "
                 "(e.g. 10 for digits), or use conditioning=none."
             )
         self.num_classes = int(num_classes)

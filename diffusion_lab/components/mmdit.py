@@ -76,13 +76,13 @@ def check_transformer_parts(family: str, transformer, codec, conditioner, resolu
         if value != channels:
             packed = f" = {packing}x{packing} packed x vae.latent_channels={codec.latent_channels}" if packing > 1 else " = vae.latent_channels"
             problems.append(
-                f"model.unet.{key}={value}{_source(transformer)} does not match {channels}{packed}{_source(codec.vae)}: "
+                f"backbone.{key}={value}{_source(transformer)} does not match {channels}{packed}{_source(codec.vae)}: "
                 f"the transformer denoises that VAE's latents; use the VAE of the same model.pretrained."
             )
     for key, width, what in (("joint_attention_dim", conditioner.hidden_size, "text_encoder states"), ("pooled_projection_dim", conditioner.pooled_size, "text_encoder pooled embedding")):
         if cfg[key] != width:
             problems.append(
-                f"model.unet.{key}={cfg[key]}{_source(transformer)} does not match the {what} width {width}: "
+                f"backbone.{key}={cfg[key]}{_source(transformer)} does not match the {what} width {width}: "
                 f"use the text encoders of the same model.pretrained as the transformer."
             )
     patch = int(cfg.patch_size) * packing

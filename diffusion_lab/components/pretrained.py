@@ -21,7 +21,7 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 
 # the group override that builds each component without model.pretrained
 _ALTERNATIVE = {
-    "unet": "model/unet=sd_tiny",
+    "unet": "backbone=sd_tiny",
     "vae": "vae=tiny",
     "text_encoder": "text_encoder=tiny",
     "tokenizer": "text_encoder=tiny",

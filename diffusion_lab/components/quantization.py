@@ -140,9 +140,9 @@ def check_quantized_training(family: str, name: str, backbone: torch.nn.Module, 
         )
     if not is_quantized(backbone):
         raise ConfigError(
-            f"quantization={name} quantizes the backbone while from_pretrained reads it, but model={family}'s model/unet "
-            f"({type(backbone).__name__}) is built in-process (e.g. model/unet=sd_tiny), not loaded: use the pretrained "
-            f"backbone (model.pretrained=<folder or hub id> with the family's default model/unet) or quantization=none."
+            f"quantization={name} quantizes the backbone while from_pretrained reads it, but model={family}'s backbone "
+            f"({type(backbone).__name__}) is built in-process (e.g. backbone=sd_tiny), not loaded: use the pretrained "
+            f"backbone (model.pretrained=<folder or hub id> with the family's default backbone) or quantization=none."
         )
     variant = _variant(lora_config)
     why = UNSUPPORTED_VARIANTS.get(name, {}).get(variant)

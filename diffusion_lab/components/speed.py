@@ -3,7 +3,7 @@
     model.channels_last=true      conv weights in NHWC (faster convolutions on tensor cores / oneDNN)
     model.attention=sdpa|eager    diffusers' ``AttnProcessor2_0`` (``F.scaled_dot_product_attention``,
                                   fused kernels) or ``AttnProcessor`` (baddbmm + softmax + bmm)
-    model.compile_unet=true       ``torch.compile`` (DiffusionModule)
+    model.compile_backbone=true       ``torch.compile`` (DiffusionModule)
     model.optimizer.fused=true    torch's fused AdamW kernel (one kernel for all parameters; also
                                   under bf16-mixed with gradient clipping, see clip_fused_gradients)
 

@@ -40,7 +40,7 @@ class SD3TextConditioner(TextConditioner):
         tokenizer_3, text_encoder_3: T5 (``..._3/``), or both None to train without it (zeros instead).
         max_sequence_length: T5 tokens (the pipeline's ``max_sequence_length``, 256 by default).
         joint_attention_dim: width of the zeros replacing T5; None = the transformer's
-            ``joint_attention_dim``, set by the module (``modules/sd3.py``).
+            ``joint_attention_dim``, set by the family (``families/sd3.py``).
         trainable, dtype: as ``TextConditioner``, for every encoder.
     """
 

@@ -3,9 +3,9 @@
 Real diffusers/transformers classes with tiny configs, and a real ``CLIPTokenizer`` whose
 byte-level BPE vocab/merges are learned from a small caption corpus (``components/vocab.py``, no
 download). These functions are the ``_target_`` of ``vae=tiny``, ``text_encoder=tiny`` and
-``model/unet=sd_tiny``, and ``build`` saves the same models as a pipeline folder
+``backbone=sd_tiny``, and ``build`` saves the same models as a pipeline folder
 (``python -m diffusion_lab.tiny_sd``), so the folder and the config groups are the same models.
-SD3 and Flux pipelines (``--kind sd3|flux``) add MMDiT transformers (``model/unet=sd3_tiny|flux_tiny``),
+SD3 and Flux pipelines (``--kind sd3|flux``) add MMDiT transformers (``backbone=sd3_tiny|flux_tiny``),
 flow-matching schedulers and a T5 encoder whose real ``T5TokenizerFast`` has a unigram vocabulary
 learned offline with the ``tokenizers`` library (``components/vocab.t5_vocab``).
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 
@@ -265,10 +265,17 @@ def tiny_flux_pipeline(resolution: int = 32, seed: int = 0, guidance_embeds: boo
     )
 
 
-Kind = Literal["sd", "sdxl", "sdxl-refiner", "sd3", "flux"]
+BUILT_IN = ("sd", "sdxl", "sdxl-refiner", "sd3", "flux")
 
 
-def build(out: str | Path, kind: Kind = "sd", prediction_type: str = "epsilon", resolution: int = 32, seed: int = 0, vae_kwargs: dict | None = None) -> Path:
+def kinds() -> list[str]:
+    """Every ``--kind``: the built-in ones and each family with a builder in ``diffusion_lab/testing/<kind>.py``."""
+    import diffusion_lab.testing as testing
+
+    return [*BUILT_IN, *sorted(p.stem for p in Path(testing.__file__).parent.glob("*.py") if not p.stem.startswith("_"))]
+
+
+def build(out: str | Path, kind: str = "sd", prediction_type: str = "epsilon", resolution: int = 32, seed: int = 0, vae_kwargs: dict | None = None) -> Path:
     """Build the tiny pipeline of ``kind`` and ``save_pretrained`` it to ``out``."""
     from diffusion_lab.utils.io import atomic_dir
 
@@ -280,8 +287,12 @@ def build(out: str | Path, kind: Kind = "sd", prediction_type: str = "epsilon", 
         pipe = tiny_sd3_pipeline(resolution, seed)
     elif kind == "flux":
         pipe = tiny_flux_pipeline(resolution, seed)
+    elif kind in kinds():  # a family's own builder: diffusion_lab/testing/<kind>.py
+        import importlib
+
+        pipe = importlib.import_module(f"diffusion_lab.testing.{kind}").tiny_pipeline(resolution=resolution, seed=seed)
     else:
-        raise ValueError(f"kind must be sd, sdxl, sdxl-refiner, sd3 or flux; got {kind!r}")
+        raise ValueError(f"kind must be one of {', '.join(kinds())}; got {kind!r}")
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for sub in ("tokenizer", "tokenizer_2"):

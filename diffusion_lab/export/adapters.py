@@ -27,7 +27,7 @@ PEFT_PREFIX = "base_model.model."  # the key prefix of a PeftModel's saved adapt
 def peft_parts(module) -> dict[str, torch.nn.Module]:
     """``{"unet": ..., "text_encoder": ..., "text_encoder_2": ...}``: the parts that carry an adapter."""
     encoders = zip(("text_encoder", "text_encoder_2"), module.conditioner.encoders)
-    return {name: m for name, m in [("unet", module.base_unet), *encoders] if has_lora(m)}
+    return {name: m for name, m in [("unet", module.base_backbone), *encoders] if has_lora(m)}
 
 
 def save_peft_folder(model: torch.nn.Module, out_dir: str | Path) -> None:
@@ -44,8 +44,8 @@ def save_adapter_variant(module, out_dir: str | Path) -> None:
     parts = peft_parts(module)
     for name, model in parts.items():
         save_peft_folder(model, Path(out_dir) / name)
-    if adapter_variant(module.base_unet) == "lokr":
-        save_lora_adapter_file(module.base_unet, out_dir)
+    if adapter_variant(module.base_backbone) == "lokr":
+        save_lora_adapter_file(module.base_backbone, out_dir)
 
 
 def save_lora_adapter_file(model: torch.nn.Module, out_dir: str | Path) -> None:
@@ -65,7 +65,7 @@ def save_lora_adapter_file(model: torch.nn.Module, out_dir: str | Path) -> None:
 
 def is_adapter_variant(module) -> bool:
     """A LoKr / LoHa run (``adapter=lokr|loha``): exported here, not as a LoRA file."""
-    unet = getattr(module, "base_unet", None)
+    unet = getattr(module, "base_backbone", None)
     return unet is not None and adapter_variant(unet) in ("lokr", "loha")
 
 

@@ -56,8 +56,7 @@ class Family:
         processes, process_limits: the ``process=`` kinds this family trains, and why others are refused.
         text_keys: the keys ``text_states`` returns (the latent / text cache holds exactly these).
         cfg: previews and exports run classifier-free guidance (False: FLUX.1's embedded guidance).
-        lora_encoders: component names of the text encoders the pipeline's LoRA loader has a slot for.
-        methods: what the family can take beyond full fine-tuning and LoRA (``supports``).
+        cached_batch_keys: per-image batch entries ``conditioning`` reads that the latent cache must keep.
     """
 
     name: ClassVar[str] = ""
@@ -69,7 +68,7 @@ class Family:
     process_limits: ClassVar[str] = FLOW_ONLY
     text_keys: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
     cfg: ClassVar[bool] = True
-    lora_encoders: ClassVar[tuple[str, ...]] = ()
+    cached_batch_keys: ClassVar[tuple[str, ...]] = ()
     # why a method is refused for this family: {method: reason}; a method not listed is supported
     refuses: ClassVar[dict[str, str]] = {}
 
@@ -115,23 +114,30 @@ class Family:
         parts.update(zip(self.tokenizer_names, tokenizers))
         return parts
 
-    def pipeline(self, backbone, vae, scheduler, encoders, tokenizers):
-        """A diffusers ``pipeline_class`` of these parts (``export/pipelines.py`` saves it)."""
+    def pipeline(self, backbone, vae, scheduler, encoders, tokenizers, **extra):
+        """A diffusers ``pipeline_class`` of these parts (``export/pipelines.py`` saves it); ``extra``:
+        further components (SD's safety checker)."""
         import diffusers
 
         cls = getattr(diffusers, self.pipeline_class)
-        return cls(**self.pipeline_parts(backbone, vae, scheduler, list(encoders), list(tokenizers)))
+        return cls(**self.pipeline_parts(backbone, vae, scheduler, list(encoders), list(tokenizers)), **extra)
 
-    def save_lora(self, out_dir: str, backbone_layers: dict, backbone_metadata: dict, encoder_layers: dict[str, tuple[dict, dict]]) -> None:
+    def lora_text_encoders(self, conditioner) -> tuple[torch.nn.Module, ...]:
+        """The text encoders ``adapter.train_text_encoder`` puts a LoRA on: those the pipeline's LoRA
+        loader has a slot for (default: every encoder, named ``encoder_names``)."""
+        return tuple(conditioner.encoders)
+
+    def save_lora(self, out_dir: str, backbone: torch.nn.Module, encoders: dict[str, torch.nn.Module]) -> None:
         """LoRA files ``<pipeline_class>.load_lora_weights(out_dir)`` reads, written by the pipeline's
-        own ``save_lora_weights`` (``encoder_layers``: component name -> (state dict, metadata))."""
+        own ``save_lora_weights`` (``encoders``: component name -> text encoder carrying a LoRA)."""
         import diffusers
 
-        cls = getattr(diffusers, self.pipeline_class)
-        kwargs = {f"{self.backbone_name}_lora_layers": backbone_layers, f"{self.backbone_name}_lora_adapter_metadata": backbone_metadata}
-        for name, (layers, metadata) in encoder_layers.items():
-            kwargs[f"{name}_lora_layers"], kwargs[f"{name}_lora_adapter_metadata"] = layers, metadata
-        cls.save_lora_weights(out_dir, safe_serialization=True, **kwargs)
+        from diffusion_lab.components.adapters import lora_metadata, lora_state_dict
+
+        kwargs = {f"{self.backbone_name}_lora_layers": lora_state_dict(backbone), f"{self.backbone_name}_lora_adapter_metadata": lora_metadata(backbone)}
+        for name, encoder in encoders.items():
+            kwargs[f"{name}_lora_layers"], kwargs[f"{name}_lora_adapter_metadata"] = lora_state_dict(encoder), lora_metadata(encoder)
+        getattr(diffusers, self.pipeline_class).save_lora_weights(out_dir, safe_serialization=True, **kwargs)
 
     # ---- helpers for subclasses ----------------------------------------------------------------------
     def check_process(self, kind: str) -> None:

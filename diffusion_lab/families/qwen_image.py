@@ -13,14 +13,13 @@ Exports a ``QwenImagePipeline``; LoRA files through ``QwenImageLoraLoaderMixin``
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from diffusion_lab.components.pretrained import Dtype, from_pretrained, resolve
+from diffusion_lab.components.pretrained import Dtype
 from diffusion_lab.components.text import TextConditioner
 from diffusion_lab.components.vae import VAECodec
 from diffusion_lab.families.base import Family, filter_set_timesteps, source
@@ -141,24 +140,11 @@ class QwenImageCodec(VAECodec):
 
 
 def load_transformer(pretrained: str | None, local_files_only: bool = False, family: str = "latent_qwen_image", **kwargs):
-    """The pipeline's ``QwenImageTransformer2DModel`` (``transformer/``) after checking ``model_index.json``:
-    a folder of another family is a ConfigError naming what it is (``components/mmdit.check_family``'s message)."""
-    from diffusion_lab.components.mmdit import FAMILY_PIPELINES, pipeline_class
+    """The pipeline's ``QwenImageTransformer2DModel`` (``transformer/``) after ``mmdit.check_family``: a folder
+    of another family (its ``model_index.json``) is a ConfigError naming the ``model=`` option that trains it."""
+    from diffusion_lab.components import mmdit
 
-    expected = FAMILIES[family][0]
-    folder = resolve(pretrained, None, "model.pretrained")
-    found = pipeline_class(folder, local_files_only)
-    if found is not None and found not in expected:
-        trains = [f"model={name}" for name, classes in {**FAMILY_PIPELINES, **{k: v[0] for k, v in FAMILIES.items()}}.items() if found in classes]
-        where = "folder" if Path(folder).is_dir() else "hub id"
-        raise ConfigError(
-            f"model.pretrained={pretrained!r} is a {found} {where} (its model_index.json), but model={family} trains a {' or '.join(expected)}: "
-            f"its QwenImageTransformer2DModel, Qwen2.5-VL text encoder and AutoencoderKLQwenImage are what this family loads. "
-            + (f"For this folder use {' or '.join(trains)}; " if trains else "")
-            + f"for {family} set model.pretrained={FAMILIES[family][1]} or a local copy "
-            f"(python -m diffusion_lab.tiny_sd outputs/tiny_{family[len('latent_'):]} --kind {family[len('latent_'):]} builds a tiny random one offline)."
-        )
-    return from_pretrained("diffusers.QwenImageTransformer2DModel", pretrained, subfolder="transformer", local_files_only=local_files_only, **kwargs)
+    return mmdit.load_transformer("diffusers.QwenImageTransformer2DModel", pretrained, family, local_files_only=local_files_only, **kwargs)
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +171,6 @@ class QwenImage(Family):
     name = "latent_qwen_image"
     pipeline_class = "QwenImagePipeline"
     text_keys = ("encoder_hidden_states", "encoder_hidden_states_mask")
-    lora_encoders = ()  # QwenImageLoraLoaderMixin loads the transformer's LoRA only
     refuses = {
         "textual_inversion": "QwenImagePipeline has no load_textual_inversion (no TextualInversionLoaderMixin), so learned token embeddings could not be exported or loaded.",
         "controlnet": "the ControlNet method builds a ControlNetModel from a UNet; Qwen-Image's control nets are QwenImageControlNetModel (another architecture, not wired here).",
@@ -209,6 +194,14 @@ class QwenImage(Family):
             problems.append(f"data.channels={image_channels} does not match the VAE's input_channels={codec.image_channels}; model={self.name} takes RGB images.")
         if problems:
             raise ConfigError(" ".join(problems))
+
+    def lora_text_encoders(self, conditioner) -> tuple[torch.nn.Module, ...]:
+        """None: ``QwenImageLoraLoaderMixin`` saves and loads the transformer's LoRA only."""
+        raise ConfigError(
+            f"adapter.train_text_encoder=true: {self.pipeline_class}'s LoRA loader (QwenImageLoraLoaderMixin) has no text encoder "
+            f"slot, so a LoRA on Qwen2.5-VL could not be exported; set adapter.train_text_encoder=false (or text_encoder.trainable=true "
+            f"to fine-tune it in full)."
+        )
 
     def img_shapes(self, n: int, h: int, w: int) -> list:
         """The transformer's RoPE layout per example: one frame of (h/2) x (w/2) tokens (``__call__``'s img_shapes)."""
@@ -249,5 +242,14 @@ class QwenImage(Family):
         return filter_set_timesteps(scheduler, sigmas=sigmas, mu=mu)
 
 
-# model= option -> (pipeline classes whose folders it trains, hub id of the real model)
-FAMILIES = {"latent_qwen_image": (("QwenImagePipeline",), HUB_ID)}
+def _register(family: str, pipelines: tuple[str, ...], hub_id: str, kind: str) -> None:
+    """What ``components/mmdit.check_family`` knows of this family (until ``mmdit.py`` lists it): the pipeline
+    classes whose folders it trains, the real model's hub id, the tiny folder's build command."""
+    from diffusion_lab.components import mmdit
+
+    mmdit.FAMILY_PIPELINES.setdefault(family, pipelines)
+    mmdit.HUB_EXAMPLE.setdefault(family, hub_id)
+    mmdit.TINY_FOLDER.setdefault(family, f"outputs/tiny_{kind} --kind {kind}")
+
+
+_register("latent_qwen_image", ("QwenImagePipeline",), HUB_ID, "qwen_image")

@@ -135,3 +135,118 @@ class DCAECodec(VAECodec):
     def latents(self, moments: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """Unscaled latents -> diffusion-space latents (``sample`` is ignored: nothing to sample)."""
         return (moments - self.shift_factor) * self.scaling_factor
+
+
+# ---- loading a Sana pipeline folder ---------------------------------------------------------------------
+PIPELINES = ("SanaPipeline",)
+HUB_EXAMPLE = "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers"
+TINY_HINT = "python -m diffusion_lab.tiny_sd outputs/tiny_sana --kind sana builds a tiny random one offline"
+
+
+def check_folder(pretrained: str | None, local_files_only: bool = False, key: str = "model.pretrained") -> None:
+    """ConfigError when ``pretrained``'s ``model_index.json`` names another pipeline than ``SanaPipeline``
+    (a folder of another family: its transformer, VAE and text encoder are not Sana's)."""
+    from diffusion_lab.components.mmdit import FAMILY_PIPELINES, pipeline_class
+    from diffusion_lab.components.pretrained import resolve
+
+    found = pipeline_class(resolve(pretrained, None, key), local_files_only)
+    if found is None or found in PIPELINES:
+        return
+    trains = [f"model={name}" for name, classes in FAMILY_PIPELINES.items() if found in classes]
+    raise ConfigError(
+        f"{key}={pretrained!r} is a {found} (its model_index.json), but model=latent_sana trains a SanaPipeline: a "
+        f"SanaTransformer2DModel, the AutoencoderDC and Gemma 2 text encoder of that folder. "
+        + (f"For this folder use {' or '.join(trains)}; " if trains else "")
+        + f"for Sana set {key}={HUB_EXAMPLE} or a local copy ({TINY_HINT})."
+    )
+
+
+def load_transformer(pretrained: str | None, local_files_only: bool = False, subfolder: str = "transformer", **kwargs):
+    """``SanaTransformer2DModel.from_pretrained`` of the pipeline at ``pretrained`` after ``check_folder``."""
+    from diffusion_lab.components.pretrained import from_pretrained
+
+    check_folder(pretrained, local_files_only)
+    return from_pretrained("diffusers.SanaTransformer2DModel", pretrained, subfolder=subfolder, local_files_only=local_files_only, **kwargs)
+
+
+def load_flow_scheduler(pretrained: str | None, local_files_only: bool = False, subfolder: str = "scheduler", shift: float | None = None, num_train_timesteps: int | None = None):
+    """The training schedule of a Sana folder: a ``FlowMatchEulerDiscreteScheduler`` shifted by the saved
+    ``flow_shift`` (Sana ships a ``DPMSolverMultistepScheduler`` on flow sigmas, ``flow_shift`` 3.0 at 1024 px,
+    and its own configs train with that shift) or by the saved ``shift`` of a FlowMatch scheduler; ``shift``
+    overrides it (1.0: the unshifted table diffusers' ``train_dreambooth_lora_sana.py`` trains on)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusion_lab.components.pretrained import load_scheduler
+
+    check_folder(pretrained, local_files_only)
+    saved = load_scheduler(pretrained, subfolder=subfolder, local_files_only=local_files_only)
+    c = saved.config
+    if not (type(saved).__name__.startswith("FlowMatch") or c.get("use_flow_sigmas")):
+        raise ConfigError(f"model.pretrained={pretrained!r}: its scheduler ({type(saved).__name__}) is not a flow-matching one; Sana is trained by flow matching.")
+    saved_shift = c.get("shift", 1.0) if type(saved).__name__.startswith("FlowMatch") else c.get("flow_shift", 1.0)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps or c.num_train_timesteps, shift=saved_shift if shift is None else shift)
+
+
+# ---- the family -------------------------------------------------------------------------------------------
+TEXTUAL_INVERSION = (
+    "textual inversion needs a text encoder with an embedding table it can grow and a loader for the learned "
+    "tokens; Sana's Gemma 2 is read through a complex-human-instruction prompt and SanaPipeline has no "
+    "load_textual_inversion: fine-tune or use adapter=lora instead."
+)
+
+
+class Sana(Family):
+    """``SanaTransformer2DModel`` on DC-AE latents ``[N, 32, H/32, W/32]`` (no packing), conditioned on Gemma 2
+    states with their attention mask; classifier-free guidance against the encoded "" (``SanaPipeline``).
+    Exports a ``SanaPipeline``; LoRA files through ``SanaPipeline.save_lora_weights`` (transformer only:
+    ``SanaLoraLoaderMixin`` has no text-encoder slot)."""
+
+    name = "latent_sana"
+    pipeline_class = "SanaPipeline"
+    text_keys = ("encoder_hidden_states", "encoder_attention_mask")
+    refuses = {
+        "textual_inversion": TEXTUAL_INVERSION,
+        "controlnet": "ControlNet for Sana (SanaControlNetModel, SanaControlNetPipeline) is not wired here; model=latent_controlnet trains SD 1.x ControlNets.",
+        "edit": "Sana has no instruction-edit pipeline in diffusers to export to; use an edit family.",
+    }
+
+    def check_parts(self, backbone, codec, conditioner, resolution: int, image_channels: int) -> None:
+        """Latent channels == the transformer's in/out channels; Gemma's width == ``caption_channels``;
+        ``data.resolution`` divisible by 32 (``SanaPipeline.check_inputs``) and by the VAE factor x patch."""
+        cfg, problems = backbone.config, []
+        for key in ("in_channels", "out_channels"):
+            value = cfg.get(key) or cfg.in_channels
+            if value not in (codec.latent_channels, 2 * codec.latent_channels if key == "out_channels" else -1):
+                problems.append(f"backbone.{key}={value} does not match vae.latent_channels={codec.latent_channels}: use the VAE of the same model.pretrained.")
+        if cfg.caption_channels != conditioner.hidden_size:
+            problems.append(
+                f"backbone.caption_channels={cfg.caption_channels} does not match the text_encoder hidden size {conditioner.hidden_size}: "
+                "use the text encoder of the same model.pretrained as the transformer."
+            )
+        factor = codec.downsample_factor * int(cfg.patch_size)
+        step = max(32, factor)
+        if resolution % step:
+            problems.append(
+                f"data.resolution={resolution} is not divisible by {step} (SanaPipeline takes sizes divisible by 32; "
+                f"VAE down-sampling {codec.downsample_factor} x patch {cfg.patch_size} = {factor}); use e.g. data.resolution={max(step, round(resolution / step) * step)}."
+            )
+        if image_channels != codec.image_channels:
+            problems.append(f"data.channels={image_channels} does not match vae.in_channels={codec.image_channels}; model=latent_sana takes RGB images.")
+        if problems:
+            raise ConfigError(" ".join(problems))
+
+    def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states, encoder_attention_mask, **controls) -> torch.Tensor:
+        """Latents ``[N, c, h, w]`` at timesteps ``t`` = sigma x 1000 -> velocity ``[N, c, h, w]``: the pipeline's
+        call, ``timestep = t * timestep_scale``, the mask as the transformer's ``encoder_attention_mask``; a
+        learned-sigma output (2c channels) keeps its first half, as the pipeline does."""
+        out = backbone(
+            x_t,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            timestep=t * backbone.config.timestep_scale,
+            return_dict=False,
+            **controls,
+        )[0]
+        if out.shape[1] == 2 * x_t.shape[1]:
+            out = out.chunk(2, dim=1)[0]
+        return out

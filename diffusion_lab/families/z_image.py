@@ -77,10 +77,15 @@ def captions_of(encoder_hidden_states: torch.Tensor, encoder_attention_mask: tor
     return [states[m] for states, m in zip(encoder_hidden_states, mask)]
 
 
-def load_transformer(pretrained: str | None, subfolder: str = "transformer", local_files_only: bool = False, **kwargs):
-    """``ZImageTransformer2DModel.from_pretrained`` after checking that ``pretrained`` holds a ``ZImagePipeline``."""
+def load_part(class_name: str, pretrained: str | None, subfolder: str, local_files_only: bool = False, **kwargs):
+    """``from_pretrained`` of one part after checking that ``pretrained`` holds a ``ZImagePipeline``."""
     check_folder(pretrained, local_files_only=local_files_only)
-    return from_pretrained("diffusers.ZImageTransformer2DModel", pretrained, subfolder=subfolder, local_files_only=local_files_only, **kwargs)
+    return from_pretrained(class_name, pretrained, subfolder=subfolder, local_files_only=local_files_only, **kwargs)
+
+
+def load_transformer(pretrained: str | None, subfolder: str = "transformer", local_files_only: bool = False, **kwargs):
+    """The ``ZImageTransformer2DModel`` of a Z-Image folder or hub id (``backbone=z_image_pretrained``)."""
+    return load_part("diffusers.ZImageTransformer2DModel", pretrained, subfolder, local_files_only, **kwargs)
 
 
 def check_folder(pretrained: str | None, key: str = "model.pretrained", local_files_only: bool = False) -> None:
@@ -132,6 +137,14 @@ class ZImage(Family):
             problems.append(f"data.channels={image_channels} does not match vae.in_channels={codec.image_channels}; model=latent_z_image takes RGB images.")
         if problems:
             raise ConfigError(" ".join(problems))
+
+    def lora_text_encoders(self, conditioner) -> tuple[torch.nn.Module, ...]:
+        """Refused: ``ZImageLoraLoaderMixin`` has a transformer slot only, so a Qwen3 LoRA could not be exported."""
+        raise ConfigError(
+            "adapter.train_text_encoder=true: ZImagePipeline's LoRA loader (ZImageLoraLoaderMixin) loads the transformer only, so a "
+            "LoRA on Qwen3 could not be exported or loaded; set adapter.train_text_encoder=false (text_encoder.trainable=true "
+            "fine-tunes Qwen3 in full with adapter=none, exported in <run>/pipeline)."
+        )
 
     # ---- the backbone ----------------------------------------------------------------------------
     def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor) -> torch.Tensor:

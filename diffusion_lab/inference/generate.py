@@ -49,16 +49,16 @@ class PixelModel:
 
     @property
     def num_classes(self) -> int | None:
-        return self.classes or self.unet.config.get("num_class_embeds") or None
+        return self.classes or self.backbone.config.get("num_class_embeds") or None
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        size = sample_size(self.unet.config)
-        return (self.unet.config.in_channels, size, size)
+        size = sample_size(self.backbone.config)
+        return (self.backbone.config.in_channels, size, size)
 
     def generate(self, num_images: int, batch_size: int, num_inference_steps: int, seed: int = 0, device="cpu", noise: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
         """``[num_images, C, H, W]`` in [-1, 1] (classes 0..K-1 in turn for class-conditional UNets)."""
-        unet = self.unet.to(device).eval()
+        unet = self.backbone.to(device).eval()
         denoise = lambda x, t, **c: unet(x, t, **c).sample  # noqa: E731
         return sample_batches(denoise, self.make_scheduler, self.sample_shape, num_images, batch_size, num_inference_steps, seed, device, self.num_classes, noise, progress)
 
@@ -70,7 +70,7 @@ def load_pixel_model(cfg: DictConfig, module=None, sampler: Sampler | None = Non
     if module is not None:
         make = lambda: module.sampling_scheduler(sampler)  # noqa: E731
         module.sampling_scheduler(sampler)  # a sampler that cannot run the process fails here
-        return PixelModel(module.base_unet.eval(), make, module.process.kind, getattr(module.conditioner, "num_classes", None))
+        return PixelModel(module.base_backbone.eval(), make, module.process.kind, getattr(module.conditioner, "num_classes", None))
     from diffusers import DiffusionPipeline
 
     index = DiffusionPipeline.load_config(cfg.pipeline, local_files_only=cfg.local_files_only)

@@ -1,10 +1,7 @@
 from diffusion_lab.modules.diffusion_module import DiffusionModule
 from diffusion_lab.modules.latent import LatentDiffusion
-from diffusion_lab.modules.sdxl import LatentDiffusionXL
 from diffusion_lab.modules.controlnet import ControlNetDiffusion
-from diffusion_lab.modules.sd3 import LatentDiffusion3
-from diffusion_lab.modules.flux import LatentFlux
 from diffusion_lab.modules.dreambooth import DreamBooth
 from diffusion_lab.modules.textual_inversion import TextualInversion
 
-__all__ = ["ControlNetDiffusion", "DiffusionModule", "DreamBooth", "LatentDiffusion", "LatentDiffusionXL", "LatentDiffusion3", "LatentFlux", "TextualInversion"]
+__all__ = ["ControlNetDiffusion", "DiffusionModule", "DreamBooth", "LatentDiffusion", "TextualInversion"]

@@ -81,18 +81,19 @@ class ControlNetDiffusion(LatentDiffusion):
     """
 
     hparams_ignore = LatentDiffusion.hparams_ignore + ("controlnet",)
-    family = "latent_controlnet"
+    option = "latent_controlnet"
     # the control image travels with the cached latents (model.cache=true)
     cached_batch_keys = (CONTROL_KEY,)
 
     def __init__(
         self,
-        unet: torch.nn.Module,
+        backbone: torch.nn.Module,
         process,
         sampler,
         optimizer,
         codec,
         conditioner,
+        family,
         controlnet: Callable[..., torch.nn.Module],
         control: ControlKind | None = None,
         conditioning_scale: float = 1.0,
@@ -101,7 +102,7 @@ class ControlNetDiffusion(LatentDiffusion):
     ) -> None:
         if control is not None:
             check_control_kind(control)
-        if kwargs.get("unet_lora") is not None or kwargs.get("text_lora") is not None:
+        if kwargs.get("backbone_lora") is not None or kwargs.get("text_lora") is not None:
             raise ConfigError(
                 "adapter=lora trains a LoRA on the UNet / text encoder, but model=latent_controlnet keeps both frozen and "
                 "trains only the ControlNet; use adapter=none."
@@ -111,9 +112,9 @@ class ControlNetDiffusion(LatentDiffusion):
                 "text_encoder.trainable=true: model=latent_controlnet trains only the ControlNet, the text encoder stays "
                 "frozen (as in diffusers' train_controlnet.py); set text_encoder.trainable=false."
             )
-        net = controlnet(unet=unet, downsample_factor=codec.downsample_factor)
-        unet.requires_grad_(False)
-        super().__init__(unet, process, sampler, optimizer, codec, conditioner, **kwargs)
+        net = controlnet(unet=backbone, downsample_factor=codec.downsample_factor)
+        backbone.requires_grad_(False)
+        super().__init__(backbone, process, sampler, optimizer, codec, conditioner, family, **kwargs)
         self.controlnet = net.train()
         if self.hparams.gradient_checkpointing:
             self.controlnet.enable_gradient_checkpointing()
@@ -197,13 +198,13 @@ class ControlNetDiffusion(LatentDiffusion):
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, controlnet_cond: torch.Tensor) -> torch.Tensor:
         """ControlNet residuals into the frozen UNet; inputs cast to the UNet's dtype, output fp32."""
-        dtype = self.base_unet.dtype
+        dtype = self.base_backbone.dtype
         x_t, states = x_t.to(dtype), encoder_hidden_states.to(dtype)
         down, mid = self.controlnet(
             x_t, t, encoder_hidden_states=states, controlnet_cond=controlnet_cond.to(self.controlnet.dtype),
             conditioning_scale=self.hparams.conditioning_scale, return_dict=False,
         )
-        out = self.unet(
+        out = self.backbone(
             x_t, t, encoder_hidden_states=states,
             down_block_additional_residuals=[d.to(dtype) for d in down], mid_block_additional_residual=mid.to(dtype),
         )
@@ -220,6 +221,6 @@ class ControlNetDiffusion(LatentDiffusion):
         """The frozen UNet stays in eval mode (no dropout / norm updates), as diffusers' script keeps it."""
         super().train(mode)
         if hasattr(self, "controlnet"):
-            self.base_unet.eval()
+            self.base_backbone.eval()
         return self
 

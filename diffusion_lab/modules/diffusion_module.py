@@ -1,14 +1,14 @@
 """``DiffusionModule``: the training step every diffusion model here shares.
 
     encode(batch) -> x0 ; noised = process.noised(x0) ;
-    out = UNet(noised.model_input, noised.timestep, **cond) ; process.loss(out, noised)
+    out = backbone(noised.model_input, noised.timestep, **cond) ; process.loss(out, noised)
 
 The process (vp, flow_matching, edm: ``diffusion_lab/diffusion/processes.py``) says how data is
 noised and what the network learns; the sampler (``diffusion/sampling.py``) how samples are drawn;
 the codec (``vae=``) how images become the diffused tensor (pixel models: ``vae=identity``); the
 conditioner what else the network sees (``conditioning=none|class_labels``). A pixel model is this
-class with the identity codec; the text-to-image families (``LatentDiffusion``, ``...XL``) are
-subclasses because text conditioning, caption dropout and their pipelines demand it.
+class with the identity codec; every text-to-image family is ``LatentDiffusion`` (``modules/latent.py``)
+with a ``Family`` (``diffusion_lab/families/``) saying what differs.
 The module holds the training step and the optimisers only: export is ``diffusion_lab/export``,
 latent caching ``callbacks/caching.py``.
 """
@@ -53,7 +53,7 @@ class DiffusionModule(pl.LightningModule):
     """Shared diffusion training.
 
     Args:
-        unet: the denoiser (``UNet2DModel`` / ``UNet2DConditionModel``).
+        backbone: the denoiser (``backbone=``: ``UNet2DModel`` / ``UNet2DConditionModel`` / a transformer).
         codec: images <-> diffused tensor (``VAECodec`` or ``IdentityCodec``; None = identity on
             the UNet's channels).
         conditioner: ``Unconditional`` / ``ClassLabels`` (None = unconditional); text families
@@ -69,23 +69,23 @@ class DiffusionModule(pl.LightningModule):
         guidance_rescale: of classifier-free guidance when sampling (Lin et al. 2024; 0 = off).
         val_buckets: validation loss is also logged per noise-level bucket, ``val/loss_t<k>`` for
             k < ``val_buckets`` equal-width buckets of the level (``metrics/stratified.py``; 0 = off).
-        compile_unet, channels_last, attention: speed switches (``diffusion_lab/components/speed.py``).
+        compile_backbone, channels_last, attention: speed switches (``diffusion_lab/components/speed.py``).
         gradient_checkpointing: recompute the backbone's activations in backward (``model.gradient_checkpointing``;
             diffusers' ``enable_gradient_checkpointing``, every family): less memory, more compute.
     """
 
     # constructor arguments that are built objects, kept out of hparams (subclasses extend it)
-    hparams_ignore: tuple[str, ...] = ("unet", "process", "sampler", "codec", "conditioner", "optimizer", "lr_scheduler")
+    hparams_ignore: tuple[str, ...] = ("backbone", "process", "sampler", "codec", "conditioner", "optimizer", "lr_scheduler")
     # processes this model family can train and export (``process=``); others are a ConfigError
     processes: tuple[str, ...] = ("vp", "flow_matching", "edm")
     # why a process is missing from ``processes`` (for the error message)
     process_limits: str = ""
     # the ``model=`` option that builds this class (for messages)
-    family: str = "pixel_ddpm"
+    option: str = "pixel_ddpm"
 
     def __init__(
         self,
-        unet: torch.nn.Module,
+        backbone: torch.nn.Module,
         process: Process,
         sampler: Sampler,
         optimizer: OptimizerFactory,
@@ -96,7 +96,7 @@ class DiffusionModule(pl.LightningModule):
         preview_steps: int = 50,
         guidance_rescale: float = 0.0,
         val_buckets: int = 8,
-        compile_unet: bool = False,
+        compile_backbone: bool = False,
         channels_last: bool = False,
         attention: AttentionBackend = "sdpa",
         gradient_checkpointing: bool = False,
@@ -104,15 +104,15 @@ class DiffusionModule(pl.LightningModule):
         super().__init__()
         self.check_process(process, sampler)
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
-        unet = apply_speed_switches(unet, channels_last=channels_last, attention=attention)
+        backbone = apply_speed_switches(backbone, channels_last=channels_last, attention=attention)
         if gradient_checkpointing:
-            if not getattr(unet, "_supports_gradient_checkpointing", False):
-                raise ConfigError(f"model.gradient_checkpointing=true: {type(unet).__name__} has no gradient checkpointing; set it to false.")
-            unet.enable_gradient_checkpointing()  # diffusers' own: UNet2D(Condition)Model, DiT, SD3, Flux
-        self.unet = torch.compile(unet) if compile_unet else unet
+            if not getattr(backbone, "_supports_gradient_checkpointing", False):
+                raise ConfigError(f"model.gradient_checkpointing=true: {type(backbone).__name__} has no gradient checkpointing; set it to false.")
+            backbone.enable_gradient_checkpointing()  # diffusers' own: UNet2D(Condition)Model, DiT, SD3, Flux
+        self.backbone = torch.compile(backbone) if compile_backbone else backbone
         self.process = process
         self.sampler = sampler
-        self.codec = codec if codec is not None else IdentityCodec(unet.config.in_channels)
+        self.codec = codec if codec is not None else IdentityCodec(backbone.config.in_channels)
         self.conditioner = conditioner if conditioner is not None else Unconditional()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -138,7 +138,7 @@ class DiffusionModule(pl.LightningModule):
         cannot sample it (called when the config is instantiated, before training)."""
         if process.kind not in cls.processes:
             raise ConfigError(
-                f"process={process.kind} cannot be used with model={cls.family} ({cls.__name__} trains "
+                f"process={process.kind} cannot be used with model={cls.option} ({cls.__name__} trains "
                 f"{', '.join(cls.processes)}). {cls.process_limits}".strip()
             )
         sampler.check(process.kind)
@@ -156,7 +156,7 @@ class DiffusionModule(pl.LightningModule):
         return self.codec.decode(x0)
 
     def conditioning(self, batch: dict, train: bool) -> dict[str, torch.Tensor]:
-        """Extra UNet keyword arguments for this batch (class labels, text states)."""
+        """Extra backbone keyword arguments for this batch (class labels, text states)."""
         return self.conditioner(batch, train)
 
     def sampling_conditioning(self, cond_batch: dict | None, n: int) -> tuple[dict, dict | None]:
@@ -165,12 +165,12 @@ class DiffusionModule(pl.LightningModule):
 
     # ---- shared -----------------------------------------------------------------------------
     @property
-    def base_unet(self) -> torch.nn.Module:
-        """The UNet without a torch.compile wrapper (for saving and EMA)."""
-        return getattr(self.unet, "_orig_mod", self.unet)
+    def base_backbone(self) -> torch.nn.Module:
+        """The backbone without a torch.compile wrapper (for saving and EMA)."""
+        return getattr(self.backbone, "_orig_mod", self.backbone)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        return self.unet(x_t, t, **cond).sample
+        return self.backbone(x_t, t, **cond).sample
 
     def per_sample_losses(self, batch: dict, train: bool = True, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the process's loss of each example ``[N]``, its noise level in [0, 1] ``[N]``);
@@ -236,8 +236,8 @@ class DiffusionModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._logging_step(self.global_step + 1):  # the step this update completes
             return
-        grads = [p.grad for p in self.base_unet.parameters() if p.grad is not None]
-        if grads:  # one foreach norm over all gradients (not one norm + sync per parameter)
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if grads:  # every trained weight (backbone, adapters, text encoders, ControlNet, embeddings): one foreach norm
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -267,7 +267,7 @@ class DiffusionModule(pl.LightningModule):
         if self.hparams.resolution:
             size = self.hparams.resolution // self.codec.downsample_factor
         else:
-            size = sample_size(self.base_unet.config)
+            size = sample_size(self.base_backbone.config)
         return (n, self.codec.latent_channels, size, size)
 
     def sampling_schedule(self, scheduler, shape: tuple[int, ...], num_inference_steps: int) -> dict | None:

@@ -29,10 +29,10 @@ def select(batch: dict, keep: torch.Tensor) -> dict:
 def check_family(kwargs: dict) -> None:
     """ConfigError before training unless the parts are SD 1.x/2.x's (one text encoder, a UNet
     without SDXL's ``text_time`` added conditioning): DreamBooth here extends ``model=latent_sd``."""
-    unet, conditioner = kwargs.get("unet"), kwargs.get("conditioner")
+    unet, conditioner = kwargs.get("backbone"), kwargs.get("conditioner")
     config = getattr(unet, "config", None) or {}
     encoders = len(getattr(conditioner, "encoders", ())) or 1
-    if "force_zeros_for_empty_prompt" in kwargs or isinstance(conditioner, DualTextConditioner):
+    if getattr(kwargs.get("family"), "name", "") == "latent_sdxl" or isinstance(conditioner, DualTextConditioner):
         what = "model=latent_sdxl is SDXL (two text encoders)"
     elif config.get("addition_embed_type") == "text_time":
         what = f"model.pretrained={kwargs.get('pretrained')!r} is an SDXL pipeline (its UNet takes text_time added conditioning)"
@@ -57,7 +57,7 @@ class DreamBooth(LatentDiffusion):
         **kwargs: ``LatentDiffusion``'s (``adapter=lora`` for DreamBooth-LoRA).
     """
 
-    cached_batch_keys = ("is_prior",)  # the latent cache carries the flag along
+    method_batch_keys = ("is_prior",)  # the latent cache carries the flag along
 
     def __init__(
         self,

@@ -1,72 +1,72 @@
-"""Latent diffusion (Stable Diffusion): the shared diffusion step on VAE latents, conditioned on
-text-encoder states of the captions. Differs from a pixel ``DiffusionModule`` in its codec (a VAE
-instead of the identity) and its text conditioning: caption dropout, cached text states, LoRA on
-the text encoders. Its export is ``diffusion_lab/export`` (``StableDiffusionPipeline``)."""
+"""Latent text-to-image diffusion, every family: the shared diffusion step on VAE latents,
+conditioned on text states of the captions. Differs from a pixel ``DiffusionModule`` in its codec
+(a VAE instead of the identity) and its text conditioning: caption dropout, cached text states,
+adapters on the text encoders. What differs between SD 1.x, SDXL, SD3, FLUX.1, Qwen-Image, ... is the
+``family`` it is given (``diffusion_lab/families/``): prompt encoding, the backbone's call, the
+sampling schedule, the exported pipeline. Its export is ``diffusion_lab/export``."""
 
 from __future__ import annotations
 
 import torch
 
 from diffusion_lab.components.adapters import add_lora
-from diffusion_lab.components.checks import check_latent_parts
 from diffusion_lab.components.pretrained import Dtype, torch_dtype
 from diffusion_lab.components.quantization import check_quantized_training, is_quantized
-from diffusion_lab.components.text import TextConditioner
 from diffusion_lab.components.vae import VAECodec
+from diffusion_lab.families.base import Family
 from diffusion_lab.modules.diffusion_module import DiffusionModule, batch_len
 from diffusion_lab.utils.errors import ConfigError, DataError
 
 
 class LatentDiffusion(DiffusionModule):
-    """``UNet2DConditionModel`` on scaled VAE latents, cross-attending to caption states.
+    """A backbone (UNet or transformer) on scaled VAE latents, conditioned on caption states.
 
     Args:
-        codec: frozen VAE (``vae=...``); conditioner: tokenizer + text encoder (``text_encoder=...``).
+        backbone: the denoiser (``backbone=``); family: what this model family does differently
+            (``model.family``: ``families/sd.py``, ``sdxl.py``, ``sd3.py``, ``flux.py``, ...).
+        codec: frozen VAE (``vae=...``); conditioner: tokenizers + text encoders (``text_encoder=...``).
         resolution, image_channels: of the training images (``data.*``), checked against the parts.
-        unet_lora / text_lora: ``LoraConfig`` to train a LoRA instead of the full UNet / text encoder.
-        unet_base_dtype: dtype the frozen base UNet is held in under LoRA (its LoRA stays fp32).
+        backbone_lora / text_lora: adapter configs (``adapter=lora|dora|lokr|loha``) to train instead of
+            the full backbone / on the text encoders the family's LoRA loader takes.
+        backbone_base_dtype: dtype the frozen base backbone is held in under an adapter (the adapter stays fp32).
         caption_dropout: P(caption -> "") per example, for classifier-free guidance.
         cache: ``model.cache``, read by ``callbacks/caching.py`` (VAE posteriors and frozen text
             states computed once before training); recorded here with the run's hparams.
+        cache_text_dir: with ``cache``, the cached text states live in memory-mapped files in this folder
+            (``data/caching.disk_states``) instead of RAM (T5's ``[L, 4096]`` states are 5-8 MB a caption).
         quantization: the ``quantization=`` option the backbone (and frozen text encoders) were loaded
             with (``components/quantization.py``); anything but ``none`` trains an adapter only (QLoRA).
         offload_frozen: the frozen VAE and text encoders stay on the CPU whatever device trains: they
             encode there and only their outputs move (with ``cache``: once, before training).
         group_offload: diffusers' group offloading of the frozen backbone (refused: see ``check_group_offload``).
-        export_fused: LoRA runs also write ``<export dir>/fused``, a pipeline with the LoRA merged.
-        safety_checker: folder/hub id with ``safety_checker/`` + ``feature_extractor/`` for exports (None = off).
+        export_fused: adapter runs also write ``<export dir>/fused``, a pipeline with the adapter merged.
+        safety_checker: folder/hub id with ``safety_checker/`` + ``feature_extractor/`` for SD exports (None = off).
         pretrained, local_files_only: where the parts came from (recorded; Hydra loads the parts).
-        **kwargs: the shared ``DiffusionModule`` arguments (``unet``, ``process``, ``sampler``, ``optimizer``, ...).
+        **kwargs: the shared ``DiffusionModule`` arguments (``process``, ``sampler``, ``optimizer``, ...).
     """
 
-    hparams_ignore = DiffusionModule.hparams_ignore + ("unet_lora", "text_lora")
-    family = "latent_sd"
-    processes = ("vp", "edm")
-    process_limits = (
-        "StableDiffusionPipeline cannot run a flow-matching sampler (diffusers' flow schedulers have no "
-        "scale_model_input / init_noise_sigma); use process=vp (or edm) for SD 1.x/SDXL UNets."
-    )
-    # what ``text_states`` returns, and so what the cache holds per caption
-    text_keys: tuple[str, ...] = ("encoder_hidden_states",)
-    # per-image batch entries besides images and captions that the cache must carry along
-    cached_batch_keys: tuple[str, ...] = ()
+    hparams_ignore = DiffusionModule.hparams_ignore + ("family", "backbone_lora", "text_lora")
+    # per-image batch entries a method adds that the latent cache must carry along (besides the family's)
+    method_batch_keys: tuple[str, ...] = ()
 
     def __init__(
         self,
-        unet: torch.nn.Module,
+        backbone: torch.nn.Module,
         process,
         sampler,
         optimizer,
         codec: VAECodec,
-        conditioner: TextConditioner,
+        conditioner,
+        family: Family,
         resolution: int,
         image_channels: int = 3,
-        unet_lora=None,
+        backbone_lora=None,
         text_lora=None,
-        unet_base_dtype: Dtype = "float32",
+        backbone_base_dtype: Dtype = "float32",
         caption_dropout: float = 0.0,
         gradient_checkpointing: bool = False,
         cache: bool = False,
+        cache_text_dir: str | None = None,
         quantization: str = "none",
         offload_frozen: bool = False,
         group_offload: str | None = None,
@@ -76,11 +76,14 @@ class LatentDiffusion(DiffusionModule):
         local_files_only: bool = False,
         **kwargs,
     ) -> None:
-        self.check_process(process, sampler)  # before the parts: a wrong process is the first thing to fix
-        self.check_parts(unet, codec, conditioner, resolution, image_channels)
+        family.check_process(process.kind)  # before the parts: a wrong process is the first thing to fix
+        sampler.check(process.kind)
+        family.check_parts(backbone, codec, conditioner, resolution, image_channels)
         if not 0.0 <= caption_dropout < 1.0:
             raise ConfigError(f"model.caption_dropout={caption_dropout} must be in [0, 1).")
-        check_quantized_training(self.family, quantization, unet, unet_lora, export_fused)
+        if safety_checker and family.pipeline_class != "StableDiffusionPipeline":
+            raise ConfigError(f"model.safety_checker: {family.pipeline_class} has no safety checker; leave it null for model={family.name}.")
+        check_quantized_training(family.name, quantization, backbone, backbone_lora, export_fused)
         check_group_offload(group_offload)
         if text_lora is None and not conditioner.frozen and any(is_quantized(e) for e in conditioner.encoders):
             raise ConfigError(
@@ -88,20 +91,21 @@ class LatentDiffusion(DiffusionModule):
                 f"(quantization.text_encoders=true) and cannot be fine-tuned in full. Set quantization.text_encoders=false, or "
                 f"train a LoRA on them instead (adapter.train_text_encoder=true, text_encoder.trainable=false)."
             )
-        if unet_lora is not None:
-            add_lora(unet if is_quantized(unet) else unet.to(torch_dtype(unet_base_dtype)), unet_lora)
-        elif unet_base_dtype != "float32":
+        if backbone_lora is not None:
+            add_lora(backbone if is_quantized(backbone) else backbone.to(torch_dtype(backbone_base_dtype)), backbone_lora)
+        elif backbone_base_dtype != "float32":
             raise ConfigError(
-                f"adapter.base_dtype={unet_base_dtype} holds the frozen UNet of a LoRA in half precision, but "
-                f"adapter=none trains the whole UNet, whose weights must stay float32; use trainer.precision=bf16-mixed instead."
+                f"adapter.base_dtype={backbone_base_dtype} holds the frozen backbone of an adapter in half precision, but "
+                f"adapter=none trains the whole backbone, whose weights must stay float32; use trainer.precision=bf16-mixed instead."
             )
         if text_lora is not None:
-            for encoder in conditioner.encoders:
+            for encoder in family.lora_text_encoders(conditioner):
                 add_lora(encoder, text_lora)
         if gradient_checkpointing and not conditioner.frozen:
             for encoder in conditioner.encoders:
                 encoder.gradient_checkpointing_enable()
-        super().__init__(unet, process, sampler, optimizer, codec=codec, conditioner=conditioner, resolution=resolution, gradient_checkpointing=gradient_checkpointing, **kwargs)
+        super().__init__(backbone, process, sampler, optimizer, codec=codec, conditioner=conditioner, resolution=resolution, gradient_checkpointing=gradient_checkpointing, **kwargs)
+        self.family = family
         if offload_frozen and not conditioner.frozen:
             raise ConfigError(
                 "model.offload_frozen=true keeps the frozen text encoders and VAE on the CPU, but the text encoder trains "
@@ -109,11 +113,29 @@ class LatentDiffusion(DiffusionModule):
             )
         self.train()  # from_pretrained returns eval-mode models; Lightning keeps the mode it finds
 
-    @staticmethod
-    def check_parts(unet, codec, conditioner, resolution: int, image_channels: int) -> None:
-        """ConfigError naming the keys when the parts disagree (``components/checks.py``); the
-        transformer families (``modules/sd3.py``, ``flux.py``) check their own backbone."""
-        check_latent_parts(unet, codec, conditioner, resolution, image_channels)
+    @classmethod
+    def check_process(cls, process, sampler) -> None:
+        """Checked against the family in ``__init__`` (the family, not the class, knows its processes)."""
+
+    @property
+    def option(self) -> str:
+        """The ``model=`` option (for messages)."""
+        return self.family.name
+
+    @property
+    def text_keys(self) -> tuple[str, ...]:
+        """What ``text_states`` returns, and so what the text cache holds per caption."""
+        return self.family.text_keys
+
+    @property
+    def cached_batch_keys(self) -> tuple[str, ...]:
+        """Per-image batch entries besides images and captions that the latent cache must carry along."""
+        return (*self.family.cached_batch_keys, *self.method_batch_keys)
+
+    @property
+    def cache_states_dir(self) -> str | None:
+        """Where ``callbacks/caching.py`` keeps the cached text states (None: in RAM)."""
+        return self.hparams.get("cache_text_dir")
 
     # ---- frozen parts on the CPU (model.offload_frozen) ----------------------------------------
     def _apply(self, fn, recurse: bool = True):
@@ -134,22 +156,23 @@ class LatentDiffusion(DiffusionModule):
 
     # ---- text conditioning ----------------------------------------------------------------
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        """Inputs cast to the UNet's dtype (a LoRA base held in bf16/fp16 must also sample
-        without autocast, e.g. on CPU); output in fp32."""
-        dtype = self.base_unet.dtype
-        cond = {k: v.to(dtype) for k, v in cond.items()}
-        return self.unet(x_t.to(dtype), t, **cond).sample.float()
+        """The family's backbone call, written once: floating inputs cast to the backbone's dtype (an
+        adapter's base held in bf16/fp16 must also sample without autocast, e.g. on CPU), output fp32."""
+        dtype = self.base_backbone.dtype
+        cond = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
+        return self.family.forward(self.backbone, x_t.to(dtype), t, **cond).float()
 
     def text_states(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Captions -> the UNet's text conditioning (``text_keys``): ``encoder_hidden_states`` ``[N, L, D]``."""
-        return {"encoder_hidden_states": self.conditioner(captions)}
+        """Captions -> the backbone's text conditioning (``text_keys``), as the family's pipeline encodes them."""
+        return self.family.text_states(self.conditioner, captions)
 
     def conditioning(self, batch: dict, train: bool) -> dict[str, torch.Tensor]:
-        """``text_states`` of the captions (or the cached ones); while training each caption is
-        replaced by "" with probability ``caption_dropout`` (the same draw with or without the cache)."""
+        """``text_states`` of the captions (or the cached ones) and the family's per-example inputs; while
+        training each caption is replaced by "" with probability ``caption_dropout`` (the same draw with or
+        without the cache)."""
         p = self.hparams.caption_dropout
         drop = torch.rand(batch_len(batch)) < p if train and p > 0 else None
-        if "encoder_hidden_states" in batch:
+        if self.text_keys[0] in batch:
             states = {k: batch[k] for k in self.text_keys}
             if drop is not None:
                 empty = self._empty_states()
@@ -159,17 +182,33 @@ class LatentDiffusion(DiffusionModule):
             if drop is not None:
                 captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
             states = self._text(captions)
-        return states
+        return {**states, **self.family.conditioning(self, batch, batch_len(batch), sampling=False)}
 
     def sampling_conditioning(self, cond_batch: dict | None, n: int):
-        """Prompts from ``cond_batch["caption"]`` (else empty); the unconditional half is ""."""
+        """Prompts from ``cond_batch["caption"]`` (else empty); the unconditional half is the family's
+        (the encoded "", zeros for SDXL, none for FLUX.1's embedded guidance)."""
         captions = list(cond_batch["caption"]) if cond_batch and "caption" in cond_batch else [""] * n
-        return self._text(captions), self._text([""] * n)
+        extra = self.family.conditioning(self, cond_batch, n, sampling=True)
+        cond = self._text(captions)
+        uncond = self.family.unconditional(cond, self._text([""] * n) if self.family.cfg else None)
+        return {**cond, **extra}, ({**uncond, **extra} if uncond is not None else None)
+
+    @torch.no_grad()
+    def generate(self, n: int, *args, cond_batch: dict | None = None, guidance_scale: float | None = None, **kwargs) -> torch.Tensor:
+        """As ``DiffusionModule.generate``. For a family without classifier-free guidance (FLUX.1)
+        ``guidance_scale`` is its pipeline's: the embedded guidance (None: the family's default)."""
+        if not self.family.cfg:
+            cond_batch = {**(cond_batch or {}), **({"guidance_scale": guidance_scale} if guidance_scale is not None else {})}
+            guidance_scale = 1.0
+        return super().generate(n, *args, cond_batch=cond_batch, guidance_scale=1.0 if guidance_scale is None else guidance_scale, **kwargs)
+
+    def sampling_schedule(self, scheduler, shape, num_inference_steps):
+        return self.family.sampling_schedule(self.base_backbone, scheduler, shape, num_inference_steps)
 
     def _captions(self, batch: dict) -> list[str]:
         if "caption" not in batch:
             raise DataError(
-                "LatentDiffusion trains on image-caption pairs but the batches have no 'caption'. Set "
+                f"model={self.family.name} trains on image-caption pairs but the batches have no 'caption'. Set "
                 "data.caption_column (data=image_folder: a metadata.jsonl/csv column or .txt files beside the "
                 "images; data=hf: the caption column), or use data=digits_captioned."
             )

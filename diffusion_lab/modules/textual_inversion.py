@@ -63,10 +63,8 @@ class TextualInversion(LatentDiffusion):
         **kwargs: ``LatentDiffusion``'s (no adapter: ``adapter=none``; an SD 1.x/2.x text encoder).
     """
 
-    family = "latent_sd (textual inversion)"
-
     def __init__(self, placeholder_token: str, initializer_token: str, num_vectors: int = 1, **kwargs) -> None:
-        if kwargs.get("unet_lora") is not None or kwargs.get("text_lora") is not None:
+        if kwargs.get("backbone_lora") is not None or kwargs.get("text_lora") is not None:
             raise ConfigError("Textual inversion trains token embeddings only; use adapter=none (the UNet stays frozen).")
         if num_vectors < 1:
             raise ConfigError(f"model.num_vectors={num_vectors} must be >= 1.")
@@ -78,7 +76,7 @@ class TextualInversion(LatentDiffusion):
             raise ConfigError(f"text_encoder.dtype={encoder.dtype} but textual inversion trains its token embedding: use text_encoder.dtype=float32.")
         ids = add_placeholder_tokens(conditioner.tokenizer, encoder, placeholder_token, initializer_token, num_vectors)
         super().__init__(**kwargs)
-        self.base_unet.requires_grad_(False)
+        self.base_backbone.requires_grad_(False)
         weight = encoder.get_input_embeddings().weight
         weight.requires_grad_(True)
         frozen = torch.ones(len(weight), dtype=torch.bool)

@@ -21,6 +21,28 @@ RENAMED = {
     "flow_matching, edm; e.g. process.prediction_type=v_prediction, process.scheduler.beta_schedule=...) and "
     "sampler= how samples are drawn (default, ddpm, ddim, dpmpp, euler, heun, pndm, unipc, flow_euler, edm_euler, edm_dpmpp).",
 }
+# renamed keys and groups (old prefix -> new): the UNet group became the backbone group (it holds DiT, SD3,
+# FLUX, ... transformers too) and the family's own options moved under model.family
+RENAMED_PREFIXES = {
+    "model/unet": "backbone",
+    "model.unet": "backbone",
+    "model.compile_unet": "model.compile_backbone",
+    "model.unet_lora": "model.backbone_lora",
+    "model.unet_base_dtype": "model.backbone_base_dtype",
+    "adapter.unet": "adapter.backbone",
+    "model.guidance": "model.family.guidance",
+    "model.sample_guidance": "model.family.sample_guidance",
+    "model.force_zeros_for_empty_prompt": "model.family.force_zeros_for_empty_prompt",
+}
+
+
+def renamed(key: str) -> str | None:
+    """The new spelling of an old key or group (``model/unet`` -> ``backbone``), else None."""
+    bare = key.lstrip("+~")
+    for old, new in RENAMED_PREFIXES.items():
+        if bare == old or bare.startswith(old + "."):
+            return new + bare[len(old):]
+    return None
 
 
 def _leaf_paths(tree: dict, prefix: str = "") -> list[str]:
@@ -56,18 +78,19 @@ def unknown_key_hints(overrides: list[str], config_name: str) -> list[str]:
     from diffusion_lab.utils.config_path import conf_dir
 
     conf = conf_dir()
+    hints = [f"{o.split('=', 1)[0]} was renamed: write {renamed(o.split('=', 1)[0])}={o.split('=', 1)[1]}." for o in overrides if "=" in o and renamed(o.split("=", 1)[0])]
+    overrides = [o for o in overrides if "=" not in o or not renamed(o.split("=", 1)[0])]
     plain = [o for o in overrides if "=" in o and not o.startswith(("+", "~", "hydra."))]
-    # group choices: data=hf, model/unet=tiny, optimizer@model.optimizer=adamw_8bit (group@package)
+    # group choices: data=hf, backbone=tiny, optimizer@model.optimizer=adamw_8bit (group@package)
     groups = [o for o in plain if (conf / o.split("=", 1)[0].split("@")[0]).is_dir()]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=groups)
     except Exception:  # the group choices themselves fail (or are a sweep): Hydra's message says why
-        return []
+        return hints
     tree = OmegaConf.to_container(cfg, resolve=False)  # keys only: ${hydra:...} cannot resolve here
     paths = _leaf_paths(tree)
-    hints = []
     for o in plain:
         key = o.split("=", 1)[0]
         if o in groups:

@@ -30,7 +30,7 @@ def check_captions_for_text_model(module: pl.LightningModule, datamodule: pl.Lig
 
 def check_pixel_model_fits_data(module: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
     """A pixel-space UNet must take and return images shaped like the data: compares
-    ``model.unet`` (in/out channels, sample_size, how often its down blocks halve the size) with
+    ``backbone`` (in/out channels, sample_size, how often its down blocks halve the size) with
     one real training item ``[C, H, W]``."""
     from diffusion_lab.components.vae import IdentityCodec
 
@@ -40,22 +40,22 @@ def check_pixel_model_fits_data(module: pl.LightningModule, datamodule: pl.Light
     if not isinstance(getattr(module, "codec", None), IdentityCodec):
         return  # latent models check their parts when they are built (components/checks.py)
     channels, height, width = datamodule.dataset[0]["pixel_values"].shape
-    cfg = module.base_unet.config
+    cfg = module.base_backbone.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
     problems = []
     for key in ("in_channels", "out_channels"):
         if cfg[key] != channels:
             problems.append(
-                f"model.unet.{key}={cfg[key]} but the data gives {channels}-channel images ({channels}x{height}x{width}, "
-                f"data.channels); set model.unet.{key}=${{data.channels}} (the default) or change the data's channels."
+                f"backbone.{key}={cfg[key]} but the data gives {channels}-channel images ({channels}x{height}x{width}, "
+                f"data.channels); set backbone.{key}=${{data.channels}} (the default) or change the data's channels."
             )
     from diffusion_lab.data.datamodule import bucket_ids_of
 
     bucketed = bucket_ids_of(datamodule.dataset) is not None  # several sizes: sample_size is the grids' only
     if size not in (height, (height, width)) and not bucketed:
         problems.append(
-            f"model.unet.sample_size={size} but the data gives {height}x{width} images (data.resolution); "
-            f"samples and the exported pipeline would have the wrong size. Set model.unet.sample_size=${{data.resolution}} "
+            f"backbone.sample_size={size} but the data gives {height}x{width} images (data.resolution); "
+            f"samples and the exported pipeline would have the wrong size. Set backbone.sample_size=${{data.resolution}} "
             f"(the default) or data.resolution={size if isinstance(size, int) else size[0]}."
         )
     # every down block but the last halves the image (diffusers UNet2DModel), and the up path must
@@ -65,10 +65,10 @@ def check_pixel_model_fits_data(module: pl.LightningModule, datamodule: pl.Light
     if height % factor or width % factor:
         ok = max(factor, round(height / factor) * factor)
         problems.append(
-            f"The UNet does not fit the data: its {blocks} down blocks (model.unet.down_block_types) halve the image "
+            f"The UNet does not fit the data: its {blocks} down blocks (backbone.down_block_types) halve the image "
             f"{blocks - 1} times, so data.resolution must be a multiple of {factor}, and the data gives {height}x{width} "
             f"images. Set data.resolution={ok} (or another multiple of {factor}), or pick a UNet with fewer down blocks "
-            f"for {height} px (model/unet=tiny or model/unet=ddpm_digits: 2 blocks, any multiple of 2)."
+            f"for {height} px (backbone=tiny or backbone=ddpm_digits: 2 blocks, any multiple of 2)."
         )
     if problems:
         raise ConfigError(" ".join(problems))

@@ -1,5 +1,5 @@
-"""Backbones compared on digits: the class-conditional UNet (model/unet=ddpm_digits, 2.80M parameters)
-vs the DiT (model/unet=dit_digits, 2.85M in use), same recipe (experiment=dit_digits: flow matching,
+"""Backbones compared on digits: the class-conditional UNet (backbone=ddpm_digits, 2.80M parameters)
+vs the DiT (backbone=dit_digits, 2.85M in use), same recipe (experiment=dit_digits: flow matching,
 batch 64, AdamW 1e-3 with constant LR after 200 warm-up steps, EMA), equal training CPU time.
 
     .venv/bin/python experiments/backbones/run.py train                  # both at once, one thread each
@@ -30,7 +30,7 @@ COMMON = ["experiment=dit_digits", "logger=csv", "lr_scheduler@model.lr_schedule
           "trainer.max_time=null", "trainer.max_steps=100000", "trainer.val_check_interval=500",
           "callbacks.sample_grid.every_n_steps=100000", "callbacks.model_checkpoint.every_n_train_steps=100000", "callbacks.progress_bar=null"]
 BACKBONES: dict[str, list[str]] = {
-    "unet": ["model/unet=ddpm_digits", "model.unet.num_class_embeds=10"],
+    "unet": ["backbone=ddpm_digits", "backbone.num_class_embeds=10"],
     "dit": [],
 }
 GUIDANCE = {"unet": [1.0], "dit": [1.0, 2.0]}
@@ -69,7 +69,7 @@ def score(args) -> None:
         cpu = json.loads((run / "train_cpu.json").read_text())
         for w in GUIDANCE[name]:
             found, images = digit_quality(module, args.num_images, args.steps, seed=args.seed, guidance_scale=w, extractor=extractor)
-            rows.append({"backbone": name, "guidance_scale": w, "parameters": used_parameters(module.base_unet),
+            rows.append({"backbone": name, "guidance_scale": w, "parameters": used_parameters(module.base_backbone),
                          "train_steps": ckpt["global_step"], **cpu, **found})
             grids.append(images[:20])
             print(rows[-1], flush=True)
@@ -130,7 +130,7 @@ def speed(args) -> None:
             opt.step()
             opt.zero_grad()
         seconds = (time.process_time() - t0) / args.speed_steps
-        rows.append({"backbone": name, "parameters": used_parameters(module.base_unet), "cpu_seconds_per_step": round(seconds, 4)})
+        rows.append({"backbone": name, "parameters": used_parameters(module.base_backbone), "cpu_seconds_per_step": round(seconds, 4)})
         print(rows[-1], flush=True)
     from diffusion_lab.utils.outputs import run_dir
 

@@ -111,11 +111,11 @@ def families(args, tiny_sd_dir: Path) -> list[Family]:
         Case("attention=eager", ["model.attention=eager"], note="baseline is sdpa (diffusers' default)"),
         Case("fused AdamW", ["model.optimizer.fused=true"]),
         Case("2 workers + pinned memory", ["data.num_workers=2", "data.persistent_workers=true", "data.pin_memory=" + str(args.device == "cuda").lower()]),
-        Case("torch.compile UNet", ["model.compile_unet=true"], note="compile time is in startup_s"),
+        Case("torch.compile UNet", ["model.compile_backbone=true"], note="compile time is in startup_s"),
     ]
     pixel = Family(
         "pixel",
-        ["experiment=ddpm_digits", f"model/unet={args.pixel_unet}", f"data.batch_size={args.pixel_batch}", "trainer.accelerator=" + args.device],
+        ["experiment=ddpm_digits", f"backbone={args.pixel_unet}", f"data.batch_size={args.pixel_batch}", "trainer.accelerator=" + args.device],
         [Case("framework (Lightning)"), plain, *switches],
         {"num_images": 16, "steps": args.sample_steps},
         title="the demo recipe (`make demo`)" if args.pixel_unet == "ddpm_digits" else "",
@@ -123,7 +123,7 @@ def families(args, tiny_sd_dir: Path) -> list[Family]:
     # Lightning's fixed cost per step, which a small step shows most: a near-zero-compute model
     fixed = Family(
         "fixed_cost",
-        ["experiment=ddpm_digits", "model/unet=tiny", "data.batch_size=2", "trainer.accelerator=" + args.device],
+        ["experiment=ddpm_digits", "backbone=tiny", "data.batch_size=2", "trainer.accelerator=" + args.device],
         [Case("framework (Lightning)"), plain],
         None,
         steps=10 * args.steps,
@@ -149,8 +149,8 @@ def families(args, tiny_sd_dir: Path) -> list[Family]:
         sd15 = Family(
             "sd15",
             [
-                "model=latent_sd", f"model/unet={args.sd15_unet}", "vae=tiny", "vae.vae.block_out_channels=[16,32,32,32]",
-                "text_encoder=tiny", "text_encoder.text_encoder.hidden_size=${model.unet.cross_attention_dim}", "process=vp_sd", "data=digits_captioned",
+                "model=latent_sd", f"backbone={args.sd15_unet}", "vae=tiny", "vae.vae.block_out_channels=[16,32,32,32]",
+                "text_encoder=tiny", "text_encoder.text_encoder.hidden_size=${backbone.cross_attention_dim}", "process=vp_sd", "data=digits_captioned",
                 f"data.resolution={args.sd15_resolution}", f"data.batch_size={args.sd15_batch}", "model.cache=true",
                 "trainer=gpu" if args.device == "cuda" else "trainer=cpu", "trainer.precision=" + args.precision,
                 "model.optimizer.lr=1e-5",
@@ -289,7 +289,7 @@ def plain_block(built: Built, warmup: int, steps: int, device: str) -> Block:
     gradient clipping and data loader."""
     module, cfg = built.module.to(device), built.cfg
     module.train()
-    unet = module.unet
+    unet = module.backbone
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = module.optimizer_factory(params=params)
     lr_scheduler = module.lr_scheduler_factory(optimizer=optimizer, num_training_steps=warmup + steps) if module.lr_scheduler_factory else None
@@ -394,7 +394,7 @@ def frozen_parts_flops(built: Built, device: str) -> dict:
         states = text_encoder(ids)[0].float()
     x, t = torch.zeros(module.latent_shape(1), device=device), torch.tensor([500], device=device)
     out = {
-        "unet_train_step": profiling.train_step_flops(lambda: module.unet(x, t, encoder_hidden_states=states).sample.float().square().mean()),
+        "unet_train_step": profiling.train_step_flops(lambda: module.backbone(x, t, encoder_hidden_states=states).sample.float().square().mean()),
         "vae_encode": profiling.forward_flops(lambda: vae.encode(torch.zeros(1, 3, res, res, device=device, dtype=vae.dtype))),
         "text_encoder": profiling.forward_flops(lambda: text_encoder(ids)),
     }
@@ -441,8 +441,8 @@ def run_family(fam: Family, args, work: Path) -> dict:
             builds[key] = build(fam.config + BENCH + case.overrides, work / fam.name / str(len(builds)))
     base = builds[()]
     info: dict = {"config": fam.config, "batch_size": int(base.cfg.data.batch_size)}
-    info["unet_parameters"] = sum(p.numel() for p in base.module.base_unet.parameters())
-    info["attention_processors"] = sorted(speed.attention_processors(base.module.base_unet))
+    info["unet_parameters"] = sum(p.numel() for p in base.module.base_backbone.parameters())
+    info["attention_processors"] = sorted(speed.attention_processors(base.module.base_backbone))
 
     # prime: one-off costs (cache, compile, workers), and the first steps
     for case in fam.cases:
@@ -601,13 +601,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=10, help="timed steps per block")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per block")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
-    p.add_argument("--pixel-unet", default="ddpm_digits", help="model/unet option of the pixel family (ddpm_digits: the demo's)")
+    p.add_argument("--pixel-unet", default="ddpm_digits", help="backbone option of the pixel family (ddpm_digits: the demo's)")
     p.add_argument("--pixel-batch", type=int, default=64)
     p.add_argument("--latent-batch", type=int, default=32)
     p.add_argument("--sd15-batch", type=int, default=16)
     p.add_argument("--sd15-resolution", type=int, default=512, help="512 px = 64x64 latents through the 8x tiny VAE")
     p.add_argument("--sd15-on-cpu", action="store_true", help="run the sd15 family on CPU (a smoke test: with --sd15-unet sd_tiny)")
-    p.add_argument("--sd15-unet", default="sd15", help="model/unet option of the sd15 family (sd_tiny: smoke test)")
+    p.add_argument("--sd15-unet", default="sd15", help="backbone option of the sd15 family (sd_tiny: smoke test)")
     p.add_argument("--precision", default="bf16-mixed", help="trainer.precision of the sd15 family")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for MFU (default: from the GPU name)")
     p.add_argument("--sample-steps", type=int, default=20)

@@ -4,7 +4,7 @@ no GPU): what caching removes, and the MFU numerator of the GPU benchmark.
     python experiments/bench/sd15_flops.py                                # -> outputs/experiments/bench/<date>_<time>/sd15_flops.json
     python experiments/bench/sd15_flops.py --out experiments/bench/results   # refresh the committed results
 
-UNet: ``conf/model/unet/sd15.yaml`` at 64x64 latents, forward + backward. VAE encoder: SD's
+UNet: ``conf/backbone/sd15.yaml`` at 64x64 latents, forward + backward. VAE encoder: SD's
 AutoencoderKL (128-256-512-512, 8x down-sampling) at 512 px, forward. Text encoder: CLIP ViT-L/14's
 text model (12 layers, width 768) on 77 tokens, forward.
 """

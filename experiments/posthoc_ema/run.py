@@ -70,7 +70,7 @@ def score(args) -> None:
         if sigma_rel is not None:
             weights, report = reconstruct(snapshots, sigma_rel)
             load_weights(module, weights)
-        unet = module.base_unet.eval()
+        unet = module.base_backbone.eval()
         if real_features is None:
             reference, _ = real_digits("all", unet.config.sample_size)
             real_features, _ = extractor.extract(reference, desc="reference features")

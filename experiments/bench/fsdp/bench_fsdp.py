@@ -69,8 +69,8 @@ class StepProbe(pl.Callback):
             ema = next(cb.ema for cb in trainer.callbacks if isinstance(cb, EMACallback))
             held = {"weights": mib(params), "grads": mib(p.grad for p in params if p.grad is not None), "optimizer": mib(opt_state),
                     "ema": mib(ema.shadow_params)}
-            local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in pl_module.base_unet.parameters())
-            total = sum(p.numel() for p in pl_module.base_unet.parameters())
+            local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in pl_module.base_backbone.parameters())
+            total = sum(p.numel() for p in pl_module.base_backbone.parameters())
             self.out.mkdir(parents=True, exist_ok=True)
             record = {"rank": trainer.global_rank, "step_s": self.times, "rss_start_mib": self.rss_start, "peak_mib": _vm("VmHWM"),
                       "local_params": local, "params": total, "held_mib": held, "state_mib": sum(held.values())}
@@ -79,10 +79,10 @@ class StepProbe(pl.Callback):
 
 BACKBONES = {
     # SD's layout (cross-attention down/up blocks, a mid block) at SD 1.5's first two widths: 77.5M parameters
-    "latent_unet": ["experiment=sd_finetune_tiny", "model/unet=sd_tiny", "model.unet.block_out_channels=[320,640]"],
+    "latent_unet": ["experiment=sd_finetune_tiny", "backbone=sd_tiny", "backbone.block_out_channels=[320,640]"],
     # FLUX.1's double- and single-stream blocks, width 12 heads x 64 = 768: 81.5M parameters
-    "flux_transformer": ["experiment=flux_finetune_tiny", "model/unet=flux_tiny", "+model.unet.num_layers=2", "+model.unet.num_single_layers=4",
-                         "+model.unet.num_attention_heads=12", "+model.unet.attention_head_dim=64", "+model.unet.axes_dims_rope=[16,24,24]"],
+    "flux_transformer": ["experiment=flux_finetune_tiny", "backbone=flux_tiny", "+backbone.num_layers=2", "+backbone.num_single_layers=4",
+                         "+backbone.num_attention_heads=12", "+backbone.attention_head_dim=64", "+backbone.axes_dims_rope=[16,24,24]"],
 }
 PIPELINE = {"latent_unet": "sd", "flux_transformer": "flux"}
 

@@ -35,8 +35,8 @@ import pytorch_lightning as pl
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
-PIXEL = ["model/unet=tiny", "data.resolution=32"]
-LATENT = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "model/unet=sd_tiny", "process=vp_sd", "data.resolution=32"]
+PIXEL = ["backbone=tiny", "data.resolution=32"]
+LATENT = ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "backbone=sd_tiny", "process=vp_sd", "data.resolution=32"]
 QUIET = [
     "trainer=cpu", "logger=csv", "data.batch_size=16", "data.num_workers=0", "trainer.limit_val_batches=0",
     "callbacks.sample_grid=null", "callbacks.noising_strip=null", "callbacks.export=null", "callbacks.ema=null",

@@ -1,0 +1,50 @@
+"""Stable Diffusion 1.x / 2.x (Rombach et al. 2022): a ``UNet2DConditionModel`` on VAE latents,
+cross-attending to one CLIP text encoder's last hidden states (``components/text.TextConditioner``,
+exactly ``StableDiffusionPipeline.encode_prompt``). Exports a ``StableDiffusionPipeline``; LoRA runs
+also write the kohya / A1111 key layout (``lora_kohya.safetensors``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffusion_lab.components.checks import check_latent_parts
+from diffusion_lab.families.base import Family
+
+
+class StableDiffusion(Family):
+    name = "latent_sd"
+    pipeline_class = "StableDiffusionPipeline"
+    backbone_name = "unet"
+    processes = ("vp", "edm")
+    process_limits = (
+        "StableDiffusionPipeline cannot run a flow-matching sampler (diffusers' flow schedulers have no "
+        "scale_model_input / init_noise_sigma); use process=vp (or edm) for SD 1.x/SDXL UNets."
+    )
+
+    def check_parts(self, backbone, codec, conditioner, resolution: int, image_channels: int) -> None:
+        check_latent_parts(backbone, codec, conditioner, resolution, image_channels)
+
+    def text_states(self, conditioner, captions: list[str]) -> dict[str, torch.Tensor]:
+        return {"encoder_hidden_states": conditioner(captions)}
+
+    def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return backbone(x_t, t, **cond).sample
+
+    def pipeline(self, backbone, vae, scheduler, encoders, tokenizers, **extra):
+        extra = {"safety_checker": None, "feature_extractor": None, **extra}
+        return super().pipeline(backbone, vae, scheduler, encoders, tokenizers, requires_safety_checker=extra["safety_checker"] is not None, **extra)
+
+    def save_lora(self, out_dir: str, backbone: torch.nn.Module, encoders: dict[str, torch.nn.Module]) -> None:
+        """diffusers' files, plus ``lora_kohya.safetensors`` (kohya / webui keys, for A1111 and ComfyUI;
+        not for DoRA, whose kohya layout is unchecked)."""
+        from safetensors.torch import save_file
+
+        from diffusion_lab.components.adapters import KOHYA_FILE, kohya_state_dict
+
+        super().save_lora(out_dir, backbone, encoders)
+        config = backbone.peft_config["default"]
+        if not config.use_dora:
+            meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r), "ss_network_alpha": str(config.lora_alpha)}
+            save_file(kohya_state_dict({"unet": backbone, **encoders}), str(Path(out_dir) / KOHYA_FILE), metadata=meta)
