@@ -261,7 +261,7 @@ def test_sdxl_time_ids_carry_the_true_size_crop_and_bucket(tiny_sdxl, tmp_path):
     module = build_module(tmp_path / "cfg", tiny_sdxl).eval()
     assert module.conditioning(batch, train=False)["time_ids"].tolist() == [[30.0, 56.0, 1.0, 0.0, 24.0, 48.0]]
     moments = {"latent_moments": module.codec.moments(batch["pixel_values"]), **{k: batch[k] for k in ("original_size", "crop_top_left")}}
-    assert module.time_ids(1, moments).tolist() == [[30.0, 56.0, 1.0, 0.0, 24.0, 48.0]]  # cached latents: the same
+    assert module.family.conditioning(module, moments, 1, sampling=False)["time_ids"].tolist() == [[30.0, 56.0, 1.0, 0.0, 24.0, 48.0]]  # cached latents: the same
 
 
 @pytest.mark.filterwarnings("ignore:model.cache=true with random crops")

@@ -156,11 +156,16 @@ def test_cache_gives_the_same_loss_curve(tiny_sdxl, tmp_path):
     np.testing.assert_allclose(curves[True], curves[False], rtol=1e-4)
 
 
+def time_ids(module, n, batch=None):
+    """The SDXL family's time ids of a training batch (``families/sdxl.py``)."""
+    return module.family.conditioning(module, batch or {}, n, sampling=False)["time_ids"]
+
+
 def test_time_ids_default_to_the_resolution_follow_the_data_and_reach_the_unet(tiny_sdxl, tmp_path):
     module = build_module(tmp_path, tiny_sdxl).eval()
-    assert module.time_ids(2).tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2
+    assert time_ids(module, 2).tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2
     recorded = {"original_size": torch.tensor([[40, 48], [32, 32]]), "crop_top_left": torch.tensor([[4, 8], [0, 0]])}
-    assert module.time_ids(2, recorded).tolist() == [[40.0, 48.0, 4.0, 8.0, 32.0, 32.0], [32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]
+    assert time_ids(module, 2, recorded).tolist() == [[40.0, 48.0, 4.0, 8.0, 32.0, 32.0], [32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]
     # the cache carries what the data recorded
     items = [{"pixel_values": torch.rand(3, 32, 32) * 2 - 1, "caption": PROMPT, **{k: v[i] for k, v in recorded.items()}} for i in range(2)]
     cached = cache_latents(items, module.codec.moments, module.text_states, "cpu", batch_size=2, keep=module.cached_batch_keys)
@@ -170,9 +175,9 @@ def test_time_ids_default_to_the_resolution_follow_the_data_and_reach_the_unet(t
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([500, 500])
     with torch.no_grad():
         out = module.denoise(x, t, **cond)
-        assert not torch.allclose(out, module.denoise(x, t, **{**cond, "time_ids": module.time_ids(2, recorded)}))
+        assert not torch.allclose(out, module.denoise(x, t, **{**cond, "time_ids": time_ids(module, 2, recorded)}))
         assert not torch.allclose(out, module.denoise(x, t, **{**cond, "text_embeds": torch.zeros_like(cond["text_embeds"])}))
-    assert module.hparams.force_zeros_for_empty_prompt and "conditioner" not in module.hparams
+    assert module.family.force_zeros_for_empty_prompt and "conditioner" not in module.hparams
 
 
 def test_an_sd1_folder_or_unet_is_a_config_error(tiny_sdxl, tmp_path):
