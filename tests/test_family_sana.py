@@ -1,18 +1,34 @@
 """Sana on a tiny random SanaPipeline (diffusion_lab/testing/sana.py, built offline): the pipeline round-trips
 through save_pretrained; the conditioner is SanaPipeline.encode_prompt (atol 0) at a fixed length the
-transformer ignores through its mask; the DC-AE codec is the pipeline's encode/decode."""
+transformer ignores through its mask; the DC-AE codec is the pipeline's encode/decode; experiment=sana_finetune_tiny
+(full and LoRA) exports what plain diffusers loads and samples like the module's own sampler; the GPU recipe
+runs a step on CPU; a folder of another family and the refused methods are ConfigErrors."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, SanaPipeline
+from hydra.utils import instantiate
+from safetensors.torch import load_file
 
+from diffusion_lab.callbacks.ema import ema_weights
 from diffusion_lab.families.sana import DCAECodec, SanaTextConditioner
 from diffusion_lab.testing import sana as tiny_sana
+from diffusion_lab.train import train
+from diffusion_lab.utils.errors import ConfigError
+from tests.conftest import compose_cfg
+from tests.test_latent import user_error
+from tests.test_latent_train import FAST as SD_FAST
+from tests.test_latent_train import captioned_folder, losses
 
 PROMPT = "a handwritten digit seven"
 CAPTIONS = [PROMPT, "A Handwritten digit zero  ", "a photo of a cartoon dragon with wings and a tail"]
 MAX_LENGTH = 32  # the tiny recipe's text_encoder.max_sequence_length (the pipeline's default is 300)
+GUIDANCE = 4.5  # SanaPipeline's default classifier-free guidance
+FAST = [o for o in SD_FAST if not o.startswith("experiment=")]  # experiment=sana_finetune_tiny shrunk to 4 steps
+QUIET = ["callbacks.sample_grid=null", "callbacks.progress_bar=null", "callbacks.noising_strip=null"]
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +103,143 @@ def test_dc_ae_codec_is_the_pipelines(pipe):
         torch.testing.assert_close(z, pipe.vae.encode(images).latent * 0.41407, atol=0, rtol=0)
         torch.testing.assert_close(codec.decode(z), pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample, atol=0, rtol=0)
     torch.testing.assert_close(codec.encode(images, sample=True), z, atol=0, rtol=0)
+
+
+# ---- the family in the real configs ---------------------------------------------------------------------
+def fit(out, *overrides):
+    cfg = compose_cfg("train", ["experiment=sana_finetune_tiny", *FAST, *overrides], out)
+    return train(cfg)[1]
+
+
+def build_module(tmp_path, pretrained, *overrides):
+    cfg = compose_cfg("train", ["experiment=sana_finetune_tiny", f"model.pretrained={pretrained}", *overrides], tmp_path / "composed")
+    return instantiate(cfg.model)
+
+
+def generate(p, steps=3):
+    """The exported pipeline as a user calls it (the tiny recipe's text length; no aspect-ratio bins at 8x8 latents)."""
+    g = torch.Generator().manual_seed(0)
+    kw = dict(num_inference_steps=steps, guidance_scale=GUIDANCE, height=32, width=32, output_type="np", generator=g)
+    return p(PROMPT, max_sequence_length=MAX_LENGTH, use_resolution_binning=False, **kw).images
+
+
+def own_sampler(objects, steps=3):
+    """The module's own sampler (EMA weights, as exported), as numpy images like the pipeline's."""
+    module, g = objects["model"], torch.Generator().manual_seed(0)
+    with ema_weights(objects["trainer"], module):
+        images = module.generate(1, num_inference_steps=steps, generator=g, cond_batch={"caption": [PROMPT]}, guidance_scale=GUIDANCE)
+    return ((images + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture(scope="module")
+def full_run(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    return out, fit(out, f"model.pretrained={folder}")
+
+
+def test_module_text_states_are_encode_prompt(folder, tmp_path):
+    """(a) ``model=latent_sana``'s text states == ``encode_prompt`` with the pipeline's default instruction at
+    the recipe's fixed length (atol 0); "" == its negative prompt; a long caption is truncated alike."""
+    module = build_module(tmp_path, folder)
+    pipe = SanaPipeline.from_pretrained(folder)
+    prompts = [PROMPT, "a red dragon with wings and a long tail " * 12]
+    with torch.no_grad():
+        states = module.text_states(prompts + [""])
+        pe, pm, ne, nm = pipe.encode_prompt(prompts, max_sequence_length=MAX_LENGTH, complex_human_instruction=tiny_sana.complex_human_instruction())
+    assert set(states) == {"encoder_hidden_states", "encoder_attention_mask"} and states["encoder_hidden_states"].shape == (3, MAX_LENGTH, 32)
+    torch.testing.assert_close(states["encoder_hidden_states"][:2], pe, rtol=0, atol=0)
+    torch.testing.assert_close(states["encoder_hidden_states"][2], ne[0], rtol=0, atol=0)
+    assert torch.equal(states["encoder_attention_mask"], torch.cat([pm, nm[:1]])) and pm[1].all()  # truncated: no padding left
+    assert module.conditioner.frozen and not any(p.requires_grad for p in module.conditioner.parameters())
+
+
+def test_full_finetune_exports_a_pipeline_plain_diffusers_loads(full_run, folder):
+    """(b) 4 steps of experiment=sana_finetune_tiny: ``<run>/pipeline`` loads in ``DiffusionPipeline`` with
+    Sana's DPM-Solver++ flow scheduler and samples what the module's own sampler does (atol 1e-5)."""
+    out, objects = full_run
+    assert np.isfinite(losses(out)).all() and len(losses(out)) == 4
+    pipe = DiffusionPipeline.from_pretrained(out / "pipeline")
+    base = SanaPipeline.from_pretrained(folder)
+    assert type(pipe) is SanaPipeline and type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.use_flow_sigmas and pipe.scheduler.config.flow_shift == base.scheduler.config.flow_shift == 3.0
+    assert any(not torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), base.transformer.parameters()))
+    for name in ("text_encoder", "vae"):  # frozen parts exported unchanged
+        assert all(torch.equal(a, b) for a, b in zip(getattr(pipe, name).parameters(), getattr(base, name).parameters())), name
+    image = generate(pipe)
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all() and np.abs(image - generate(base)).max() > 1e-3
+    np.testing.assert_allclose(image, own_sampler(objects), atol=1e-5)
+
+
+def test_lora_is_written_by_save_lora_weights_and_loads_with_load_lora_weights(folder, tmp_path):
+    """(c) adapter=lora: ``<run>/lora`` holds transformer LoRA weights (SanaLoraLoaderMixin has no text-encoder
+    slot); ``load_lora_weights`` on the base changes its output to the module's own (atol 1e-5)."""
+    out = tmp_path / "run"
+    objects = fit(out, f"model.pretrained={folder}", "adapter=lora", "adapter.alpha=8", "model.optimizer.lr=1e-2", *QUIET)
+    assert np.isfinite(losses(out)).all() and not (out / "pipeline").exists()
+    weights = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert {k.split(".")[0] for k in weights} == {"transformer"} and any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k or "up.weight" in k)
+    base = SanaPipeline.from_pretrained(folder)
+    before = generate(base)
+    base.load_lora_weights(out / "lora")
+    with_lora = generate(base)
+    assert np.abs(with_lora - before).max() > 1e-3
+    np.testing.assert_allclose(with_lora, own_sampler(objects), atol=1e-5)
+    with pytest.raises(Exception) as excinfo:  # Gemma has no LoRA slot in SanaPipeline's loader
+        build_module(tmp_path, folder, "adapter=lora", "adapter.train_text_encoder=true")
+    assert "SanaLoraLoaderMixin" in str(user_error(excinfo))
+
+
+def test_a_pipeline_folder_diffusers_itself_wrote_trains(tmp_path):
+    """(d) ``SanaPipeline(...).save_pretrained`` with other dims and diffusers' own test layout (FlowMatchEuler
+    scheduler with shift 7, 2x DC-AE of conv/interpolate blocks, 8 latent channels, Gemma width 16) trains on a
+    kohya-captioned folder and exports what samples like the module."""
+    gemma = tiny_sana.tiny_gemma2(hidden_size=16, num_hidden_layers=1, seed=3)
+    vae = tiny_sana.tiny_dc_ae(
+        seed=3, latent_channels=8, encoder_block_types=("ResBlock", "EfficientViTBlock"), decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)), downsample_block_type="conv", upsample_block_type="interpolate",
+    )
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    transformer = tiny_sana.tiny_sana_transformer(sample_size=16, in_channels=8, caption_channels=16, seed=3)
+    SanaPipeline(tokenizer=tiny_sana.tiny_gemma_tokenizer(), text_encoder=gemma, vae=vae, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0)).save_pretrained(tmp_path / "foreign")
+    out = tmp_path / "run"
+    objects = fit(out, f"model.pretrained={tmp_path / 'foreign'}", "trainer.max_steps=2", *QUIET, *captioned_folder(tmp_path / "kohya", "kohya"))
+    module = objects["model"]
+    assert np.isfinite(losses(out)).all() and module.latent_shape(1) == (1, 8, 16, 16) and module.process.scheduler.config.shift == 7.0
+    np.testing.assert_allclose(generate(SanaPipeline.from_pretrained(out / "pipeline")), own_sampler(objects), atol=1e-5)
+
+
+def test_gpu_lora_recipe_runs_a_step_on_the_tiny_pipeline(folder, tmp_path):
+    """(e) experiment=sana_lora's settings (cache, bf16 frozen transformer and Gemma, bf16-mixed, checkpointing,
+    LoRA on q/k/v) on CPU; 8-bit AdamW needs bitsandbytes + CUDA, so torch's AdamW stands in."""
+    recipe = compose_cfg("train", ["experiment=sana_lora"], tmp_path / "composed")
+    assert recipe.model.pretrained == "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers" and recipe.data.resolution == 1024
+    assert recipe.model.optimizer._target_ == "diffusion_lab.components.optim.adamw_8bit" and recipe.text_encoder.max_sequence_length == 300
+    cfg = compose_cfg("train", ["experiment=sana_lora", f"model.pretrained={folder}", "model.local_files_only=true", *captioned_folder(tmp_path / "images", "imagefolder"),
+                                "optimizer@model.optimizer=adamw", "model.optimizer.lr=1e-4", "trainer=cpu", "debug=fast", "logger=csv", *QUIET], tmp_path / "run")
+    assert cfg.adapter.rank == 4 and cfg.model.cache and cfg.trainer.precision == "bf16-mixed" and cfg.model.gradient_checkpointing
+    _, objects = train(cfg)
+    module = objects["model"]
+    assert module.base_backbone.is_gradient_checkpointing and module.base_backbone.dtype == torch.bfloat16
+    assert {p.dtype for p in module.conditioner.text_encoder.parameters()} == {torch.bfloat16}
+    assert type(objects["datamodule"].train_set).__name__ == "CachedLatentDataset"
+    assert objects["trainer"].global_step == 1 and (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "run" / "text_cache" / "train_set.rank0" / "encoder_attention_mask.bin").exists()
+
+
+def test_another_familys_folder_and_refused_methods_are_config_errors(folder, tmp_path):
+    """(f) a FLUX folder for model=latent_sana names what it is and the option that trains it; textual inversion
+    and ControlNet are refused with the reason; resolutions the pipeline refuses are refused before training."""
+    from diffusion_lab.components import tiny
+
+    flux = tiny.build(tmp_path / "tiny_flux", kind="flux")
+    with pytest.raises(Exception) as excinfo:
+        build_module(tmp_path, str(flux))
+    message = str(user_error(excinfo))
+    assert f"model.pretrained='{flux}' is a FluxPipeline" in message and "use model=latent_flux" in message and "--kind sana" in message
+    family = instantiate(compose_cfg("train", ["model=latent_sana"], tmp_path / "c").model.family)
+    assert "Gemma" in family.supports("textual_inversion") and "SanaControlNetModel" in family.supports("controlnet") and family.supports("lora") is None
+    with pytest.raises(Exception) as excinfo:
+        build_module(tmp_path, folder, "data.resolution=48")
+    assert "data.resolution=48 is not divisible by 32" in str(user_error(excinfo))

@@ -235,6 +235,14 @@ class Sana(Family):
         if problems:
             raise ConfigError(" ".join(problems))
 
+    def lora_text_encoders(self, conditioner) -> tuple[torch.nn.Module, ...]:
+        """Refused: ``SanaLoraLoaderMixin`` loads the transformer only, so a Gemma LoRA could not be exported."""
+        raise ConfigError(
+            "adapter.train_text_encoder=true: SanaPipeline's LoRA loader (SanaLoraLoaderMixin) loads the transformer only, so a "
+            "LoRA on Gemma 2 could not be exported or loaded; set adapter.train_text_encoder=false (text_encoder.trainable=true "
+            "fine-tunes Gemma 2 in full with adapter=none, exported in <run>/pipeline)."
+        )
+
     def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states, encoder_attention_mask, **controls) -> torch.Tensor:
         """Latents ``[N, c, h, w]`` at timesteps ``t`` = sigma x 1000 -> velocity ``[N, c, h, w]``: the pipeline's
         call, ``timestep = t * timestep_scale``, the mask as the transformer's ``encoder_attention_mask``; a
