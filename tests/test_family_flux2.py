@@ -10,11 +10,26 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, Flux2KleinPipeline
+from hydra.utils import instantiate
+from safetensors.torch import load_file
 
-from diffusion_lab.families.flux2 import Flux2, Flux2Codec, Flux2TextConditioner
+from diffusion_lab.callbacks.ema import ema_weights
+from diffusion_lab.families.flux2 import Flux2, Flux2Codec, Flux2TextConditioner, check_folder
 from diffusion_lab.testing import flux2 as tiny
+from diffusion_lab.train import train
+from diffusion_lab.utils.errors import ConfigError
+from tests.conftest import compose_cfg
+from tests.test_latent import user_error
+from tests.test_latent_train import FAST as SD_FAST
+from tests.test_latent_train import captioned_folder, losses
 
 PROMPTS = ["a handwritten digit seven", "", "a red dog with a big tail on a white background " * 4]
+PROMPT = PROMPTS[0]
+MAX_LENGTH = 32  # experiment=flux2_finetune_tiny's text_encoder.max_sequence_length: the pipeline is called with it
+GUIDANCE = 4.0  # klein base: classifier-free guidance, neg + s (pos - neg) in the pipeline and in the shared sampler
+# experiment=flux2_finetune_tiny shrunk to 4 steps as the SD tests shrink theirs, quiet
+FAST = [o for o in SD_FAST if not o.startswith("experiment=")]
+QUIET = ["callbacks.sample_grid=null", "callbacks.progress_bar=null", "callbacks.noising_strip=null"]
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +107,119 @@ def test_backbone_call_and_codec_are_the_pipeline_s(pipe):
     bn = pipe.vae.bn
     raw = pipe._unpatchify_latents(z * torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps) + bn.running_mean.view(1, -1, 1, 1))
     torch.testing.assert_close(codec.decode(z), pipe.vae.decode(raw).sample, atol=0, rtol=0)
+
+
+# ---- phase 2: training through model=latent_flux2 ------------------------------------------------------
+def fit(out, *overrides):
+    cfg = compose_cfg("train", ["experiment=flux2_finetune_tiny", *FAST, *QUIET, *overrides], out)
+    _, objects = train(cfg)
+    return objects
+
+
+def generate(pipe, steps=3, guidance=GUIDANCE):
+    g = torch.Generator().manual_seed(0)
+    return pipe(prompt=PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32, output_type="np", generator=g, max_sequence_length=MAX_LENGTH).images
+
+
+def own_sampler(objects, steps=3, guidance=GUIDANCE):
+    """The module's own sampler (EMA weights, as exported), as a pipeline's numpy images."""
+    module, g = objects["model"], torch.Generator().manual_seed(0)
+    with ema_weights(objects["trainer"], module):
+        images = module.generate(1, num_inference_steps=steps, generator=g, cond_batch={"caption": [PROMPT]}, guidance_scale=guidance)
+    return ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """16 captioned digits in a diffusers imagefolder (``metadata.jsonl``)."""
+    return captioned_folder(tmp_path_factory.mktemp("data") / "images", "imagefolder")
+
+
+def test_full_finetune_of_the_saved_folder_exports_a_pipeline_plain_diffusers_samples_like_the_module(folder, images, tmp_path):
+    """``experiment=flux2_finetune_tiny`` (4 steps) on the folder ``save_pretrained`` wrote: the export loads in
+    plain diffusers and gives the module's own images for the same seed (atol 1e-5; measured 8e-7 with CFG:
+    the module batches cond/uncond, the pipeline runs them apart); frozen parts exported unchanged."""
+    out = tmp_path / "run"
+    objects = fit(out, f"model.pretrained={folder}", *images)
+    assert np.isfinite(losses(out)).all() and len(losses(out)) == 4
+    assert type(objects["model"].codec) is Flux2Codec and objects["model"].latent_shape(1) == (1, 16, 8, 8)
+    index = json.loads((out / "pipeline" / "model_index.json").read_text())
+    assert index["_class_name"] == "Flux2KleinPipeline" and index["is_distilled"] is False
+    pipe, base = DiffusionPipeline.from_pretrained(out / "pipeline"), Flux2KleinPipeline.from_pretrained(folder)
+    assert type(pipe) is Flux2KleinPipeline and dict(pipe.scheduler.config) == dict(base.scheduler.config)
+    assert any(not torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), base.transformer.parameters()))
+    for name in ("text_encoder", "vae"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(pipe, name).parameters(), getattr(base, name).parameters())), name
+    torch.testing.assert_close(pipe.vae.bn.running_var, base.vae.bn.running_var, atol=0, rtol=0)
+    image = generate(pipe)
+    assert image.shape == (1, 32, 32, 3) and np.abs(image - generate(base)).max() > 1e-3
+    np.testing.assert_allclose(image, own_sampler(objects), atol=1e-5)
+    np.testing.assert_allclose(generate(pipe, guidance=1.0), own_sampler(objects, guidance=1.0), atol=1e-6)  # no CFG
+
+
+def test_lora_writes_files_load_lora_weights_reads_and_they_change_the_output(folder, images, tmp_path):
+    """``adapter=lora`` (alpha != rank) with the GPU recipe's targets: ``Flux2KleinPipeline.save_lora_weights`` files
+    that the base's ``load_lora_weights`` reads; the output changes and matches the module's sampler (atol 1e-5)."""
+    recipe = compose_cfg("train", ["experiment=flux2_lora"], tmp_path / "composed")
+    out = tmp_path / "run"
+    objects = fit(out, f"model.pretrained={folder}", *images, "adapter=lora", "adapter.alpha=8", "model.optimizer.lr=1e-2",
+                  f"adapter.target_modules=[{','.join(recipe.adapter.target_modules)}]")
+    trainable = [n for n, p in objects["model"].named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and n.startswith("backbone.") for n in trainable)
+    assert any("single_transformer_blocks.0.attn.to_qkv_mlp_proj" in n for n in trainable) and any("single_transformer_blocks.0.attn.to_out" in n for n in trainable)
+    weights = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert {k.split(".")[0] for k in weights} == {"transformer"} and not (out / "pipeline").exists()
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
+    base = Flux2KleinPipeline.from_pretrained(folder)
+    before = generate(base)
+    base.load_lora_weights(out / "lora")
+    with_lora = generate(base)
+    assert np.abs(with_lora - before).max() > 1e-3
+    np.testing.assert_allclose(with_lora, own_sampler(objects), atol=1e-5)
+
+
+def test_gpu_recipe_composes_and_runs_a_step_on_the_tiny_folder(folder, images, tmp_path):
+    """experiment=flux2_lora's settings (hub id, 1024 px, cache on disk, bf16 frozen transformer and Qwen3,
+    bf16-mixed, checkpointing, LoRA, 512 tokens) on CPU for one step; 8-bit AdamW needs bitsandbytes + CUDA,
+    so torch's AdamW stands in."""
+    recipe = compose_cfg("train", ["experiment=flux2_lora"], tmp_path / "composed")
+    assert recipe.model.pretrained == "black-forest-labs/FLUX.2-klein-base-4B" and recipe.data.resolution == 1024
+    assert recipe.model.optimizer._target_ == "diffusion_lab.components.optim.adamw_8bit" and recipe.text_encoder.max_sequence_length == 512
+    assert list(recipe.text_encoder.out_layers) == [9, 18, 27] and recipe.callbacks.sample_grid.guidance_scale == 4.0
+    cfg = compose_cfg("train", ["experiment=flux2_lora", f"model.pretrained={folder}", "model.local_files_only=true", *images,
+                                "optimizer@model.optimizer=adamw", "model.optimizer.lr=1e-4", "trainer=cpu", "debug=fast", "logger=csv", *QUIET], tmp_path / "run")
+    assert cfg.model.cache and cfg.trainer.precision == "bf16-mixed" and cfg.model.gradient_checkpointing
+    _, objects = train(cfg)
+    module = objects["model"]
+    assert module.base_backbone.is_gradient_checkpointing and module.base_backbone.dtype == torch.bfloat16
+    assert {p.dtype for p in module.conditioner.text_encoder.parameters()} == {torch.bfloat16}
+    assert objects["trainer"].global_step == 1 and (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "run" / "text_cache" / "train_set.rank0" / "encoder_hidden_states.bin").exists()
+
+
+def build_module(tmp_path, pretrained, *overrides):
+    cfg = compose_cfg("train", ["model=latent_flux2", f"model.pretrained={pretrained}", "data=digits_captioned", "data.resolution=32", *overrides], tmp_path)
+    return instantiate(cfg.model)
+
+
+def test_a_folder_of_another_family_and_unsupported_methods_are_config_errors(folder, tmp_path):
+    """A FLUX.1 folder given to model=latent_flux2 names its class and the option that trains it; FLUX.2 [dev]
+    is named as not covered; a text-encoder LoRA and a resolution off the 2x2-patch grid are refused by key."""
+    from diffusion_lab.components import tiny as tiny_flux1
+
+    flux1 = tmp_path / "tiny_flux"
+    tiny_flux1.tiny_flux_pipeline().save_pretrained(flux1)
+    with pytest.raises(Exception) as excinfo:
+        build_module(tmp_path / "a", flux1)
+    message = str(user_error(excinfo))
+    assert f"model.pretrained='{flux1}' is a FluxPipeline folder" in message and "model=latent_flux2 trains a Flux2KleinPipeline" in message
+    assert "use model=latent_flux;" in message and "--kind flux2" in message and "\n" not in message
+    dev = tmp_path / "flux2_dev"
+    dev.mkdir()
+    (dev / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}))
+    with pytest.raises(ConfigError, match=r"is a Flux2Pipeline folder \(FLUX.2 \[dev\]: a Mistral text encoder, not covered"):
+        check_folder(str(dev))
+    with pytest.raises(Exception, match=r"adapter.train_text_encoder=true with model=latent_flux2: Flux2LoraLoaderMixin loads LoRA weights into the transformer only"):
+        build_module(tmp_path / "b", folder, "adapter=lora", "adapter.train_text_encoder=true")
+    with pytest.raises(Exception, match=r"data.resolution=34 is not divisible by 4 = vae down-sampling 2 x 2x2 patches; use e.g. data.resolution=32"):
+        build_module(tmp_path / "c", folder, "data.resolution=34")

@@ -248,3 +248,16 @@ class Flux2(Family):
     # ---- export ----------------------------------------------------------------------------------
     def pipeline_parts(self, backbone, vae, scheduler, encoders, tokenizers) -> dict:
         return {**super().pipeline_parts(backbone, vae, scheduler, encoders, tokenizers), "is_distilled": self.is_distilled}
+
+    def save_lora(self, out_dir: str, backbone: torch.nn.Module, encoders: dict[str, torch.nn.Module]) -> None:
+        """``Flux2KleinPipeline.save_lora_weights`` of the transformer's peft state dict as it is, as diffusers'
+        klein script saves it: ``Flux2LoraLoaderMixin`` reads peft keys (``lora_A`` / ``lora_B``) and does not map
+        the old ``lora.down`` / ``lora.up`` names back, which ``convert_state_dict_to_diffusers`` gives
+        ``to_q`` / ``to_k`` / ``to_v`` / ``to_out.0`` (their LoRA would be silently dropped on load)."""
+        from peft.utils import get_peft_model_state_dict
+
+        from diffusion_lab.components.adapters import lora_metadata
+
+        _pipe().save_lora_weights(
+            out_dir, transformer_lora_layers=get_peft_model_state_dict(backbone), transformer_lora_adapter_metadata=lora_metadata(backbone), safe_serialization=True
+        )
