@@ -114,8 +114,10 @@ class ZImage(Family):
     pipeline_class = PIPELINE
     text_keys = ("encoder_hidden_states", "encoder_attention_mask")
     refuses = {
-        "textual_inversion": "Z-Image's LoRA/embedding loaders have no textual-inversion slot (ZImagePipeline is not a TextualInversionLoaderMixin), so a learned token could not be exported.",
-        "controlnet": "ZImageControlNetModel is a separate pipeline (ZImageControlNetPipeline) that is not wired here; train a LoRA or fine-tune instead.",
+        "textual_inversion": "ZImagePipeline has no textual-inversion loader (it is not a TextualInversionLoaderMixin), so a learned token embedding could not be exported or loaded.",
+        "controlnet": "ZImageControlNetModel / ZImageControlNetPipeline (diffusers) are not wired into the ControlNet method here; train a LoRA or fine-tune instead.",
+        "train_text_encoder": "ZImagePipeline's LoRA loader (ZImageLoraLoaderMixin) loads the transformer only, so a LoRA on Qwen3 could not be exported or "
+        "loaded; set adapter.train_text_encoder=false (text_encoder.trainable=true with adapter=none fine-tunes Qwen3 in full, exported in <run>/pipeline).",
     }
 
     # ---- checks --------------------------------------------------------------------------------
@@ -139,12 +141,8 @@ class ZImage(Family):
             raise ConfigError(" ".join(problems))
 
     def lora_text_encoders(self, conditioner) -> tuple[torch.nn.Module, ...]:
-        """Refused: ``ZImageLoraLoaderMixin`` has a transformer slot only, so a Qwen3 LoRA could not be exported."""
-        raise ConfigError(
-            "adapter.train_text_encoder=true: ZImagePipeline's LoRA loader (ZImageLoraLoaderMixin) loads the transformer only, so a "
-            "LoRA on Qwen3 could not be exported or loaded; set adapter.train_text_encoder=false (text_encoder.trainable=true "
-            "fine-tunes Qwen3 in full with adapter=none, exported in <run>/pipeline)."
-        )
+        """Called when ``adapter.train_text_encoder=true``: a ConfigError (the export could not carry it)."""
+        raise ConfigError(f"adapter.train_text_encoder=true with model={self.name}: {self.refuses['train_text_encoder']}")
 
     # ---- the backbone ----------------------------------------------------------------------------
     def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor) -> torch.Tensor:

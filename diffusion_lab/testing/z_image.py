@@ -3,76 +3,27 @@
 The layout of diffusers' own fast tests (``tests/pipelines/z_image/test_z_image.py``): a
 ``ZImageTransformer2DModel`` of width 32 (two main layers, one noise and one context refiner), a
 16-channel ``AutoencoderKL`` with FLUX.1's latent scaling and shift (Z-Image uses FLUX.1's VAE), a
-random ``Qwen3Model`` and a real ``Qwen2Tokenizer`` (byte-level BPE, as Qwen3's) whose merges are
-learned offline with the ``tokenizers`` library on a small corpus, with Qwen3's special tokens and
-its chat template (``ZImagePipeline._encode_prompt`` applies it). The scheduler is the one Z-Image
-ships: flow matching with the static shift 3.0.
+random ``Qwen3Model`` and a real ``Qwen2Tokenizer`` (byte-level BPE, as Qwen3's, learned offline with
+the ``tokenizers`` library) with Qwen3's special tokens and chat template, which
+``ZImagePipeline._encode_prompt`` applies: FLUX.2 klein's tiny tokenizer. The scheduler is the one
+Z-Image ships: flow matching with the static shift 3.0.
 
     python -m diffusion_lab.tiny_sd outputs/tiny_z_image --kind z_image   # tiny_pipeline().save_pretrained
 """
 
 from __future__ import annotations
 
-import functools
-import json
-
 import torch
 
-from diffusion_lab.components.tiny import CORPUS, FLUX_VAE, tiny_vae
-
-# Qwen3's special tokens: pad (and unknown), the chat turns' delimiters; <think> </think> are plain added tokens
-QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-QWEN_THINK = ("<think>", "</think>")
-
-# Qwen3's chat template reduced to what ZImagePipeline uses (text messages, add_generation_prompt,
-# enable_thinking): "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", plus an empty
-# think block when enable_thinking is false, as Qwen3's own template renders it
-QWEN3_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
-
-
-@functools.lru_cache(maxsize=1)
-def _qwen_bpe(vocab_size: int = 420) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """(vocab JSON, merges) of a byte-level BPE learned on ``CORPUS`` and the chat roles, with
-    ``Qwen2Tokenizer``'s own pre-tokenizer (its regex split, then byte-level)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(QWEN_SPECIALS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    corpus = [CORPUS, "user assistant system", "user\n" + CORPUS + "\nassistant\n"]
-    tokenizer.train_from_iterator(corpus, trainer)
-    model = json.loads(tokenizer.to_str())["model"]
-    merges = tuple(tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"])
-    return json.dumps(model["vocab"]), merges
+from diffusion_lab.components.tiny import FLUX_VAE, tiny_vae
 
 
 def tiny_qwen_tokenizer():
     """A real ``Qwen2Tokenizer`` (byte-level BPE learned offline, Qwen3's specials: pad ``<|endoftext|>``,
-    end of turn ``<|im_end|>``) with Qwen3's chat template."""
-    from tokenizers import AddedToken
-    from transformers import Qwen2Tokenizer
+    end of turn ``<|im_end|>``) with Qwen3's chat template: FLUX.2 klein's tiny one (``testing/flux2.py``)."""
+    from diffusion_lab.testing.flux2 import tiny_tokenizer
 
-    vocab, merges = _qwen_bpe()
-    tokenizer = Qwen2Tokenizer(
-        vocab=json.loads(vocab), merges=list(merges), unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=131072
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_THINK])
-    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
-    return tokenizer
+    return tiny_tokenizer(model_max_length=131072)
 
 
 def tiny_qwen3(tokenizer=None, hidden_size: int = 32, num_hidden_layers: int = 2, num_attention_heads: int = 2, seed: int = 0):
