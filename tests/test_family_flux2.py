@@ -223,3 +223,21 @@ def test_a_folder_of_another_family_and_unsupported_methods_are_config_errors(fo
         build_module(tmp_path / "b", folder, "adapter=lora", "adapter.train_text_encoder=true")
     with pytest.raises(Exception, match=r"data.resolution=34 is not divisible by 4 = vae down-sampling 2 x 2x2 patches; use e.g. data.resolution=32"):
         build_module(tmp_path / "c", folder, "data.resolution=34")
+
+
+@pytest.mark.slow
+def test_a_distilled_folder_with_other_dims_trains_and_exports_without_cfg(images, tmp_path):
+    """A step-distilled klein saved by diffusers' own ``save_pretrained`` with other dims (8 VAE latent channels,
+    VAE factor 4: 32 patchified channels, 2x2 tokens of 16 px): every size is read from the folder, and with
+    ``model.family.is_distilled=true`` the export says so and both samplers skip CFG (guidance_scale ignored)."""
+    vae = tiny.tiny_vae(latent_channels=8, block_out_channels=(16, 16, 32), seed=3)
+    pipe = tiny.tiny_pipeline(is_distilled=True)
+    pipe = Flux2KleinPipeline(**{**pipe.components, "vae": vae, "transformer": tiny.tiny_transformer(in_channels=32, seed=3)}, is_distilled=True)
+    pipe.save_pretrained(tmp_path / "distilled")
+    out = tmp_path / "run"
+    objects = fit(out, f"model.pretrained={tmp_path / 'distilled'}", "model.family.is_distilled=true", *images)
+    assert np.isfinite(losses(out)).all() and objects["model"].latent_shape(1) == (1, 32, 4, 4)
+    exported = Flux2KleinPipeline.from_pretrained(out / "pipeline")
+    assert exported.config.is_distilled
+    np.testing.assert_allclose(generate(exported), own_sampler(objects), atol=1e-6)
+    np.testing.assert_allclose(generate(exported), generate(exported, guidance=1.0), atol=0)
