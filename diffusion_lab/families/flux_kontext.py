@@ -54,27 +54,42 @@ class FluxKontext(Flux):
         "textual_inversion": "the textual-inversion part is written for SD 1.x's single CLIP encoder.",
     }
 
-    def __init__(self, guidance: float = 3.5, sample_guidance: float = 3.5, source_key: str = SOURCE_KEY) -> None:
+    def __init__(self, guidance: float = 3.5, sample_guidance: float = 3.5, source_key: str = SOURCE_KEY, preview_sources: int = 16) -> None:
         super().__init__(guidance, sample_guidance)
         self.source_key = source_key
+        self.cached_batch_keys = (source_key,)  # the latent cache carries the sources along
+        self.preview_sources = preview_sources
+        self._previews: torch.Tensor | None = None
 
     def conditioning(self, module, batch: dict | None, n: int, sampling: bool) -> dict[str, torch.Tensor]:
         """FLUX.1's embedded guidance plus ``reference_latents`` ``[n, c, h, w]``: the source images through the
-        codec's posterior mode, ``(z - shift) * scale`` (``FluxKontextPipeline._encode_vae_image``, argmax)."""
+        codec's posterior mode, ``(z - shift) * scale`` (``FluxKontextPipeline._encode_vae_image``, argmax).
+        Sampling without sources (the sample grids give prompts only) cycles through the first
+        ``preview_sources`` training sources."""
         cond = super().conditioning(module, batch, n, sampling)
         source = (batch or {}).get(self.source_key)
+        if source is None and sampling:
+            source = self._training_sources(module)
         if source is None:
             have = sorted(batch) if batch else []
             raise ConfigError(
                 f"model={self.name} edits a source image, but the batch has no {self.source_key!r} (keys: {have}). Use "
                 f"data=image_folder with a metadata column naming each image's source file and "
-                f"data.paired_images='{{source_image: {self.source_key}}}', or model.family.source_key=conditioning_pixel_values "
-                f"with data.control=edges|strokes|mask; previews need source images too (sample with image=...)."
+                f"data.paired_images='{{source_image: {self.source_key}}}'; to sample, pass cond_batch={{{self.source_key!r}: [N, C, H, W] in [-1, 1]}}."
             )
-        if source.shape[0] != n:  # one source per prompt (the pipeline repeats it over num_images_per_prompt)
-            source = source.repeat_interleave(n // source.shape[0], dim=0)
+        source = source[torch.arange(n) % source.shape[0]]  # one source per image (cycled, as previews cycle prompts)
         cond["reference_latents"] = module.codec.encode(source.to(module.device, torch.float32), sample=False)
         return cond
+
+    def _training_sources(self, module) -> torch.Tensor | None:
+        """The first ``preview_sources`` sources of the training set (kept once), or None outside training."""
+        if self._previews is None:
+            trainer = getattr(module, "_trainer", None)
+            datamodule = getattr(trainer, "datamodule", None)
+            if datamodule is None or not hasattr(datamodule, "sample_batch"):
+                return None
+            self._previews = datamodule.sample_batch(self.preview_sources).get(self.source_key)
+        return self._previews
 
     def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, reference_latents: torch.Tensor | None = None, **cond) -> torch.Tensor:
         """FLUX.1's call (``Flux.forward``) with the packed reference tokens appended to the image tokens and
