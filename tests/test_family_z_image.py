@@ -183,6 +183,23 @@ def test_lora_loads_with_load_lora_weights_and_changes_the_output(folder, pipe, 
     np.testing.assert_allclose(with_lora, own_sampler(objects), atol=1e-5)
 
 
+@pytest.mark.slow
+def test_cache_gives_the_same_loss_curve_in_ram_and_on_disk(folder, tmp_path):
+    """Cached posteriors and cached Qwen3 states + masks (RAM, or memory-mapped files), with caption dropout
+    swapping in the cached "" states and its mask, give the losses of no cache."""
+    quiet = [*QUIET, "callbacks.ema=null", "trainer.max_steps=3", "model.caption_dropout=0.5", f"model.pretrained={folder}"]
+    quiet += captioned_folder(tmp_path / "images", "imagefolder")
+    curves, disk = {}, tmp_path / "text_cache"
+    for cache, extra in (("none", ["model.cache=false"]), ("ram", ["model.cache=true"]), ("disk", ["model.cache=true", f"model.cache_text_dir={disk}"])):
+        objects = fit(tmp_path / f"cache_{cache}", *quiet, *extra)
+        curves[cache] = losses(tmp_path / f"cache_{cache}")
+    train_set = objects["datamodule"].train_set
+    assert set(train_set[0]) == {"latent_moments", "caption", "encoder_hidden_states", "encoder_attention_mask"}
+    assert train_set.states["encoder_attention_mask"].dtype == torch.bool and len(curves["ram"]) == 3
+    np.testing.assert_allclose(curves["ram"], curves["none"], rtol=1e-4)
+    np.testing.assert_allclose(curves["disk"], curves["ram"], rtol=0, atol=0)
+
+
 def test_a_pipeline_folder_diffusers_itself_wrote_with_other_dims(tmp_path):
     """ZImagePipeline.save_pretrained of other tiny dims than the project's: a 3-level VAE (factor 4) with
     4 latent channels, a 16-wide Qwen3; trains from a kohya folder and samples like its export."""
