@@ -243,3 +243,27 @@ def test_another_familys_folder_and_refused_methods_are_config_errors(folder, tm
     with pytest.raises(Exception) as excinfo:
         build_module(tmp_path, folder, "data.resolution=48")
     assert "data.resolution=48 is not divisible by 32" in str(user_error(excinfo))
+
+
+@pytest.mark.slow
+def test_cache_gives_the_same_loss_curve_in_ram_and_on_disk(folder, tmp_path):
+    """Cached DC-AE latents and Gemma states + masks (int64 kept), in RAM or memory-mapped, give the losses of no
+    cache exactly: the DC-AE is deterministic, and "" (caption dropout 0.5) is cached as the negative prompt."""
+    quiet = [*QUIET, "callbacks.ema=null", "trainer.max_steps=3", "model.caption_dropout=0.5", f"model.pretrained={folder}"]
+    quiet += captioned_folder(tmp_path / "images", "imagefolder")
+    curves, disk = {}, tmp_path / "text_cache"
+    for cache, extra in (("none", ["model.cache=false"]), ("ram", ["model.cache=true"]), ("disk", ["model.cache=true", f"model.cache_text_dir={disk}"])):
+        objects = fit(tmp_path / f"cache_{cache}", *quiet, *extra)
+        curves[cache] = losses(tmp_path / f"cache_{cache}")
+    example = objects["datamodule"].train_set[0]
+    assert set(example) == {"latent_moments", "caption", "encoder_hidden_states", "encoder_attention_mask"} and example["encoder_attention_mask"].dtype == torch.int64
+    assert len(curves["none"]) == 3 and curves["ram"] == curves["none"] and curves["disk"] == curves["ram"]
+
+
+@pytest.mark.slow
+def test_gemma_fine_tuned_in_full_is_exported(folder, tmp_path):
+    """text_encoder.trainable=true (with gradient checkpointing): Gemma 2 trains and ``<run>/pipeline`` holds it."""
+    out = tmp_path / "run"
+    fit(out, f"model.pretrained={folder}", "text_encoder.trainable=true", "model.gradient_checkpointing=true", "trainer.max_steps=2", *QUIET)
+    pipe, base = SanaPipeline.from_pretrained(out / "pipeline"), SanaPipeline.from_pretrained(folder)
+    assert any(not torch.equal(a, b) for a, b in zip(pipe.text_encoder.parameters(), base.text_encoder.parameters()))
