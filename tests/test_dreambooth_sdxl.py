@@ -1,5 +1,6 @@
-"""#29 item 11: DreamBooth on SDXL is refused before training with a message naming SDXL
-(it stopped on a cross_attention_dim mismatch, or a TypeError with model=latent_sdxl)."""
+"""DreamBooth is a method, not an SD 1.x class (#25): prior preservation trains on SDXL with class
+images its own base model generates; an SDXL folder under the SD 1.x family is refused naming SDXL
+(#29 item 11: it stopped on a cross_attention_dim mismatch)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,29 @@ from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError
 from tests.conftest import compose_cfg
 
+FAST = ["trainer.max_steps=2", "callbacks.sample_grid=null", "callbacks.progress_bar=null", "data.num_class_images=2", "data.max_instances=2", "data.batch_size=4", "data.class_steps=2"]
+
 
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory) -> str:
     return str(tiny.build(tmp_path_factory.mktemp("tiny") / "tiny_sdxl", kind="sdxl"))
 
 
-@pytest.mark.parametrize("family", [[], ["model=latent_sdxl"]], ids=["sd_model_on_an_sdxl_folder", "model=latent_sdxl"])
-def test_dreambooth_on_sdxl_is_a_config_error_naming_sdxl(tiny_sdxl, tmp_path, family):
-    overrides = ["experiment=dreambooth_tiny", *family, f"model.pretrained={tiny_sdxl}", f"data.class_dir={tmp_path / 'class'}", "data.num_class_images=2"]
+def test_dreambooth_trains_sdxl_with_its_own_class_images(tiny_sdxl, tmp_path):
+    overrides = ["experiment=dreambooth_tiny", "model=latent_sdxl", f"model.pretrained={tiny_sdxl}", f"data.class_dir={tmp_path / 'class'}", *FAST]
+    _, objects = train(compose_cfg("train", overrides, tmp_path / "run"))
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    metrics = objects["trainer"].callback_metrics
+    assert {"train/instance_loss", "train/prior_loss"} <= set(metrics)
+    assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
+
+
+def test_an_sdxl_folder_under_the_sd_family_is_a_config_error_naming_sdxl(tiny_sdxl, tmp_path):
+    overrides = ["experiment=dreambooth_tiny", f"model.pretrained={tiny_sdxl}", f"data.class_dir={tmp_path / 'class'}", *FAST]
     with pytest.raises(Exception) as raised:  # hydra's InstantiationException around it (the CLI unwraps it)
         train(compose_cfg("train", overrides, tmp_path / "run"))
     e = raised.value
     while e is not None and not isinstance(e, ConfigError):
         e = e.__cause__
-    assert e is not None and "DreamBooth here is for SD 1.x/2.x" in str(e) and "model=latent_sdxl" in str(e), raised.value
+    assert e is not None and "SDXL UNet" in str(e) and "model=latent_sdxl" in str(e), raised.value
     assert not (tmp_path / "class").exists()  # refused before any class image was made

@@ -173,7 +173,7 @@ def test_lokr_loha_load_through_peft_and_fused(variant_run, diffusers_folder, va
 def test_dreambooth_generates_class_images_once_and_exports(diffusers_folder, tmp_path):
     class_dir = tmp_path / "class_images"
     common = ["experiment=dreambooth_tiny", f"model.pretrained={diffusers_folder}", f"data.class_dir={class_dir}", "data.num_class_images=4",
-              "model.class_steps=2"]
+              "data.class_steps=2"]
     module = fit(tmp_path / "run", *common)
     files = sorted(class_dir.glob("class_*.png"))
     assert len(files) == 4 and Image.open(files[0]).size == (32, 32)
@@ -227,7 +227,7 @@ def test_dreambooth_sd15_recipe_runs_one_step_on_tiny_parts(diffusers_folder, tm
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(instance / f"{i}.png")
     cfg = compose_cfg("train", ["experiment=dreambooth_sd15", f"model.pretrained={diffusers_folder}", f"data.instance_dir={instance}",
                                 "data.instance_prompt=a photo of sks dog", "data.class_prompt=a photo of dog", "data.resolution=32",
-                                "data.num_class_images=2", "data.num_workers=0", "model.class_steps=2", "trainer=cpu",
+                                "data.num_class_images=2", "data.num_workers=0", "data.class_steps=2", "trainer=cpu",
                                 "trainer.precision=32-true", "logger=csv", "debug=fast", "callbacks.progress_bar=null"], tmp_path / "run")
     assert cfg.model.prior_loss_weight == 1.0 and cfg.data.num_class_images == 2 and cfg.model.gradient_checkpointing
     _, objects = train(cfg)

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from diffusion_lab.components.checks import check_latent_parts
-from diffusion_lab.families.base import Family
+from diffusion_lab.families.base import Family, source
+from diffusion_lab.utils.errors import ConfigError
 
 
 class StableDiffusion(Family):
@@ -24,6 +25,11 @@ class StableDiffusion(Family):
     )
 
     def check_parts(self, backbone, codec, conditioner, resolution: int, image_channels: int) -> None:
+        if backbone.config.get("addition_embed_type") == "text_time":
+            raise ConfigError(
+                f"backbone{source(backbone)} is an SDXL UNet (text_time added conditioning: pooled text + size/crop time ids), "
+                f"but model={self.name} is SD 1.x/2.x with one text encoder; use model=latent_sdxl for an SDXL pipeline."
+            )
         check_latent_parts(backbone, codec, conditioner, resolution, image_channels)
 
     def text_states(self, conditioner, captions: list[str]) -> dict[str, torch.Tensor]:

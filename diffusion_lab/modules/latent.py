@@ -30,6 +30,9 @@ class LatentDiffusion(DiffusionModule):
             the full backbone / on the text encoders the family's LoRA loader takes.
         backbone_base_dtype: dtype the frozen base backbone is held in under an adapter (the adapter stays fp32).
         caption_dropout: P(caption -> "") per example, for classifier-free guidance.
+        prior_loss_weight: DreamBooth's prior preservation (Ruiz et al. 2023): with DreamBooth data (batches
+            flag class examples ``is_prior``) loss = loss(instance) + w x loss(class), as diffusers'
+            ``train_dreambooth.py``; the class images are ``callbacks/dreambooth.py``'s.
         cache: ``model.cache``, read by ``callbacks/caching.py`` (VAE posteriors and frozen text
             states computed once before training); recorded here with the run's hparams.
         cache_text_dir: with ``cache``, the cached text states live in memory-mapped files in this folder
@@ -46,8 +49,8 @@ class LatentDiffusion(DiffusionModule):
     """
 
     hparams_ignore = DiffusionModule.hparams_ignore + ("family", "backbone_lora", "text_lora")
-    # per-image batch entries a method adds that the latent cache must carry along (besides the family's)
-    method_batch_keys: tuple[str, ...] = ()
+    # per-image batch entries of the methods that the latent cache must carry along (when present)
+    method_batch_keys: tuple[str, ...] = ("is_prior",)
 
     def __init__(
         self,
@@ -64,6 +67,7 @@ class LatentDiffusion(DiffusionModule):
         text_lora=None,
         backbone_base_dtype: Dtype = "float32",
         caption_dropout: float = 0.0,
+        prior_loss_weight: float = 1.0,
         gradient_checkpointing: bool = False,
         cache: bool = False,
         cache_text_dir: str | None = None,
@@ -81,6 +85,8 @@ class LatentDiffusion(DiffusionModule):
         family.check_parts(backbone, codec, conditioner, resolution, image_channels)
         if not 0.0 <= caption_dropout < 1.0:
             raise ConfigError(f"model.caption_dropout={caption_dropout} must be in [0, 1).")
+        if prior_loss_weight < 0:
+            raise ConfigError(f"model.prior_loss_weight={prior_loss_weight} must be >= 0.")
         if safety_checker and family.pipeline_class != "StableDiffusionPipeline":
             raise ConfigError(f"model.safety_checker: {family.pipeline_class} has no safety checker; leave it null for model={family.name}.")
         check_quantized_training(family.name, quantization, backbone, backbone_lora, export_fused)
@@ -136,6 +142,19 @@ class LatentDiffusion(DiffusionModule):
     def cache_states_dir(self) -> str | None:
         """Where ``callbacks/caching.py`` keeps the cached text states (None: in RAM)."""
         return self.hparams.get("cache_text_dir")
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The shared step; with DreamBooth data the class examples' loss is weighted by ``prior_loss_weight``."""
+        if "is_prior" not in batch:
+            return super().training_step(batch, batch_idx)
+        prior = batch["is_prior"].bool()
+        losses = {name: self.diffusion_loss(select(batch, keep), train=True) for name, keep in (("instance", ~prior), ("prior", prior)) if keep.any()}
+        loss = losses.get("instance", 0.0) + self.hparams.prior_loss_weight * losses.get("prior", 0.0)
+        bs = batch_len(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for name, value in losses.items():
+            self.log(f"train/{name}_loss", value, batch_size=bs)
+        return loss
 
     # ---- frozen parts on the CPU (model.offload_frozen) ----------------------------------------
     def _apply(self, fn, recurse: bool = True):
@@ -217,6 +236,12 @@ class LatentDiffusion(DiffusionModule):
     @torch.no_grad()
     def _empty_states(self) -> dict[str, torch.Tensor]:
         return self._text([""])
+
+
+def select(batch: dict, keep: torch.Tensor) -> dict:
+    """The examples of ``batch`` where ``keep`` (``[N]`` bool) is true: tensors and lists alike."""
+    idx = keep.nonzero().flatten().tolist()
+    return {k: v[keep.to(v.device)] if torch.is_tensor(v) else [v[i] for i in idx] for k, v in batch.items()}
 
 
 def check_group_offload(group_offload: str | None) -> None:

@@ -33,6 +33,10 @@ RENAMED_PREFIXES = {
     "model.guidance": "model.family.guidance",
     "model.sample_guidance": "model.family.sample_guidance",
     "model.force_zeros_for_empty_prompt": "model.family.force_zeros_for_empty_prompt",
+    "model.class_steps": "data.class_steps",  # DreamBooth's class images are the data's (callbacks/dreambooth.py)
+    "model.class_guidance": "data.class_guidance",
+    "model.class_batch_size": "data.class_batch_size",
+    "model.class_seed": "data.class_seed",
 }
 
 
