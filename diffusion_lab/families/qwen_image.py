@@ -66,21 +66,32 @@ class QwenTextConditioner(TextConditioner):
         config = self.text_encoder.config
         return int(getattr(config, "text_config", config).hidden_size)
 
-    def encode(self, captions: Sequence[str], **inputs) -> tuple[list[torch.Tensor], torch.device]:
-        """``_get_qwen_prompt_embeds`` up to the split: each caption's valid states ``[L_i, D]`` after the prefix."""
-        tokens = self.tokenizer([self.template.format(c) for c in captions], max_length=TOKENIZER_MAX_LENGTH + self.drop_idx, padding=True, truncation=True, return_tensors="pt")
-        device = self.text_encoder.device
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            out = self.text_encoder(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device), output_hidden_states=True, **inputs)
-        mask = tokens.attention_mask.to(device).bool()
-        states = out.hidden_states[-1]
-        return [s[m][self.drop_idx :] for s, m in zip(states, mask)], device
+    truncate = True  # encode_prompt cuts the states at max_sequence_length (QwenImageEditPipeline's does not)
 
-    def forward(self, captions: Sequence[str], **inputs) -> dict[str, torch.Tensor]:
+    def inputs(self, captions: Sequence[str], images=None) -> dict[str, torch.Tensor]:
+        """The text encoder's inputs: the templated captions, padded to the longest, truncated at 1024 + 34 tokens."""
+        texts = [self.template.format(c) for c in captions]
+        return dict(self.tokenizer(texts, max_length=TOKENIZER_MAX_LENGTH + self.drop_idx, padding=True, truncation=True, return_tensors="pt"))
+
+    def encode(self, captions: Sequence[str], images=None) -> list[torch.Tensor]:
+        """``_get_qwen_prompt_embeds`` up to its padding: each caption's valid last hidden states ``[L_i, D]``
+        after the template prefix."""
+        device = self.text_encoder.device
+        inputs = {k: v.to(device) for k, v in self.inputs(captions, images).items() if k != "mm_token_type_ids"}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            states = self.text_encoder(**inputs, output_hidden_states=True).hidden_states[-1]
+        return [s[m.bool()][self.drop_idx :] for s, m in zip(states, inputs["attention_mask"])]
+
+    def forward(self, captions: Sequence[str], images=None) -> dict[str, torch.Tensor]:
         """Captions -> ``encoder_hidden_states`` ``[N, L, D]`` (fp32) and ``encoder_hidden_states_mask`` ``[N, L]``
         (1 on the caption's tokens, fp32), ``L = max_sequence_length``."""
-        per_caption, device = self.encode(captions, **inputs)
-        L = self.max_sequence_length
+        per_caption, L = self.encode(captions, images), self.max_sequence_length
+        if not self.truncate and max(len(s) for s in per_caption) > L:
+            raise ConfigError(
+                f"text_encoder.max_sequence_length={L} is shorter than a caption's {max(len(s) for s in per_caption)} text + image "
+                f"tokens, which the pipeline never truncates; raise it (at most {TOKENIZER_MAX_LENGTH})."
+            )
+        device = per_caption[0].device
         states = torch.zeros(len(per_caption), L, self.hidden_size, device=device)
         mask = torch.zeros(len(per_caption), L, device=device)
         for i, s in enumerate(per_caption):

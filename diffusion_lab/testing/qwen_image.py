@@ -13,6 +13,8 @@ Real diffusers / transformers classes with tiny configs, laid out as diffusers' 
     tiny_qwen_vae()                  a random ``AutoencoderKLQwenImage`` (z_dim 4, 4x down-sampling)
     tiny_qwen_transformer()          a random ``QwenImageTransformer2DModel`` (two blocks, width 32)
     tiny_pipeline(resolution, seed)  the ``QwenImagePipeline`` of these parts (``--kind qwen_image``)
+
+``testing/qwen_image_edit.py`` builds the ``QwenImageEditPipeline`` of the same parts.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ TEMPLATE_WORDS = (
     "the objects and background: user assistant "
     "Describe the key features of the input image (color, shape, size, texture, objects, background), then explain how "
     "the user's text instruction should alter or modify the image. Generate a new image that meets the user's "
-    "requirements while maintaining consistency with the original input where appropriate."
+    "requirements while maintaining consistency with the original input where appropriate. "
+    "make it turn into change replace add remove thicker thinner bold"  # a few edit instructions
 )
 # Qwen2.5's chat and vision specials (the real vocabulary's 151643.. ids, here after the learned tokens)
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -152,3 +155,4 @@ def tiny_pipeline(resolution: int = 32, seed: int = 0):
         text_encoder=tiny_qwen_text_encoder(tokenizer, seed=seed),
         tokenizer=tokenizer,
     )
+
