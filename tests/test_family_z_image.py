@@ -153,7 +153,7 @@ def test_module_text_states_and_checks(folder, pipe, tmp_path):
 
 def test_full_finetune_exports_a_pipeline_plain_diffusers_loads(folder, pipe, tmp_path):
     out = tmp_path / "run"
-    objects = fit(out, f"model.pretrained={folder}")
+    objects = fit(out, f"model.pretrained={folder}", *captioned_folder(tmp_path / "images", "imagefolder"))  # metadata.jsonl captions
     assert np.isfinite(losses(out)).all() and len(losses(out)) == 4
     assert (out / "samples" / "step_000004.png").exists()
     exported = DiffusionPipeline.from_pretrained(out / "pipeline", local_files_only=True)
