@@ -25,8 +25,9 @@ What differs from FLUX.1, each mirroring ``Flux2KleinPipeline``:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -174,7 +175,7 @@ class Flux2(Family):
     name = "latent_flux2"
     pipeline_class = PIPELINE
     text_keys = ("encoder_hidden_states",)
-    refuses = {
+    refuses: ClassVar[dict[str, str]] = {
         "textual_inversion": f"{PIPELINE} has no textual-inversion loader (it is not a TextualInversionLoaderMixin) and Qwen3 has no token slot the export could carry.",
         "controlnet": "diffusers has no FLUX.2 ControlNet model or pipeline to export to.",
         "train_text_encoder": "Flux2LoraLoaderMixin loads LoRA weights into the transformer only (no text_encoder slot), so a text-encoder LoRA could not be exported; use adapter.train_text_encoder=false.",
