@@ -267,3 +267,17 @@ def test_gemma_fine_tuned_in_full_is_exported(folder, tmp_path):
     fit(out, f"model.pretrained={folder}", "text_encoder.trainable=true", "model.gradient_checkpointing=true", "trainer.max_steps=2", *QUIET)
     pipe, base = SanaPipeline.from_pretrained(out / "pipeline"), SanaPipeline.from_pretrained(folder)
     assert any(not torch.equal(a, b) for a, b in zip(pipe.text_encoder.parameters(), base.text_encoder.parameters()))
+
+
+@pytest.mark.slow
+def test_dreambooth_with_prior_preservation_trains_sana(folder, tmp_path):
+    """DreamBooth is a method, not a family: experiment=dreambooth_tiny on model=latent_sana generates its class
+    images with the Sana base (module sampler), trains with the prior loss and exports a SanaPipeline."""
+    out = tmp_path / "run"
+    cfg = compose_cfg("train", [
+        "experiment=dreambooth_tiny", "model=latent_sana", f"model.pretrained={folder}", "process.scheduler._target_=diffusion_lab.families.sana.load_flow_scheduler",
+        f"text_encoder.max_sequence_length={MAX_LENGTH}", "trainer.max_steps=3", "trainer.log_every_n_steps=1", "data.num_class_images=4", "data.max_instances=4",
+        "data.batch_size=4", *QUIET], out)
+    objects = train(cfg)[1]
+    assert objects["model"].hparams.prior_loss_weight == 1.0 and len(list((out / "class_images").glob("*.png"))) == 4
+    assert np.isfinite(losses(out)).all() and type(SanaPipeline.from_pretrained(out / "pipeline").transformer).__name__ == "SanaTransformer2DModel"
