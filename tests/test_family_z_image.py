@@ -135,7 +135,8 @@ def build_module(tmp_path, pretrained, *overrides):
 
 def test_module_text_states_and_checks(folder, pipe, tmp_path):
     """model=latent_z_image builds the conditioner from text_encoder=z_image_pretrained; its states are
-    encode_prompt's; process=vp and a LoRA on Qwen3 (no slot in the pipeline's LoRA loader) are ConfigErrors."""
+    encode_prompt's; process=vp, a LoRA on Qwen3 (no slot in the pipeline's LoRA loader) and a ControlNet
+    (not wired) are ConfigErrors."""
     module = build_module(tmp_path, folder, f"text_encoder.max_sequence_length={MAX_LENGTH}")
     with torch.no_grad():
         states = module.text_states(PROMPTS)
@@ -149,6 +150,9 @@ def test_module_text_states_and_checks(folder, pipe, tmp_path):
     with pytest.raises(Exception) as excinfo:
         build_module(tmp_path, folder, "adapter=lora", "adapter.train_text_encoder=true")
     assert "adapter.train_text_encoder=true" in str(user_error(excinfo)) and "ZImageLoraLoaderMixin" in str(user_error(excinfo))
+    with pytest.raises(Exception) as excinfo:
+        build_module(tmp_path, folder, "controlnet=from_backbone")
+    assert "cannot be used with model=latent_z_image: ZImageControlNetModel" in str(user_error(excinfo))
 
 
 def test_full_finetune_exports_a_pipeline_plain_diffusers_loads(folder, pipe, tmp_path):
@@ -198,6 +202,18 @@ def test_cache_gives_the_same_loss_curve_in_ram_and_on_disk(folder, tmp_path):
     assert train_set.states["encoder_attention_mask"].dtype == torch.bool and len(curves["ram"]) == 3
     np.testing.assert_allclose(curves["ram"], curves["none"], rtol=1e-4)
     np.testing.assert_allclose(curves["disk"], curves["ram"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_dreambooth_trains_z_image_with_its_own_class_images(folder, tmp_path):
+    """DreamBooth (model.prior_loss_weight) is a method of any family: class images from Z-Image's own
+    sampler, instance + prior losses, a ZImagePipeline export."""
+    fast = ["trainer.max_steps=2", *QUIET, "data.num_class_images=2", "data.max_instances=2", "data.batch_size=4", "data.class_steps=2"]
+    overrides = ["experiment=dreambooth_tiny", "model=latent_z_image", f"model.pretrained={folder}", f"text_encoder.max_sequence_length={MAX_LENGTH}", f"data.class_dir={tmp_path / 'class'}", *fast]
+    _, objects = train(compose_cfg("train", overrides, tmp_path / "run"))
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    assert {"train/instance_loss", "train/prior_loss"} <= set(objects["trainer"].callback_metrics)
+    assert type(DiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")) is ZImagePipeline
 
 
 def test_a_pipeline_folder_diffusers_itself_wrote_with_other_dims(tmp_path):

@@ -114,8 +114,8 @@ class ZImage(Family):
     pipeline_class = PIPELINE
     text_keys = ("encoder_hidden_states", "encoder_attention_mask")
     refuses = {
-        "textual_inversion": "ZImagePipeline has no textual-inversion loader (it is not a TextualInversionLoaderMixin), so a learned token embedding could not be exported or loaded.",
-        "controlnet": "ZImageControlNetModel / ZImageControlNetPipeline (diffusers) are not wired into the ControlNet method here; train a LoRA or fine-tune instead.",
+        "textual_inversion": "ZImagePipeline has no textual-inversion loader (it is not a TextualInversionLoaderMixin), so a learned token embedding could not be exported or loaded",
+        "controlnet": "ZImageControlNetModel / ZImageControlNetPipeline (diffusers) are not wired into the ControlNet method here; train a LoRA or fine-tune instead",
         "train_text_encoder": "ZImagePipeline's LoRA loader (ZImageLoraLoaderMixin) loads the transformer only, so a LoRA on Qwen3 could not be exported or "
         "loaded; set adapter.train_text_encoder=false (text_encoder.trainable=true with adapter=none fine-tunes Qwen3 in full, exported in <run>/pipeline).",
     }
