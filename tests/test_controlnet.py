@@ -1,4 +1,4 @@
-"""ControlNet training (model=latent_controlnet): the real experiment configs, shrunk, on a tiny SD
+"""ControlNet training (controlnet=from_backbone on the SD family): the real experiment configs, shrunk, on a tiny SD
 pipeline folder that diffusers itself wrote; the export reloads in plain diffusers and steers
 StableDiffusionControlNetPipeline; control maps and the errors for missing control images."""
 
@@ -27,7 +27,7 @@ from diffusion_lab.data.control import (
 from diffusion_lab.data.sources import DigitsDataset
 from diffusion_lab.data.transforms import ImageTransform
 from diffusion_lab.export import build_controlnet_pipeline
-from diffusion_lab.modules.controlnet import controlnet_from_unet
+from diffusion_lab.components.controlnet import controlnet_from_backbone
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError, DataError
 from tests.conftest import compose_cfg
@@ -135,11 +135,11 @@ def test_control_maps_of_a_digit():
 def test_bad_settings_are_config_errors(diffusers_folder, tmp_path):
     unet = StableDiffusionPipeline.from_pretrained(diffusers_folder).unet
     with pytest.raises(ConfigError, match="conditioning_embedding_out_channels"):
-        controlnet_from_unet(unet, downsample_factor=2, conditioning_embedding_out_channels=(16, 32, 96, 256))
-    for override, match in (("adapter=lora", "adapter=none"), ("data.control=sobel", "data.control='sobel'"), ("text_encoder.trainable=true", "trainable=false")):
+        controlnet_from_backbone(unet, downsample_factor=2, conditioning_embedding_out_channels=(16, 32, 96, 256))
+    for override, match, part in (("adapter=lora", "adapter=none", "model"), ("data.control=sobel", "data.control='sobel'", "data"), ("text_encoder.trainable=true", "trainable=false", "model")):
         cfg = compose_cfg("train", FAST + [f"model.pretrained={diffusers_folder}", override], tmp_path / "run")
         with pytest.raises(Exception) as e:  # hydra's InstantiationException around it
-            instantiate(cfg.model)
+            instantiate(cfg.model if part == "model" else cfg.data.datamodule)
         assert isinstance(user_error(e), ConfigError) and match in str(user_error(e))
 
 
@@ -178,10 +178,16 @@ def test_batches_without_control_images_are_a_data_error(diffusers_folder, tmp_p
         fit(tmp_path / "run", f"model.pretrained={diffusers_folder}", "data.control=null", "trainer.max_steps=1")
 
 
+def test_model_latent_controlnet_is_the_sd_family_with_controlnet_from_backbone(tmp_path):
+    old = compose_cfg("train", ["model=latent_controlnet"], tmp_path / "a")
+    new = compose_cfg("train", ["model=latent_sd", "controlnet=from_backbone"], tmp_path / "b")
+    assert old.model == new.model and old.controlnet == new.controlnet and old.controlnet.part is not None
+
+
 def test_gpu_recipe_runs_a_step_on_the_tiny_pipeline(diffusers_folder, tmp_path):
     cfg = compose_cfg("train", ["experiment=controlnet_sd15", f"model.pretrained={diffusers_folder}", "data=digits_captioned", "data.resolution=32",
                                 "data.num_workers=0", "trainer=cpu", "trainer.precision=32-true", "debug=fast", "logger=csv",
                                 "callbacks.progress_bar=null"], tmp_path / "run")
-    assert cfg.model._target_.endswith("ControlNetDiffusion") and cfg.model.control == "edges" and cfg.model.optimizer.lr == 1e-5
+    assert cfg.model.controlnet is not None and cfg.data.control == "edges" and cfg.model.optimizer.lr == 1e-5
     _, objects = train(cfg)
     assert objects["model"].controlnet.is_gradient_checkpointing and objects["trainer"].global_step == 1

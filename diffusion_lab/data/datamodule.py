@@ -133,6 +133,9 @@ class DiffusionDataModule(pl.LightningDataModule):
         shuffle_seed: seed of the training order and augmentations; None = the run's ``seed``
             (``PL_GLOBAL_SEED``, the same on every DDP rank). Saved in checkpoints with the epoch
             and the position inside it, so a resumed run sees the same batches.
+        control: ``data.control``: each example also carries a control image computed from it
+            (``edges`` | ``strokes`` | ``mask``, ``data/control.py``) for ``controlnet=``; None: none (or
+            the data's own paired ``conditioning_image``).
     """
 
     def __init__(
@@ -145,8 +148,14 @@ class DiffusionDataModule(pl.LightningDataModule):
         persistent_workers: bool = False,
         seed: int = 0,
         shuffle_seed: int | None = None,
+        control: str | None = None,
     ) -> None:
         super().__init__()
+        if control is not None:
+            from diffusion_lab.data.control import check_control_kind
+
+            check_control_kind(control)
+        self.control = control
         self.dataset = dataset
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -178,6 +187,11 @@ class DiffusionDataModule(pl.LightningDataModule):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         self.val_set = Subset(self.dataset, perm[:n_val]) if n_val else None
         self.train_set = Subset(self.dataset, perm[n_val:]) if n_val else self.dataset
+        if self.control is not None:
+            from diffusion_lab.data.control import ControlMaps
+
+            self.train_set = ControlMaps(self.train_set, self.control)
+            self.val_set = ControlMaps(self.val_set, self.control) if self.val_set is not None else None
 
     def _loader(self, ds: Dataset, sampler: ResumableSampler | None, drop_last: bool) -> DataLoader:
         return (ResumableLoader if sampler is not None else DataLoader)(

@@ -1,15 +1,15 @@
-"""ControlNet runs (``model=latent_controlnet``) -> a ``ControlNetModel`` folder.
+"""ControlNet runs (``controlnet=from_backbone``) -> the ControlNet folder of the family's pipeline.
 
     <run dir>/controlnet/config.json + diffusion_pytorch_model.safetensors
 
-which plain diffusers loads and runs beside the base the run was trained on:
+which plain diffusers loads and runs beside the base the run was trained on, e.g. for SD 1.x:
 
-    controlnet = ControlNetModel.from_pretrained("<run dir>/controlnet")
+    controlnet = ControlNetModel.from_pretrained("<run dir>/controlnet")    # SD3ControlNetModel / FluxControlNetModel
     pipe = StableDiffusionControlNetPipeline.from_pretrained(<model.pretrained>, controlnet=controlnet)
     pipe("a prompt", image=control_image)      # PIL image (or [N, 3, H, W] in [0, 1])
 
-The UNet, VAE and text encoder are not written: they are the (frozen) base's.
-``build_controlnet_pipeline`` gives that pipeline of a module in memory.
+The backbone, VAE and text encoders are not written: they are the (frozen) base's.
+``build_controlnet_pipeline`` gives the family's ControlNet pipeline of a module in memory.
 """
 
 from __future__ import annotations
@@ -18,21 +18,19 @@ from diffusion_lab.utils.io import atomic_dir
 
 
 def is_controlnet(module) -> bool:
-    from diffusion_lab.modules.controlnet import ControlNetDiffusion
-
-    return isinstance(module, ControlNetDiffusion)
+    return getattr(module, "controlnet", None) is not None
 
 
 def build_controlnet_pipeline(module):
-    """A ``StableDiffusionControlNetPipeline`` of the module's frozen base and current ControlNet,
-    its scheduler the configured sampler."""
-    from diffusers import StableDiffusionControlNetPipeline
+    """The family's ControlNet pipeline (``family.controlnet_pipeline_class``) of the module's frozen
+    base and current ControlNet, its scheduler the configured sampler."""
+    import diffusers
 
     from diffusion_lab.export.pipelines import _float32, build_pipeline
 
-    base = build_pipeline(module, fused=True)  # the StableDiffusionPipeline of the frozen parts
-    parts = {k: getattr(base, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")}
-    return StableDiffusionControlNetPipeline(**parts, controlnet=_float32(module.controlnet), requires_safety_checker=base.safety_checker is not None)
+    base = build_pipeline(module, fused=True)  # the family's pipeline of the frozen parts
+    cls = getattr(diffusers, module.family.controlnet_pipeline_class)
+    return cls(**base.components, controlnet=_float32(module.controlnet))
 
 
 def save_controlnet(module, out_dir: str) -> None:

@@ -39,6 +39,12 @@ def filter_set_timesteps(scheduler, **kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if k in accepted and v is not None}
 
 
+def _version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
 def source(module) -> str:
     """`` (from <folder or hub id>)`` of a loaded diffusers / transformers model, for messages."""
     name = getattr(getattr(module, "config", None), "_name_or_path", "") or ""
@@ -57,6 +63,7 @@ class Family:
         text_keys: the keys ``text_states`` returns (the latent / text cache holds exactly these).
         cfg: previews and exports run classifier-free guidance (False: FLUX.1's embedded guidance).
         cached_batch_keys: per-image batch entries ``conditioning`` reads that the latent cache must keep.
+        controlnet_pipeline_class: the diffusers ControlNet pipeline of the family (None: no ControlNet here).
     """
 
     name: ClassVar[str] = ""
@@ -69,6 +76,8 @@ class Family:
     text_keys: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
     cfg: ClassVar[bool] = True
     cached_batch_keys: ClassVar[tuple[str, ...]] = ()
+    # the diffusers pipeline that runs this family with a ControlNet (None: ``controlnet=`` is refused)
+    controlnet_pipeline_class: ClassVar[str | None] = None
     # why a method is refused for this family: {method: reason}; a method not listed is supported
     refuses: ClassVar[dict[str, str]] = {}
 
@@ -79,7 +88,18 @@ class Family:
     def supports(self, method: str) -> str | None:
         """None when ``method`` (``lora``, ``dreambooth``, ``textual_inversion``, ``controlnet``, ``edit``)
         works with this family, else the reason it does not (for a ConfigError naming both keys)."""
+        if method == "controlnet" and not self.controlnet_pipeline_class:
+            return self.refuses.get(method, f"diffusers {_version()} has no ControlNet pipeline for {self.pipeline_class}")
         return self.refuses.get(method)
+
+    def control_input(self, module, images: torch.Tensor) -> torch.Tensor:
+        """Control images ``[N, C, H, W]`` in [-1, 1] -> what the family's ControlNet reads. Default: a UNet
+        ControlNet's ``[N, 3, H, W]`` in [0, 1] (grey controls repeated to RGB, as the pipelines' image
+        processor converts them); transformer ControlNets read VAE latents (``families/sd3.py``, ``flux.py``)."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        images = VaeImageProcessor.denormalize(images.to(module.device).float())
+        return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
     # ---- conditioning --------------------------------------------------------------------------
     def text_states(self, conditioner, captions: list[str]) -> dict[str, torch.Tensor]:

@@ -50,6 +50,7 @@ class Flux(StableDiffusion3):
 
     name = "latent_flux"
     pipeline_class = "FluxPipeline"
+    controlnet_pipeline_class = "FluxControlNetPipeline"
     encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
     cfg = False  # FluxPipeline samples without classifier-free guidance; guidance_scale is embedded
@@ -65,6 +66,11 @@ class Flux(StableDiffusion3):
             return {}
         value = (batch or {}).get("guidance_scale", self.sample_guidance) if sampling else self.guidance
         return {"guidance": torch.full((n,), float(value), device=module.device)}
+
+    def control_input(self, module, images: torch.Tensor) -> torch.Tensor:
+        """The control image's VAE latents, packed into tokens (``FluxControlNetPipeline.prepare_image`` +
+        ``_pack_latents``; here the posterior mean)."""
+        return pack(module.codec.encode(images.to(module.device), sample=False))
 
     def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states, pooled_projections, guidance=None, **controls) -> torch.Tensor:
         """``[N, c, h, w]`` at timesteps ``t`` = sigma x 1000 -> velocity ``[N, c, h, w]``."""

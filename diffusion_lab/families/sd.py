@@ -17,6 +17,7 @@ from diffusion_lab.utils.errors import ConfigError
 class StableDiffusion(Family):
     name = "latent_sd"
     pipeline_class = "StableDiffusionPipeline"
+    controlnet_pipeline_class = "StableDiffusionControlNetPipeline"
     backbone_name = "unet"
     processes = ("vp", "edm")
     process_limits = (

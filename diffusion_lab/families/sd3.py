@@ -15,6 +15,7 @@ from diffusion_lab.families.base import Family, filter_set_timesteps
 class StableDiffusion3(Family):
     name = "latent_sd3"
     pipeline_class = "StableDiffusion3Pipeline"
+    controlnet_pipeline_class = "StableDiffusion3ControlNetPipeline"
     encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizer_names = ("tokenizer", "tokenizer_2", "tokenizer_3")
     text_keys = ("encoder_hidden_states", "pooled_projections")
@@ -38,6 +39,11 @@ class StableDiffusion3(Family):
     def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states, pooled_projections, **controls) -> torch.Tensor:
         """Latents at timesteps ``t`` = sigma x 1000 (the pipeline's) -> velocity."""
         return backbone(hidden_states=x_t, timestep=t, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections, **controls).sample
+
+    def control_input(self, module, images: torch.Tensor) -> torch.Tensor:
+        """The control image's VAE latents, scaled and shifted as the latents themselves
+        (``StableDiffusion3ControlNetPipeline.prepare_image``; here the posterior mean)."""
+        return module.codec.encode(images.to(module.device), sample=False)
 
     def image_seq_len(self, backbone, shape: tuple[int, ...]) -> int:
         """Image tokens of latents ``[N, c, h, w]``: (h / p) (w / p) for patch size p (x the packing)."""

@@ -22,6 +22,7 @@ class StableDiffusionXL(StableDiffusion):
 
     name = "latent_sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
+    controlnet_pipeline_class = "StableDiffusionXLControlNetPipeline"
     encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
     text_keys = ("encoder_hidden_states", "text_embeds")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 
 from diffusion_lab.components.adapters import add_lora
+from diffusion_lab.components.controlnet import Controlled, ControlNetPart
 from diffusion_lab.components.pretrained import Dtype, torch_dtype
 from diffusion_lab.components.quantization import check_quantized_training, is_quantized
 from diffusion_lab.components.vae import VAECodec
+from diffusion_lab.data.control import CONTROL_KEY
 from diffusion_lab.families.base import Family
 from diffusion_lab.modules.diffusion_module import DiffusionModule, batch_len
 from diffusion_lab.utils.errors import ConfigError, DataError
@@ -30,6 +32,9 @@ class LatentDiffusion(DiffusionModule):
             the full backbone / on the text encoders the family's LoRA loader takes.
         backbone_base_dtype: dtype the frozen base backbone is held in under an adapter (the adapter stays fp32).
         caption_dropout: P(caption -> "") per example, for classifier-free guidance.
+        controlnet: ``controlnet=from_backbone``: train a ControlNet (``components/controlnet.py``) that steers
+            the frozen backbone from a control image per example (``data.control`` or a paired
+            ``conditioning_image``); backbone, VAE and text encoders stay frozen.
         prior_loss_weight: DreamBooth's prior preservation (Ruiz et al. 2023): with DreamBooth data (batches
             flag class examples ``is_prior``) loss = loss(instance) + w x loss(class), as diffusers'
             ``train_dreambooth.py``; the class images are ``callbacks/dreambooth.py``'s.
@@ -48,9 +53,9 @@ class LatentDiffusion(DiffusionModule):
         **kwargs: the shared ``DiffusionModule`` arguments (``process``, ``sampler``, ``optimizer``, ...).
     """
 
-    hparams_ignore = DiffusionModule.hparams_ignore + ("family", "backbone_lora", "text_lora")
+    hparams_ignore = DiffusionModule.hparams_ignore + ("family", "backbone_lora", "text_lora", "controlnet")
     # per-image batch entries of the methods that the latent cache must carry along (when present)
-    method_batch_keys: tuple[str, ...] = ("is_prior",)
+    method_batch_keys: tuple[str, ...] = ("is_prior", CONTROL_KEY)
 
     def __init__(
         self,
@@ -67,6 +72,7 @@ class LatentDiffusion(DiffusionModule):
         text_lora=None,
         backbone_base_dtype: Dtype = "float32",
         caption_dropout: float = 0.0,
+        controlnet: ControlNetPart | None = None,
         prior_loss_weight: float = 1.0,
         gradient_checkpointing: bool = False,
         cache: bool = False,
@@ -110,8 +116,18 @@ class LatentDiffusion(DiffusionModule):
         if gradient_checkpointing and not conditioner.frozen:
             for encoder in conditioner.encoders:
                 encoder.gradient_checkpointing_enable()
+        net = None
+        if controlnet is not None:
+            check_controlnet(family, backbone_lora, text_lora, conditioner)
+            net = controlnet.build(backbone=backbone, downsample_factor=codec.downsample_factor)
+            backbone.requires_grad_(False)
         super().__init__(backbone, process, sampler, optimizer, codec=codec, conditioner=conditioner, resolution=resolution, gradient_checkpointing=gradient_checkpointing, **kwargs)
         self.family = family
+        self.controlnet = net
+        self.control = controlnet
+        self._preview: dict | None = None
+        if net is not None and gradient_checkpointing:
+            net.enable_gradient_checkpointing()
         if offload_frozen and not conditioner.frozen:
             raise ConfigError(
                 "model.offload_frozen=true keeps the frozen text encoders and VAE on the CPU, but the text encoder trains "
@@ -179,7 +195,8 @@ class LatentDiffusion(DiffusionModule):
         adapter's base held in bf16/fp16 must also sample without autocast, e.g. on CPU), output fp32."""
         dtype = self.base_backbone.dtype
         cond = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
-        return self.family.forward(self.backbone, x_t.to(dtype), t, **cond).float()
+        backbone = self.backbone if self.controlnet is None else Controlled(self.backbone, self.controlnet, self.control.conditioning_scale)
+        return self.family.forward(backbone, x_t.to(dtype), t, **cond).float()
 
     def text_states(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Captions -> the backbone's text conditioning (``text_keys``), as the family's pipeline encodes them."""
@@ -201,13 +218,14 @@ class LatentDiffusion(DiffusionModule):
             if drop is not None:
                 captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
             states = self._text(captions)
-        return {**states, **self.family.conditioning(self, batch, batch_len(batch), sampling=False)}
+        return {**states, **self.family.conditioning(self, batch, batch_len(batch), sampling=False), **self._control(batch)}
 
     def sampling_conditioning(self, cond_batch: dict | None, n: int):
         """Prompts from ``cond_batch["caption"]`` (else empty); the unconditional half is the family's
         (the encoded "", zeros for SDXL, none for FLUX.1's embedded guidance)."""
+        cond_batch = self._with_preview_controls(cond_batch, n)
         captions = list(cond_batch["caption"]) if cond_batch and "caption" in cond_batch else [""] * n
-        extra = self.family.conditioning(self, cond_batch, n, sampling=True)
+        extra = {**self.family.conditioning(self, cond_batch, n, sampling=True), **self._control(cond_batch, n)}
         cond = self._text(captions)
         uncond = self.family.unconditional(cond, self._text([""] * n) if self.family.cfg else None)
         return {**cond, **extra}, ({**uncond, **extra} if uncond is not None else None)
@@ -223,6 +241,54 @@ class LatentDiffusion(DiffusionModule):
 
     def sampling_schedule(self, scheduler, shape, num_inference_steps):
         return self.family.sampling_schedule(self.base_backbone, scheduler, shape, num_inference_steps)
+
+    # ---- ControlNet (controlnet=from_backbone) ----------------------------------------------------
+    def _control(self, batch: dict | None, n: int | None = None) -> dict[str, torch.Tensor]:
+        """``{"controlnet_cond": ...}``: the batch's control images as the family's ControlNet reads them
+        (both halves of guidance see the control, the pipelines' ``guess_mode=False``); {} without a ControlNet."""
+        if self.controlnet is None:
+            return {}
+        if not batch or CONTROL_KEY not in batch:
+            raise DataError(
+                f"controlnet=from_backbone needs a control image per example ('{CONTROL_KEY}' in the batch), but the batches "
+                f"have only {sorted(batch or {})}. Compute one from each image with data.control=edges|strokes|mask, or with "
+                f"data=image_folder give a 'conditioning_image' column in metadata.jsonl (the diffusers convention) and set "
+                f"data.paired_images={{conditioning_image: {CONTROL_KEY}}}."
+            )
+        images = batch[CONTROL_KEY][:n] if n is not None else batch[CONTROL_KEY]
+        want = self.controlnet.config.get("conditioning_channels", 3)
+        if images.shape[1] not in (1, want):
+            raise DataError(f"conditioning images have {images.shape[1]} channels but the ControlNet takes {want}; save them as RGB or greyscale.")
+        return {"controlnet_cond": self.family.control_input(self, images)}
+
+    def on_fit_start(self) -> None:
+        """With a ControlNet: keep the first training controls and captions for previews."""
+        dm = self.trainer.datamodule
+        if self.controlnet is not None and dm is not None and hasattr(dm, "sample_batch"):
+            batch = dm.sample_batch(self.control.preview_images)
+            if CONTROL_KEY in batch:
+                self._preview = {k: batch[k] for k in (CONTROL_KEY, "caption") if k in batch}
+
+    def _with_preview_controls(self, cond_batch: dict | None, n: int) -> dict | None:
+        """Sampling a ControlNet without controls: the training controls kept at fit start (cycled), and
+        their captions unless ``cond_batch`` has captions."""
+        if self.controlnet is None or (cond_batch and CONTROL_KEY in cond_batch):
+            return cond_batch
+        if self._preview is None:
+            raise DataError(f"sampling a ControlNet needs control images: pass cond_batch={{'{CONTROL_KEY}': [N, C, H, W] in [-1, 1]}} (previews take the first training controls).")
+        cond_batch = dict(cond_batch or {})
+        idx = torch.arange(n) % len(self._preview[CONTROL_KEY])
+        cond_batch[CONTROL_KEY] = self._preview[CONTROL_KEY][idx]
+        if "caption" not in cond_batch and "caption" in self._preview:
+            cond_batch["caption"] = [self._preview["caption"][i] for i in idx.tolist()]
+        return cond_batch
+
+    def train(self, mode: bool = True):
+        """Under a ControlNet the frozen backbone stays in eval mode, as diffusers' scripts keep it."""
+        super().train(mode)
+        if getattr(self, "controlnet", None) is not None:
+            self.base_backbone.eval()
+        return self
 
     def _captions(self, batch: dict) -> list[str]:
         if "caption" not in batch:
@@ -242,6 +308,17 @@ def select(batch: dict, keep: torch.Tensor) -> dict:
     """The examples of ``batch`` where ``keep`` (``[N]`` bool) is true: tensors and lists alike."""
     idx = keep.nonzero().flatten().tolist()
     return {k: v[keep.to(v.device)] if torch.is_tensor(v) else [v[i] for i in idx] for k, v in batch.items()}
+
+
+def check_controlnet(family: Family, backbone_lora, text_lora, conditioner) -> None:
+    """ConfigError before training: a family without a ControlNet, or an adapter / trained text encoder beside it."""
+    reason = family.supports("controlnet")
+    if reason:
+        raise ConfigError(f"controlnet=from_backbone cannot be used with model={family.name}: {reason}. Use controlnet=none, or a family with one (latent_sd, latent_sdxl, latent_sd3, latent_flux).")
+    if backbone_lora is not None or text_lora is not None:
+        raise ConfigError("controlnet=from_backbone trains only the ControlNet (backbone and text encoder stay frozen, as in diffusers' train_controlnet.py); use adapter=none.")
+    if not conditioner.frozen:
+        raise ConfigError("text_encoder.trainable=true: controlnet=from_backbone trains only the ControlNet, the text encoder stays frozen (as in diffusers' train_controlnet.py); set text_encoder.trainable=false.")
 
 
 def check_group_offload(group_offload: str | None) -> None:

@@ -37,6 +37,10 @@ RENAMED_PREFIXES = {
     "model.class_guidance": "data.class_guidance",
     "model.class_batch_size": "data.class_batch_size",
     "model.class_seed": "data.class_seed",
+    "model.controlnet": "controlnet",  # a part of any family with one: controlnet=from_backbone controlnet.pretrained=...
+    "model.conditioning_scale": "controlnet.conditioning_scale",
+    "model.preview_images": "controlnet.preview_images",
+    "model.control": "data.control",
 }
 
 
