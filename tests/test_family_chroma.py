@@ -163,3 +163,23 @@ def test_a_folder_of_another_family_is_a_config_error_naming_it(tmp_path):
     message = str(user_error(excinfo))
     assert f"model.pretrained='{flux}' is a FluxPipeline folder" in message and "model=latent_chroma trains a ChromaPipeline" in message
     assert "use model=latent_flux" in message and "--kind chroma" in message
+
+
+def test_text_encoder_lora_is_refused(folder, tmp_path):
+    cfg = compose_cfg("train", ["experiment=chroma_finetune_tiny", f"model.pretrained={folder}", "adapter=lora", "adapter.train_text_encoder=true"], tmp_path)
+    with pytest.raises(Exception) as excinfo:
+        __import__("hydra.utils").utils.instantiate(cfg.model)
+    assert "adapter.train_text_encoder=true with model=latent_chroma: the text encoder is T5" in str(user_error(excinfo))
+
+
+@pytest.mark.slow
+def test_a_pipeline_folder_with_other_dims_trains(tmp_path):
+    """A ChromaPipeline saved by diffusers' save_pretrained with other tiny dims (4 latent channels, VAE factor 4,
+    a 16-channel transformer): 2 steps, the export samples like the module (atol 1e-5)."""
+    vae = tiny.tiny_vae(latent_channels=4, block_out_channels=(16, 16, 32), seed=3, scaling_factor=0.5, shift_factor=0.1)
+    pipe = chroma.tiny_pipeline()
+    ChromaPipeline(**{**pipe.components, "vae": vae, "transformer": chroma.tiny_transformer(in_channels=16, seed=3)}).save_pretrained(tmp_path / "foreign")
+    out = tmp_path / "run"
+    objects = fit(out, f"model.pretrained={tmp_path / 'foreign'}", "trainer.max_steps=2", *QUIET)
+    assert np.isfinite(losses(out)).all() and objects["model"].latent_shape(1) == (1, 4, 8, 8)
+    np.testing.assert_allclose(generate(ChromaPipeline.from_pretrained(out / "pipeline")), own_sampler(objects), atol=1e-5)

@@ -212,3 +212,16 @@ def test_a_folder_of_another_family_is_a_config_error_naming_it(tmp_path):
     flux = tiny.build(tmp_path / "tiny_flux", kind="flux")
     cfg = compose_cfg("train", ["model=latent_flux_kontext", f"model.pretrained={flux}", "data=digits_captioned", "data.resolution=32"], tmp_path)
     assert type(instantiate(cfg.model).family) is FluxKontext
+
+
+@pytest.mark.slow
+def test_an_edit_model_from_a_flux_folder_exports_a_kontext_pipeline(pairs, tmp_path):
+    """Kontext from FLUX.1's weights (a FluxPipeline folder diffusers wrote): 2 steps on the pairs; the export
+    is a FluxKontextPipeline that samples like the module (atol 1e-5)."""
+    flux = tiny.build(tmp_path / "tiny_flux", kind="flux")
+    out = tmp_path / "run"
+    objects = fit(out, f"model.pretrained={flux}", *pairs, *QUIET, "trainer.max_steps=2")
+    pipe = DiffusionPipeline.from_pretrained(out / "pipeline")
+    assert type(pipe) is FluxKontextPipeline and np.isfinite(losses(out)).all()
+    source = source_images()
+    np.testing.assert_allclose(generate(pipe, source), own_sampler(objects, source), atol=1e-5)

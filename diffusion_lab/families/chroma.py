@@ -84,6 +84,9 @@ class Chroma(Flux):
         "textual_inversion": "ChromaPipeline's text encoder is T5 (a SentencePiece vocabulary): the textual-inversion "
         "part learns CLIP token embeddings.",
         "controlnet": "diffusers has no ControlNet for ChromaTransformer2DModel.",
+        "train_text_encoder": "the text encoder is T5, and adapter.text_encoder's LoRA targets CLIP's attention "
+        "(q_proj/k_proj/v_proj/out_proj; T5 names them q/k/v/o); train the transformer's LoRA only, or fine-tune T5 in "
+        "full with text_encoder.trainable=true.",
     }
 
     def __init__(self) -> None:  # no embedded guidance: nothing to configure
@@ -102,8 +105,10 @@ class Chroma(Flux):
         check_transformer_parts(self.name, SimpleNamespace(config=config), codec, text, resolution, image_channels, self.packing)
 
     def lora_text_encoders(self, conditioner) -> tuple[torch.nn.Module, ...]:
-        """None: the text encoder is T5, which the repo's text-encoder LoRA (CLIP's attention) does not target."""
-        return ()
+        """Called when ``adapter.train_text_encoder=true``: a ConfigError (see ``refuses``)."""
+        from diffusion_lab.utils.errors import ConfigError
+
+        raise ConfigError(f"adapter.train_text_encoder=true with model={self.name}: {self.refuses['train_text_encoder']}")
 
     def text_states(self, conditioner, captions: list[str]) -> dict[str, torch.Tensor]:
         return conditioner(captions)
