@@ -4,8 +4,6 @@ transformer ignores through its mask; the DC-AE codec is the pipeline's encode/d
 (full and LoRA) exports what plain diffusers loads and samples like the module's own sampler; the GPU recipe
 runs a step on CPU; a folder of another family and the refused methods are ConfigErrors."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -17,7 +15,6 @@ from diffusion_lab.callbacks.ema import ema_weights
 from diffusion_lab.families.sana import DCAECodec, SanaTextConditioner
 from diffusion_lab.testing import sana as tiny_sana
 from diffusion_lab.train import train
-from diffusion_lab.utils.errors import ConfigError
 from tests.conftest import compose_cfg
 from tests.test_latent import user_error
 from tests.test_latent_train import FAST as SD_FAST
