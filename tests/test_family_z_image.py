@@ -220,15 +220,15 @@ def test_a_pipeline_folder_diffusers_itself_wrote_with_other_dims(tmp_path):
     """ZImagePipeline.save_pretrained of other tiny dims than the project's: a 3-level VAE (factor 4) with
     4 latent channels, a 16-wide Qwen3; trains from a kohya folder and samples like its export."""
     from diffusion_lab.components.tiny import tiny_vae
-    from diffusion_lab.testing.z_image import scheduler, tiny_qwen3, tiny_qwen_tokenizer, tiny_transformer
+    from diffusion_lab.testing import z_image
 
-    tokenizer = tiny_qwen_tokenizer()
+    tokenizer = z_image.tiny_qwen_tokenizer()
     ZImagePipeline(
-        transformer=tiny_transformer(cap_feat_dim=16, in_channels=4, seed=3),
+        transformer=z_image.tiny_transformer(cap_feat_dim=16, in_channels=4, seed=3),
         vae=tiny_vae(latent_channels=4, block_out_channels=(16, 16, 32), seed=3, scaling_factor=0.5, shift_factor=0.1),
-        text_encoder=tiny_qwen3(tokenizer, hidden_size=16, seed=3),
+        text_encoder=z_image.tiny_qwen3(tokenizer, hidden_size=16, seed=3),
         tokenizer=tokenizer,
-        scheduler=scheduler(),
+        scheduler=z_image.scheduler(),
     ).save_pretrained(tmp_path / "foreign")
     out = tmp_path / "run"
     objects = fit(out, f"model.pretrained={tmp_path / 'foreign'}", "trainer.max_steps=2", *QUIET, *captioned_folder(tmp_path / "kohya", "kohya"))

@@ -18,12 +18,12 @@ What differs from the other families, each mirroring diffusers' ``ZImagePipeline
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
 from diffusion_lab.components.pretrained import Dtype, from_pretrained, resolve
-from diffusion_lab.components.text import TextConditioner, _freeze
+from diffusion_lab.components.text import TextConditioner
 from diffusion_lab.families.base import Family, filter_set_timesteps, source
 from diffusion_lab.utils.errors import ConfigError
 
@@ -113,7 +113,7 @@ class ZImage(Family):
     name = "latent_z_image"
     pipeline_class = PIPELINE
     text_keys = ("encoder_hidden_states", "encoder_attention_mask")
-    refuses = {
+    refuses: ClassVar[dict[str, str]] = {
         "textual_inversion": "ZImagePipeline has no textual-inversion loader (it is not a TextualInversionLoaderMixin), so a learned token embedding could not be exported or loaded",
         "controlnet": "ZImageControlNetModel / ZImageControlNetPipeline (diffusers) are not wired into the ControlNet method here; train a LoRA or fine-tune instead",
         "train_text_encoder": "ZImagePipeline's LoRA loader (ZImageLoraLoaderMixin) loads the transformer only, so a LoRA on Qwen3 could not be exported or "
@@ -157,9 +157,9 @@ class ZImage(Family):
     # ---- sampling ----------------------------------------------------------------------------------
     def sampling_schedule(self, backbone, scheduler, shape: tuple[int, ...], num_inference_steps: int) -> dict | None:
         """``ZImagePipeline``: sigmas ``linspace(1, 1/N, N)`` and ``mu`` of the image's (h/2)(w/2) tokens."""
-        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+        from diffusers.pipelines.z_image import pipeline_z_image as z
 
         c = scheduler.config
         seq_len = (shape[-2] // 2) * (shape[-1] // 2)
-        mu = calculate_shift(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-        return filter_set_timesteps(scheduler, sigmas=get_default_z_image_sigmas(num_inference_steps), mu=mu)
+        mu = z.calculate_shift(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        return filter_set_timesteps(scheduler, sigmas=z.get_default_z_image_sigmas(num_inference_steps), mu=mu)

@@ -55,10 +55,10 @@ def tiny_transformer(cap_feat_dim: int = 32, in_channels: int = 16, seed: int = 
     The pad tokens (``torch.empty`` in diffusers) are set to ones, as diffusers' tests do."""
     from diffusers import ZImageTransformer2DModel
 
-    config = dict(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=in_channels, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
-        n_kv_heads=2, qk_norm=True, cap_feat_dim=cap_feat_dim, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
-    )
+    config = {
+        "all_patch_size": (2,), "all_f_patch_size": (1,), "in_channels": in_channels, "dim": 32, "n_layers": 2, "n_refiner_layers": 1,
+        "n_heads": 2, "n_kv_heads": 2, "qk_norm": True, "cap_feat_dim": cap_feat_dim, "axes_dims": [8, 4, 4], "axes_lens": [256, 32, 32],
+    }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = ZImageTransformer2DModel(**{**config, **kwargs})
