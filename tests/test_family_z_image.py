@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from diffusion_lab.callbacks.ema import ema_weights
+from diffusion_lab.components import tiny
 from diffusion_lab.families.z_image import ZImage, ZImageTextConditioner
 from diffusion_lab.testing.z_image import tiny_pipeline
 from diffusion_lab.train import train
@@ -63,6 +64,8 @@ def test_tiny_pipeline_round_trips_offline_and_samples(folder, pipe):
     assert type(generic) is ZImagePipeline
     np.testing.assert_array_equal(sample(generic), image)
     np.testing.assert_array_equal(sample(tiny_pipeline()), image)  # the builder is seeded: the folder is its output
+    built = tiny.build(folder.parent / "built", kind="z_image")  # python -m diffusion_lab.tiny_sd DIR --kind z_image
+    np.testing.assert_array_equal(sample(ZImagePipeline.from_pretrained(built, local_files_only=True)), image)
 
 
 def test_tiny_tokenizer_is_qwen3s_layout(pipe):
@@ -255,8 +258,6 @@ def test_gpu_lora_recipe_runs_a_step_on_the_tiny_pipeline(folder, tmp_path):
 
 
 def test_a_folder_of_another_family_is_a_config_error_naming_it(tmp_path):
-    from diffusion_lab.components import tiny
-
     sd1 = tiny.build(tmp_path / "tiny_sd")
     with pytest.raises(Exception) as excinfo:
         build_module(tmp_path, str(sd1))
