@@ -185,9 +185,16 @@ CONTEXTS = {
 }
 
 
-def _family_block(cfg: DictConfig, block: str) -> dict:
-    """What the composed model family's own file sets under ``model.<block>``."""
-    return _file_values(f"model/{cfg.hydra.runtime.choices.model}")[1].get(block) or {}
+def _family_block(cfg: DictConfig, block: str, name: str | None = None) -> dict:
+    """What the composed model family's own file sets under ``model.<block>``, after what the model files it
+    builds on set (its defaults entries in conf/model/: ``_shared/latent``, ``latent_sd``, ...)."""
+    name = name or cfg.hydra.runtime.choices.model
+    merged = OmegaConf.create({})
+    for entry in OmegaConf.load(CONF / f"model/{name}.yaml").get("defaults", []):
+        base = str(entry).split("@", 1)[0]
+        if isinstance(entry, str) and (CONF / f"model/{base}.yaml").is_file():
+            merged = OmegaConf.merge(merged, _family_block(cfg, block, base))
+    return OmegaConf.to_container(OmegaConf.merge(merged, _file_values(f"model/{name}")[1].get(block) or {}), resolve=False)
 
 
 def _skip(cfg: DictConfig, group: str, package: tuple, overrides: list[str]) -> set[tuple]:
