@@ -25,7 +25,7 @@ from tests.test_latent_train import FAST as SD_FAST
 from tests.test_latent_train import losses
 
 PROMPT = "make it bold"
-FAST = [o for o in SD_FAST if not o.startswith("experiment=") and "sample_grid" not in o]
+FAST = [o for o in SD_FAST if not o.startswith("experiment=")]
 SOURCE = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8"))
 
 
@@ -122,6 +122,7 @@ def test_conditioner_matches_the_pipeline_encode_prompt_with_the_source(folder, 
 def test_identity_edit_fit_exports_a_pipeline_that_samples_like_the_module(full_run, folder, source_area_32):
     out, objects = full_run
     assert np.isfinite(losses(out)).all() and len(losses(out)) == 4
+    assert (out / "samples" / "step_000004.png").exists()  # previews edit the first training sources
     pipe, base = load(out / "pipeline"), load(folder)
     assert type(pipe) is QwenImageEditPipeline
     assert any(not torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), base.transformer.parameters()))
@@ -176,3 +177,28 @@ def test_a_text_to_image_folder_is_a_config_error_naming_its_model(tmp_path):
     assert "use model=latent_qwen_image" in message and "--kind qwen_image_edit" in message
     backbone = instantiate(compose_cfg("train", ["model=latent_qwen_image", f"model.pretrained={t2i}"], tmp_path / "ok").backbone)
     assert type(backbone) is type(QwenImagePipeline.from_pretrained(t2i).transformer)  # the folder the message points to
+
+
+@pytest.mark.slow
+def test_gpu_lora_recipe_runs_a_step_on_the_tiny_pipeline(folder, tmp_path):
+    """experiment=qwen_image_edit_lora's settings (latent cache with the sources along, bf16 frozen parts, bf16-mixed,
+    checkpointing, LoRA) for one CPU step on a paired folder; torch's AdamW stands in for the 8-bit one."""
+    recipe = compose_cfg("train", ["experiment=qwen_image_edit_lora", "data.root=x"], tmp_path / "composed")
+    assert recipe.model.pretrained == "Qwen/Qwen-Image-Edit" and recipe.data.resolution == 1024 and recipe.model.family.condition_area == 1024 * 1024
+    root = tmp_path / "pairs"
+    root.mkdir()
+    rows = []
+    for i in range(4):
+        Image.fromarray((np.random.RandomState(i).rand(32, 32, 3) * 255).astype("uint8")).save(root / f"{i}.png")
+        Image.fromarray((np.random.RandomState(10 + i).rand(32, 32, 3) * 255).astype("uint8")).save(root / f"s{i}.png")
+        rows.append({"file_name": f"{i}.png", "source_image": f"s{i}.png", "text": PROMPT})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose_cfg("train", ["experiment=qwen_image_edit_lora", f"data.root={root}", f"model.pretrained={folder}", "model.local_files_only=true", "data.resolution=32",
+                                "data.batch_size=2", "data.val_fraction=0.5", "data.num_workers=0", "model.family.condition_area=1024", "text_encoder.max_sequence_length=48",
+                                "optimizer@model.optimizer=adamw", "trainer=cpu", "debug=fast", "logger=csv", "callbacks.sample_grid=null", "callbacks.progress_bar=null",
+                                "callbacks.noising_strip=null"], tmp_path / "run")
+    _, objects = train(cfg)
+    module = objects["model"]
+    assert module.base_backbone.is_gradient_checkpointing and module.base_backbone.dtype == torch.bfloat16
+    assert type(objects["datamodule"].train_set).__name__ == "CachedLatentDataset" and "source_pixel_values" in objects["datamodule"].train_set[0]
+    assert objects["trainer"].global_step == 1 and (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").exists()

@@ -29,7 +29,7 @@ Limits of the shared module (what this family cannot express yet): text states t
 image are computed in ``conditioning`` (they replace the caption-only ``text_states``), so ``model.cache`` would
 cache states the family discards, caption dropout is drawn here, and previews run without true CFG (the negative
 prompt's states also need the image: ``cfg = False``; sample the export with ``true_cfg_scale`` and a
-``negative_prompt`` for guided edits).
+``negative_prompt`` for guided edits). Previews edit the first training sources (``datamodule.sample_batch``).
 """
 
 from __future__ import annotations
@@ -133,9 +133,20 @@ class QwenImageEdit(QwenImage):
         "dreambooth": "DreamBooth's class images have no source image to edit.",
     }
 
-    def __init__(self, source_key: str = SOURCE_KEY, condition_area: int = CONDITION_AREA) -> None:
-        self.source_key, self.condition_area = source_key, condition_area
+    def __init__(self, source_key: str = SOURCE_KEY, condition_area: int = CONDITION_AREA, preview_sources: int = 16) -> None:
+        self.source_key, self.condition_area, self.preview_sources = source_key, condition_area, preview_sources
         self.cached_batch_keys = (source_key,)  # the latent cache carries the sources along
+        self._previews: torch.Tensor | None = None
+
+    def training_sources(self, module) -> torch.Tensor | None:
+        """The first ``preview_sources`` sources of the training set (kept once: previews edit the same images), or
+        None outside training (as ``families/flux_kontext.py`` does)."""
+        if self._previews is None:
+            datamodule = getattr(getattr(module, "_trainer", None), "datamodule", None)
+            if datamodule is None or not hasattr(datamodule, "sample_batch"):
+                return None
+            self._previews = datamodule.sample_batch(self.preview_sources).get(self.source_key)
+        return self._previews
 
     def supports(self, method: str) -> str | None:
         return self.refuses.get(method)
@@ -162,15 +173,16 @@ class QwenImageEdit(QwenImage):
         """``reference_latents`` ``[n, c, h', w']`` (posterior mode) and the instructions' image-aware text states
         (replacing the caption-only ones; while training each caption is "" with probability ``caption_dropout``)."""
         source = (batch or {}).get(self.source_key)
+        if source is None and sampling:  # previews: the sample grid gives prompts only
+            source = self.training_sources(module)
         if source is None:
             have = sorted(batch) if batch else []
             raise ConfigError(
                 f"model={self.name} edits a source image, but the batch has no {self.source_key!r} (keys: {have}). Use data=image_folder "
                 f"with a metadata column naming each image's source file and data.paired_images='{{source_image: {self.source_key}}}'; "
-                f"previews need source images too (sample_grid.source_images, or sample the export with image=...)."
+                f"to sample, pass cond_batch={{{self.source_key!r}: [N, C, H, W] in [-1, 1]}}."
             )
-        if source.shape[0] != n:  # one source per prompt (the pipeline repeats it over num_images_per_prompt)
-            source = source.repeat_interleave(n // source.shape[0], dim=0)
+        source = source[torch.arange(n) % source.shape[0]]  # one source per image (cycled, as previews cycle prompts)
         captions = list((batch or {}).get("caption") or [""] * n)
         p = module.hparams.get("caption_dropout", 0.0)
         if not sampling and p > 0:
