@@ -165,11 +165,14 @@ def test_a_folder_of_another_family_is_a_config_error_naming_it(tmp_path):
     assert "use model=latent_flux" in message and "--kind chroma" in message
 
 
-def test_text_encoder_lora_is_refused(folder, tmp_path):
-    cfg = compose_cfg("train", ["experiment=chroma_finetune_tiny", f"model.pretrained={folder}", "adapter=lora", "adapter.train_text_encoder=true"], tmp_path)
+@pytest.mark.parametrize("method", ["adapter.train_text_encoder=true", "controlnet=from_backbone"])
+def test_methods_chroma_cannot_take_are_refused(method, folder, tmp_path):
+    extra = ["adapter=lora"] if method.startswith("adapter") else []
+    cfg = compose_cfg("train", ["experiment=chroma_finetune_tiny", f"model.pretrained={folder}", *extra, method], tmp_path)
     with pytest.raises(Exception) as excinfo:
         __import__("hydra.utils").utils.instantiate(cfg.model)
-    assert "adapter.train_text_encoder=true with model=latent_chroma: the text encoder is T5" in str(user_error(excinfo))
+    expected = "with model=latent_chroma: the text encoder is T5" if extra else "cannot be used with model=latent_chroma: diffusers has no ControlNet"
+    assert expected in str(user_error(excinfo))
 
 
 @pytest.mark.slow

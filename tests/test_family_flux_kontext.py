@@ -119,7 +119,7 @@ def paired_folder(root):
         rows.append({"file_name": f"img_{i:02d}.png", "source_image": f"sources/img_{i:02d}.png", "text": f"a handwritten digit {DIGIT_NAMES[digits.target[i]]}"})
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return ["data=image_folder", f"data.root={root}", "data.caption_column=text", "data.paired_images={source_image:source_pixel_values}", "data.resolution=32",
-            "data.batch_size=4", "data.val_fraction=0.25", "data.num_workers=0", "model.family.source_key=source_pixel_values"]
+            "data.batch_size=4", "data.val_fraction=0.25", "data.num_workers=0", "data.control=null", "model.family.source_key=source_pixel_values"]
 
 
 @pytest.fixture(scope="module")
@@ -174,10 +174,15 @@ def test_lora_changes_the_output_and_loads_with_load_lora_weights(folder, pairs,
     np.testing.assert_allclose(with_lora, own_sampler(objects, source), atol=1e-5)
 
 
-def test_the_tiny_recipe_on_digits_runs_as_an_identity_edit(folder, tmp_path):
-    """experiment=flux_kontext_finetune_tiny as shipped (data=digits_captioned, each digit its own source)."""
-    objects = fit(tmp_path / "run", f"model.pretrained={folder}", *QUIET, "trainer.max_steps=2")
-    assert objects["model"].family.source_key == "pixel_values" and np.isfinite(losses(tmp_path / "run")).all()
+def test_the_tiny_recipe_on_digits_edits_edge_maps_into_digits(folder, tmp_path):
+    """experiment=flux_kontext_finetune_tiny as shipped: data=digits_captioned, each digit's source its edge map
+    (data.control=edges); previews take the first training sources."""
+    out = tmp_path / "run"
+    objects = fit(out, f"model.pretrained={folder}", "trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=2", "callbacks.sample_grid.num_images=2")
+    assert objects["model"].family.source_key == "conditioning_pixel_values" and np.isfinite(losses(out)).all()
+    batch = objects["datamodule"].sample_batch(2)
+    assert set(batch["conditioning_pixel_values"].unique().tolist()) <= {-1.0, 1.0}  # binary edge maps in [-1, 1]
+    assert (out / "samples" / "step_000002.png").exists()
 
 
 def test_gpu_lora_recipe_runs_a_step_on_the_tiny_pipeline(folder, pairs, tmp_path):
@@ -186,7 +191,7 @@ def test_gpu_lora_recipe_runs_a_step_on_the_tiny_pipeline(folder, pairs, tmp_pat
     recipe = compose_cfg("train", ["experiment=flux_kontext_lora", "data.root=/data/pairs"], tmp_path / "composed")
     assert recipe.model.pretrained == "black-forest-labs/FLUX.1-Kontext-dev" and recipe.data.resolution == 1024 and recipe.model.family.guidance == 1.0
     assert recipe.data.paired_images == {"source_image": "source_pixel_values"} and recipe.model.optimizer._target_ == "diffusion_lab.components.optim.adamw_8bit"
-    data = [o for o in pairs if not o.startswith(("data=", "data.paired_images", "data.caption_column"))]
+    data = [o for o in pairs if not o.startswith(("data=", "data.paired_images", "data.caption_column", "data.control"))]
     cfg = compose_cfg("train", ["experiment=flux_kontext_lora", f"model.pretrained={folder}", "model.local_files_only=true", *data,
                                 "optimizer@model.optimizer=adamw", "model.optimizer.lr=1e-4", "trainer=cpu", "debug=fast", "logger=csv", *QUIET], tmp_path / "run")
     _, objects = train(cfg)
@@ -212,6 +217,13 @@ def test_a_folder_of_another_family_is_a_config_error_naming_it(tmp_path):
     flux = tiny.build(tmp_path / "tiny_flux", kind="flux")
     cfg = compose_cfg("train", ["model=latent_flux_kontext", f"model.pretrained={flux}", "data=digits_captioned", "data.resolution=32"], tmp_path)
     assert type(instantiate(cfg.model).family) is FluxKontext
+
+
+def test_controlnet_is_refused(folder, tmp_path):
+    cfg = compose_cfg("train", ["experiment=flux_kontext_finetune_tiny", f"model.pretrained={folder}", "controlnet=from_backbone"], tmp_path)
+    with pytest.raises(Exception) as excinfo:
+        instantiate(cfg.model)
+    assert "controlnet=from_backbone cannot be used with model=latent_flux_kontext: diffusers has no ControlNet pipeline for FluxKontextPipeline" in str(user_error(excinfo))
 
 
 @pytest.mark.slow

@@ -76,6 +76,7 @@ class Chroma(Flux):
 
     name = "latent_chroma"
     pipeline_class = "ChromaPipeline"
+    controlnet_pipeline_class = None  # diffusers has no Chroma ControlNet
     encoder_names = ("text_encoder",)
     tokenizer_names = ("tokenizer",)
     text_keys = ("encoder_hidden_states", "attention_mask")

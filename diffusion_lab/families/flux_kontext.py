@@ -49,8 +49,9 @@ class FluxKontext(Flux):
 
     name = "latent_flux_kontext"
     pipeline_class = "FluxKontextPipeline"
+    controlnet_pipeline_class = None  # diffusers has no Kontext ControlNet pipeline
     refuses = {
-        "controlnet": "the ControlNet part conditions a UNet; a Kontext edit already takes its image as reference tokens.",
+        "controlnet": "diffusers has no ControlNet pipeline for FluxKontextPipeline (a Kontext edit takes its image as reference tokens).",
         "textual_inversion": "the textual-inversion part is written for SD 1.x's single CLIP encoder.",
     }
 
