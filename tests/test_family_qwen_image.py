@@ -14,7 +14,13 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from diffusion_lab.callbacks.ema import ema_weights
-from diffusion_lab.families.qwen_image import DROP_IDX, PROMPT_TEMPLATE, QwenImage, pack, unpack
+from diffusion_lab.families.qwen_image import (
+    DROP_IDX,
+    PROMPT_TEMPLATE,
+    QwenImage,
+    pack,
+    unpack,
+)
 from diffusion_lab.testing import qwen_image as tiny_qwen
 from diffusion_lab.train import train
 from tests.conftest import compose_cfg
@@ -209,7 +215,7 @@ def test_a_folder_of_another_family_is_a_config_error_naming_it(folder, tmp_path
 def test_backbone_from_its_own_config_is_the_saved_one(folder, tmp_path):
     module = build_module(tmp_path, folder, "backbone=qwen_image_tiny")
     saved = QwenImagePipeline.from_pretrained(folder).transformer
-    layout = lambda m: json.loads(json.dumps({k: v for k, v in m.config.items() if not k.startswith("_")}))  # noqa: E731
+    layout = lambda m: json.loads(json.dumps({k: v for k, v in m.config.items() if not k.startswith("_")}))
     assert layout(module.base_backbone) == layout(saved)
     assert all(torch.equal(a, b) for a, b in zip(module.base_backbone.parameters(), saved.parameters()))
 

@@ -5,6 +5,7 @@ sample like the module, and a folder of the text-to-image family."""
 
 import json
 
+import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit_pipeline
 import numpy as np
 import pytest
 import torch
@@ -13,9 +14,12 @@ from hydra.utils import instantiate
 from PIL import Image
 from safetensors.torch import load_file
 
-import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit_pipeline
 from diffusion_lab.callbacks.ema import ema_weights
-from diffusion_lab.families.qwen_image_edit import EDIT_DROP_IDX, EDIT_TEMPLATE, load_processor
+from diffusion_lab.families.qwen_image_edit import (
+    EDIT_DROP_IDX,
+    EDIT_TEMPLATE,
+    load_processor,
+)
 from diffusion_lab.testing import qwen_image as tiny_qwen
 from diffusion_lab.testing import qwen_image_edit as tiny_edit
 from diffusion_lab.train import train

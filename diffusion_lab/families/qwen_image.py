@@ -13,7 +13,8 @@ Exports a ``QwenImagePipeline``; LoRA files through ``QwenImageLoraLoaderMixin``
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -182,7 +183,7 @@ class QwenImage(Family):
     name = "latent_qwen_image"
     pipeline_class = "QwenImagePipeline"
     text_keys = ("encoder_hidden_states", "encoder_hidden_states_mask")
-    refuses = {
+    refuses: ClassVar[dict[str, str | None]] = {
         "textual_inversion": "QwenImagePipeline has no load_textual_inversion (no TextualInversionLoaderMixin), so learned token embeddings could not be exported or loaded.",
         "controlnet": "the ControlNet method builds a ControlNetModel from a UNet; Qwen-Image's control nets are QwenImageControlNetModel (another architecture, not wired here).",
         "edit": "model=latent_qwen_image is text-to-image; edit pairs train model=latent_qwen_image_edit (QwenImageEditPipeline).",

@@ -34,12 +34,20 @@ prompt's states also need the image: ``cfg = False``; sample the export with ``t
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
 from diffusion_lab.components.pretrained import Dtype, resolve
-from diffusion_lab.families.qwen_image import TOKENIZER_MAX_LENGTH, QwenImage, QwenTextConditioner, _register, pack, unpack
+from diffusion_lab.families.qwen_image import (
+    TOKENIZER_MAX_LENGTH,
+    QwenImage,
+    QwenTextConditioner,
+    _register,
+    pack,
+    unpack,
+)
 from diffusion_lab.utils.errors import ConfigError
 
 # QwenImageEditPipeline.__init__: prompt_template_encode, prompt_template_encode_start_idx
@@ -74,7 +82,9 @@ def load_processor(pretrained: str | None, subfolder: str = "processor", local_f
     """The pipeline's ``processor/``: ``Qwen2VLProcessor.from_pretrained`` where torchvision is installed, else
     ``qwen_vl_processor`` of its tokenizer and image processor (the PIL backend)."""
     from transformers import Qwen2Tokenizer, Qwen2VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
     from transformers.utils import is_torchvision_available
 
     source = resolve(pretrained, subfolder)
@@ -127,7 +137,7 @@ class QwenImageEdit(QwenImage):
     pipeline_class = "QwenImageEditPipeline"
     tokenizer_names = ("tokenizer", "processor")
     cfg = False  # see the module docstring: the negative prompt's states need the source image too
-    refuses = {
+    refuses: ClassVar[dict[str, str | None]] = {
         **QwenImage.refuses,
         "edit": None,
         "dreambooth": "DreamBooth's class images have no source image to edit.",
@@ -161,7 +171,9 @@ class QwenImageEdit(QwenImage):
         the pipeline's size: ``image_processor.resize`` to ``calculate_dimensions(condition_area, W / H)`` then
         ``preprocess``."""
         from diffusers.image_processor import VaeImageProcessor
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import (
+            calculate_dimensions,
+        )
 
         processor = VaeImageProcessor(vae_scale_factor=module.codec.downsample_factor * 2)
         images = processor.postprocess(source.detach().float().cpu(), output_type="pil")
