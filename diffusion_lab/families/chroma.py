@@ -84,7 +84,6 @@ class Chroma(Flux):
     refuses = {
         "textual_inversion": "ChromaPipeline's text encoder is T5 (a SentencePiece vocabulary): the textual-inversion "
         "part learns CLIP token embeddings.",
-        "controlnet": "diffusers has no ControlNet for ChromaTransformer2DModel.",
         "train_text_encoder": "the text encoder is T5, and adapter.text_encoder's LoRA targets CLIP's attention "
         "(q_proj/k_proj/v_proj/out_proj; T5 names them q/k/v/o); train the transformer's LoRA only, or fine-tune T5 in "
         "full with text_encoder.trainable=true.",

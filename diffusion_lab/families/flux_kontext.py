@@ -50,10 +50,8 @@ class FluxKontext(Flux):
     name = "latent_flux_kontext"
     pipeline_class = "FluxKontextPipeline"
     controlnet_pipeline_class = None  # diffusers has no Kontext ControlNet pipeline
-    refuses = {
-        "controlnet": "diffusers has no ControlNet pipeline for FluxKontextPipeline (a Kontext edit takes its image as reference tokens).",
-        "textual_inversion": "the textual-inversion part is written for SD 1.x's single CLIP encoder.",
-    }
+    edits = True  # trains on edit pairs: a source image per example (Family.supports("edit"))
+    refuses = {"dreambooth": "DreamBooth's instance and class images have no source image to edit."}
 
     def __init__(self, guidance: float = 3.5, sample_guidance: float = 3.5, source_key: str = SOURCE_KEY, preview_sources: int = 16) -> None:
         super().__init__(guidance, sample_guidance)
