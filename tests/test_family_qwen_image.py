@@ -220,6 +220,36 @@ def test_backbone_from_its_own_config_is_the_saved_one(folder, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(module.base_backbone.parameters(), saved.parameters()))
 
 
+def test_a_pipeline_folder_diffusers_itself_wrote_with_the_real_vae_layout(tmp_path):
+    """QwenImagePipeline.save_pretrained of other dims than the tiny recipe's: the real VAE layout (16 channels
+    with Qwen-Image's latent statistics, 8x down-sampling: 4 levels) and a 16-wide Qwen2.5-VL; trains from a kohya
+    folder and samples like its export."""
+    tokenizer = tiny_qwen.tiny_qwen_tokenizer()
+    QwenImagePipeline(
+        transformer=tiny_qwen.tiny_qwen_transformer(z_dim=16, joint_attention_dim=16, seed=3),
+        scheduler=tiny_qwen.qwen_scheduler(),
+        vae=tiny_qwen.tiny_qwen_vae(z_dim=16, dim_mult=(1, 2, 4, 4), seed=3),
+        text_encoder=tiny_qwen.tiny_qwen_text_encoder(tokenizer, hidden_size=16, seed=3),
+        tokenizer=tokenizer,
+    ).save_pretrained(tmp_path / "foreign")
+    out = tmp_path / "run"
+    objects = fit(out, f"model.pretrained={tmp_path / 'foreign'}", "trainer.max_steps=2", *QUIET, *captioned_folder(tmp_path / "kohya", "kohya"))
+    assert np.isfinite(losses(out)).all() and objects["model"].latent_shape(1) == (1, 16, 4, 4)
+    np.testing.assert_allclose(generate(QwenImagePipeline.from_pretrained(out / "pipeline")), own_sampler(objects), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dreambooth_trains_qwen_image_with_its_own_class_images(folder, tmp_path):
+    """DreamBooth (model.prior_loss_weight) is a method of any family: class images from Qwen-Image's own sampler,
+    instance + prior losses, a QwenImagePipeline export."""
+    fast = ["trainer.max_steps=2", *QUIET, "data.num_class_images=2", "data.max_instances=2", "data.batch_size=4", "data.class_steps=2"]
+    overrides = ["experiment=dreambooth_tiny", "model=latent_qwen_image", f"model.pretrained={folder}", f"text_encoder.max_sequence_length={MAX_LENGTH}", f"data.class_dir={tmp_path / 'class'}", *fast]
+    _, objects = train(compose_cfg("train", overrides, tmp_path / "run"))
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    assert {"train/instance_loss", "train/prior_loss"} <= set(objects["trainer"].callback_metrics)
+    assert type(DiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")) is QwenImagePipeline
+
+
 # ---- the GPU recipe, one step on CPU ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_gpu_lora_recipe_runs_a_step_on_the_tiny_pipeline(folder, tmp_path):

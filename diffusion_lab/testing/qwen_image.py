@@ -36,10 +36,10 @@ TEMPLATE_WORDS = (
 )
 # Qwen2.5's chat and vision specials (the real vocabulary's 151643.. ids, here after the learned tokens)
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-# the real Qwen2.5-VL-7B's latent statistics of the first 4 of its 16 channels (AutoencoderKLQwenImage's defaults):
-# non-trivial mean / std, so the codec's (z - mean) / std is exercised
-LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075]
-LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558]
+# Qwen-Image's VAE latent statistics (AutoencoderKLQwenImage's defaults, 16 channels): the tiny VAEs take the first
+# z_dim of them, non-trivial mean / std, so the codec's (z - mean) / std is exercised
+LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
+LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,17 +87,18 @@ def tiny_qwen_tokenizer(model_max_length: int = 32768):
 def tiny_qwen_text_encoder(tokenizer=None, hidden_size: int = 32, num_hidden_layers: int = 2, seed: int = 0):
     """A random ``Qwen2_5_VLForConditionalGeneration`` for ``tokenizer`` (Qwen-Image's text encoder is the
     whole VL model: its language model's last hidden states condition the transformer, and the edit
-    pipeline runs the vision tower on the source image). Two heads of 16 (M-RoPE sections 2+3+3 = 16/2),
-    a one-block vision tower projecting to ``hidden_size``."""
+    pipeline runs the vision tower on the source image). Two heads (M-RoPE's temporal, height and width
+    sections share half a head: 2+3+3 for 16-wide heads), a one-block vision tower projecting to ``hidden_size``."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = tokenizer or tiny_qwen_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
+    half, hw = hidden_size // 4, hidden_size * 3 // 32  # half a head of hidden_size / 2; its height and width sections
     config = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_hidden_layers,
             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1000000.0},
+            rope_parameters={"rope_type": "default", "mrope_section": [half - 2 * hw, hw, hw], "rope_theta": 1000000.0},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         ),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden_size, fullatt_block_indexes=[0], window_size=56),
@@ -109,15 +110,16 @@ def tiny_qwen_text_encoder(tokenizer=None, hidden_size: int = 32, num_hidden_lay
         return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def tiny_qwen_vae(z_dim: int = 4, base_dim: int = 8, seed: int = 0):
+def tiny_qwen_vae(z_dim: int = 4, base_dim: int = 8, dim_mult: tuple[int, ...] = (1, 2, 4), seed: int = 0):
     """A random ``AutoencoderKLQwenImage``: causal-3D convolutions, 4x spatial down-sampling (the real one:
-    16 channels, 8x; widths 8-16-32 here, 96-192-384 there), images are one-frame videos ``[N, 3, 1, H, W]``."""
+    16 channels, 8x; widths 8-16-32 here, 96-192-384-384 there), images are one-frame videos ``[N, 3, 1, H, W]``.
+    Each ``dim_mult`` level after the first halves the size (the real VAE's ``temperal_downsample`` layout)."""
     from diffusers import AutoencoderKLQwenImage
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoencoderKLQwenImage(
-            base_dim=base_dim, z_dim=z_dim, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+            base_dim=base_dim, z_dim=z_dim, dim_mult=list(dim_mult), num_res_blocks=1, temperal_downsample=[False] + [True] * (len(dim_mult) - 2),
             latents_mean=LATENTS_MEAN[:z_dim], latents_std=LATENTS_STD[:z_dim],
         )
 
