@@ -204,5 +204,7 @@ def test_gpu_lora_recipe_runs_a_step_on_the_tiny_pipeline(folder, tmp_path):
     _, objects = train(cfg)
     module = objects["model"]
     assert module.base_backbone.is_gradient_checkpointing and module.base_backbone.dtype == torch.bfloat16
-    assert type(objects["datamodule"].train_set).__name__ == "CachedLatentDataset" and "source_pixel_values" in objects["datamodule"].train_set[0]
+    example = objects["datamodule"].train_set[0]
+    assert type(objects["datamodule"].train_set).__name__ == "CachedLatentDataset" and "source_pixel_values" in example
+    assert example["encoder_hidden_states"].shape == (1, 32)  # a placeholder: the real states need the source, every step
     assert objects["trainer"].global_step == 1 and (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").exists()

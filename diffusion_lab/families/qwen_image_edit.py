@@ -26,8 +26,8 @@ defaults) and declares only those two as its attributes, so it encodes, saves (`
 ``processor=load_processor(folder)``. The PIL and torchvision image backends may resize a source slightly differently.
 
 Limits of the shared module (what this family cannot express yet): text states that depend on the batch's source
-image are computed in ``conditioning`` (they replace the caption-only ``text_states``), so ``model.cache`` would
-cache states the family discards, caption dropout is drawn here, and previews run without true CFG (the negative
+image are computed in ``conditioning`` every step (``text_states`` returns placeholders they replace, so
+``model.cache`` caches the target latents and nothing of the text), caption dropout is drawn here, and previews run without true CFG (the negative
 prompt's states also need the image: ``cfg = False``; sample the export with ``true_cfg_scale`` and a
 ``negative_prompt`` for guided edits). Previews edit the first training sources (``datamodule.sample_batch``).
 """
@@ -165,6 +165,12 @@ class QwenImageEdit(QwenImage):
         super().check_parts(backbone, codec, conditioner, resolution, image_channels)
         if not isinstance(conditioner, QwenEditTextConditioner):
             raise ConfigError(f"model={self.name} needs text_encoder=qwen_image_edit_pretrained (the processor that shows Qwen2.5-VL the source image); got {type(conditioner).__name__}.")
+
+    def text_states(self, conditioner, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Placeholders ``[N, 1, D]`` (mask 0): the edit's text states need the source image, so ``conditioning``
+        computes them and they replace these; the module's caption-only encoding (and its cache) costs nothing."""
+        n, device = len(captions), conditioner.text_encoder.device
+        return {"encoder_hidden_states": torch.zeros(n, 1, conditioner.hidden_size, device=device), "encoder_hidden_states_mask": torch.zeros(n, 1, device=device)}
 
     def sources(self, module, source: torch.Tensor):
         """Source images ``[n, C, H, W]`` in [-1, 1] -> (PIL images for the processor, ``[n, C, h, w]`` for the VAE) at
