@@ -208,3 +208,18 @@ def test_gpu_lora_recipe_runs_a_step_on_the_tiny_pipeline(folder, tmp_path):
     assert type(objects["datamodule"].train_set).__name__ == "CachedLatentDataset" and "source_pixel_values" in example
     assert example["encoder_hidden_states"].shape == (1, 32)  # a placeholder: the real states need the source, every step
     assert objects["trainer"].global_step == 1 and (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_the_tiny_recipe_runs_in_a_fresh_process(folder, tmp_path):
+    """``python -m diffusion_lab.train experiment=qwen_image_edit_finetune_tiny`` as README shows it, shortened: a fresh
+    interpreter, where Hydra builds the edit backbone before anything imports families/qwen_image_edit.py."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "diffusion_lab.train", "experiment=qwen_image_edit_finetune_tiny", f"model.pretrained={folder}", f"paths.output_dir={out}",
+               "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "callbacks.sample_grid=null", "callbacks.model_checkpoint.every_n_train_steps=2"]
+    subprocess.run(command, check=True, cwd=Path(__file__).parents[1], capture_output=True, timeout=600)
+    assert (out / "pipeline" / "processor" / "processor_config.json").exists()

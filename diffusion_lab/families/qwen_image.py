@@ -265,3 +265,5 @@ def _register(family: str, pipelines: tuple[str, ...], hub_id: str, kind: str) -
 
 
 _register("latent_qwen_image", ("QwenImagePipeline",), HUB_ID, "qwen_image")
+# here too, not only in qwen_image_edit.py: Hydra may load the edit backbone (load_transformer above) first
+_register("latent_qwen_image_edit", ("QwenImageEditPipeline",), "Qwen/Qwen-Image-Edit", "qwen_image_edit")

@@ -44,7 +44,6 @@ from diffusion_lab.families.qwen_image import (
     TOKENIZER_MAX_LENGTH,
     QwenImage,
     QwenTextConditioner,
-    _register,
     pack,
     unpack,
 )
@@ -60,7 +59,6 @@ EDIT_TEMPLATE = (
 EDIT_DROP_IDX = 64
 CONDITION_AREA = 1024 * 1024  # __call__: calculate_dimensions(1024 * 1024, width / height) for the source
 SOURCE_KEY = "source_pixel_values"
-HUB_ID = "Qwen/Qwen-Image-Edit"
 
 
 def _processor_parts() -> list[str]:
@@ -226,5 +224,3 @@ class QwenImageEdit(QwenImage):
         ).sample
         return unpack(out[:, : (h // 2) * (w // 2)], h, w)
 
-
-_register("latent_qwen_image_edit", ("QwenImageEditPipeline",), HUB_ID, "qwen_image_edit")
