@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from diffusion_lab.components import mmdit
 from diffusion_lab.components.pretrained import Dtype
 from diffusion_lab.components.text import TextConditioner
 from diffusion_lab.components.vae import VAECodec
@@ -138,35 +139,16 @@ class DCAECodec(VAECodec):
 
 
 # ---- loading a Sana pipeline folder ---------------------------------------------------------------------
-PIPELINES = ("SanaPipeline",)
-HUB_EXAMPLE = "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers"
-TINY_HINT = "python -m diffusion_lab.tiny_sd outputs/tiny_sana --kind sana builds a tiny random one offline"
+# the pipeline class model=latent_sana trains, for mmdit.check_family (until components/mmdit.py lists it)
+mmdit.FAMILY_PIPELINES.setdefault("latent_sana", ("SanaPipeline",))
+mmdit.HUB_EXAMPLE.setdefault("latent_sana", "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers")
+mmdit.TINY_FOLDER.setdefault("latent_sana", "outputs/tiny_sana --kind sana")
 
 
-def check_folder(pretrained: str | None, local_files_only: bool = False, key: str = "model.pretrained") -> None:
-    """ConfigError when ``pretrained``'s ``model_index.json`` names another pipeline than ``SanaPipeline``
-    (a folder of another family: its transformer, VAE and text encoder are not Sana's)."""
-    from diffusion_lab.components.mmdit import FAMILY_PIPELINES, pipeline_class
-    from diffusion_lab.components.pretrained import resolve
-
-    found = pipeline_class(resolve(pretrained, None, key), local_files_only)
-    if found is None or found in PIPELINES:
-        return
-    trains = [f"model={name}" for name, classes in FAMILY_PIPELINES.items() if found in classes]
-    raise ConfigError(
-        f"{key}={pretrained!r} is a {found} (its model_index.json), but model=latent_sana trains a SanaPipeline: a "
-        f"SanaTransformer2DModel, the AutoencoderDC and Gemma 2 text encoder of that folder. "
-        + (f"For this folder use {' or '.join(trains)}; " if trains else "")
-        + f"for Sana set {key}={HUB_EXAMPLE} or a local copy ({TINY_HINT})."
-    )
-
-
-def load_transformer(pretrained: str | None, local_files_only: bool = False, subfolder: str = "transformer", **kwargs):
-    """``SanaTransformer2DModel.from_pretrained`` of the pipeline at ``pretrained`` after ``check_folder``."""
-    from diffusion_lab.components.pretrained import from_pretrained
-
-    check_folder(pretrained, local_files_only)
-    return from_pretrained("diffusers.SanaTransformer2DModel", pretrained, subfolder=subfolder, local_files_only=local_files_only, **kwargs)
+def load_transformer(pretrained: str | None, local_files_only: bool = False, **kwargs):
+    """The ``SanaTransformer2DModel`` at ``pretrained/transformer`` after ``mmdit.check_family`` (a folder of
+    another family is a ConfigError naming the ``model=`` option that trains it)."""
+    return mmdit.load_transformer("diffusers.SanaTransformer2DModel", pretrained, "latent_sana", local_files_only=local_files_only, **kwargs)
 
 
 def load_flow_scheduler(pretrained: str | None, local_files_only: bool = False, subfolder: str = "scheduler", shift: float | None = None, num_train_timesteps: int | None = None):
@@ -178,7 +160,7 @@ def load_flow_scheduler(pretrained: str | None, local_files_only: bool = False, 
 
     from diffusion_lab.components.pretrained import load_scheduler
 
-    check_folder(pretrained, local_files_only)
+    mmdit.check_family(pretrained, "latent_sana", local_files_only=local_files_only)
     saved = load_scheduler(pretrained, subfolder=subfolder, local_files_only=local_files_only)
     c = saved.config
     if not (type(saved).__name__.startswith("FlowMatch") or c.get("use_flow_sigmas")):
