@@ -14,6 +14,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from diffusion_lab.data.dreambooth import find_dreambooth_dataset
+from diffusion_lab.utils.errors import ConfigError
 
 
 class ClassImagesCallback(pl.Callback):
@@ -22,6 +23,10 @@ class ClassImagesCallback(pl.Callback):
         data = find_dreambooth_dataset(getattr(dm, "dataset", None))
         if stage != "fit" or data is None:
             return
+        family = getattr(pl_module, "family", None)
+        reason = family.supports("dreambooth") if family is not None else "DreamBooth needs a text-to-image model (model=latent_*)"
+        if reason:
+            raise ConfigError(f"DreamBooth data (data.instance_dir / data=dreambooth*) cannot be used with model={getattr(family, 'name', 'pixel_ddpm')}: {reason}")
         if trainer.is_global_zero and data.missing_class_images():
             pl_module.to(trainer.strategy.root_device)  # Lightning moves the model only after setup
             g = torch.Generator().manual_seed(data.class_seed)

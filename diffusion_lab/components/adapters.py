@@ -59,7 +59,11 @@ def lora_config(
 
 def adapter_variant(model: torch.nn.Module) -> Variant | None:
     """Which variant ``model``'s adapter ``default`` is (None: no adapter)."""
-    config = getattr(model, "peft_config", {}).get("default")
+    return config_variant(getattr(model, "peft_config", {}).get("default"))
+
+
+def config_variant(config: PeftConfig | None) -> Variant | None:
+    """Which variant a peft config builds (None: no config)."""
     if config is None:
         return None
     if isinstance(config, LoKrConfig):

@@ -76,6 +76,8 @@ class Family:
     text_keys: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
     cfg: ClassVar[bool] = True
     cached_batch_keys: ClassVar[tuple[str, ...]] = ()
+    # trains on edit pairs: a source image per example (FLUX.1 Kontext, Qwen-Image-Edit)
+    edits: ClassVar[bool] = False
     # the diffusers pipeline that runs this family with a ControlNet (None: ``controlnet=`` is refused)
     controlnet_pipeline_class: ClassVar[str | None] = None
     # why a method is refused for this family: {method: reason}; a method not listed is supported
@@ -86,11 +88,20 @@ class Family:
         """ConfigError naming the keys when the parts disagree (channels, text widths, resolution)."""
 
     def supports(self, method: str) -> str | None:
-        """None when ``method`` (``lora``, ``dreambooth``, ``textual_inversion``, ``controlnet``, ``edit``)
-        works with this family, else the reason it does not (for a ConfigError naming both keys)."""
+        """None when ``method`` (``diffusion_lab/families/matrix.py``: ``full``, ``lora``, ``dora``, ``lokr``,
+        ``dreambooth``, ``textual_inversion``, ``controlnet``, ``edit``) works with this family, else the reason
+        it does not (a ConfigError names both keys with it). ``refuses`` overrides the defaults here."""
+        if method in self.refuses:
+            return self.refuses[method]
         if method == "controlnet" and not self.controlnet_pipeline_class:
-            return self.refuses.get(method, f"diffusers {_version()} has no ControlNet pipeline for {self.pipeline_class}")
-        return self.refuses.get(method)
+            return f"diffusers {_version()} has no ControlNet pipeline for {self.pipeline_class}"
+        if method == "edit" and not self.edits:
+            return "a text-to-image family: edit pairs (a source image per example) train an edit family (latent_flux_kontext, latent_qwen_image_edit)"
+        if method == "textual_inversion":
+            return "textual inversion here trains the token embedding of SD 1.x/2.x's single CLIP encoder (modules/textual_inversion.py) and exports what StableDiffusionPipeline.load_textual_inversion reads"
+        if method in ("lokr", "loha") and self.backbone_name != "unet":
+            return "LoKr / LoHa exports here are peft folders for UNet pipelines (export/adapters.py); the transformer pipelines' LoRA loaders read LoRA / DoRA only: use adapter=lora|dora"
+        return None
 
     def control_input(self, module, images: torch.Tensor) -> torch.Tensor:
         """Control images ``[N, C, H, W]`` in [-1, 1] -> what the family's ControlNet reads. Default: a UNet

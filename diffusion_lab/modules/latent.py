@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusion_lab.components.adapters import add_lora
+from diffusion_lab.components.adapters import add_lora, config_variant
 from diffusion_lab.components.controlnet import Controlled, ControlNetPart
 from diffusion_lab.components.pretrained import Dtype, torch_dtype
 from diffusion_lab.components.quantization import check_quantized_training, is_quantized
@@ -103,6 +103,9 @@ class LatentDiffusion(DiffusionModule):
                 f"(quantization.text_encoders=true) and cannot be fine-tuned in full. Set quantization.text_encoders=false, or "
                 f"train a LoRA on them instead (adapter.train_text_encoder=true, text_encoder.trainable=false)."
             )
+        variant = config_variant(backbone_lora or text_lora)
+        if variant is not None and family.supports(variant):
+            raise ConfigError(f"adapter={variant} cannot be used with model={family.name}: {family.supports(variant)}.")
         if backbone_lora is not None:
             add_lora(backbone if is_quantized(backbone) else backbone.to(torch_dtype(backbone_base_dtype)), backbone_lora)
         elif backbone_base_dtype != "float32":
@@ -262,8 +265,12 @@ class LatentDiffusion(DiffusionModule):
         return {"controlnet_cond": self.family.control_input(self, images)}
 
     def on_fit_start(self) -> None:
-        """With a ControlNet: keep the first training controls and captions for previews."""
+        """Edit pairs for a family that takes none are a ConfigError; with a ControlNet: keep the first
+        training controls and captions for previews."""
         dm = self.trainer.datamodule
+        keys = getattr(getattr(dm, "dataset", None), "paired_keys", ())
+        if "source_pixel_values" in keys and self.family.supports("edit"):
+            raise ConfigError(f"data.paired_images gives source images (edit pairs), but {self.family.supports('edit')}.")
         if self.controlnet is not None and dm is not None and hasattr(dm, "sample_batch"):
             batch = dm.sample_batch(self.control.preview_images)
             if CONTROL_KEY in batch:

@@ -68,9 +68,9 @@ class TextualInversion(LatentDiffusion):
             raise ConfigError("Textual inversion trains token embeddings only; use adapter=none (the UNet stays frozen).")
         if num_vectors < 1:
             raise ConfigError(f"model.num_vectors={num_vectors} must be >= 1.")
-        conditioner = kwargs["conditioner"]
-        if len(conditioner.encoders) != 1:
-            raise ConfigError("Textual inversion here is for SD 1.x/2.x (one text encoder); SDXL's two encoders are not supported.")
+        conditioner, family = kwargs["conditioner"], kwargs["family"]
+        if family.supports("textual_inversion"):
+            raise ConfigError(f"textual inversion (model._target_=diffusion_lab.modules.TextualInversion) cannot be used with model={family.name}: {family.supports('textual_inversion')}.")
         encoder = conditioner.text_encoder
         if encoder.dtype != torch.float32:
             raise ConfigError(f"text_encoder.dtype={encoder.dtype} but textual inversion trains its token embedding: use text_encoder.dtype=float32.")
