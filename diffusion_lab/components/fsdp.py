@@ -44,6 +44,16 @@ BLOCK_CLASSES: tuple[str, ...] = (
 )
 
 
+def no_split_modules(module: torch.nn.Module) -> tuple[str, ...]:
+    """The block classes diffusers / transformers models declare as units (``_no_split_modules``) inside
+    ``module``: how a new family's transformer (Qwen-Image, Sana, Z-Image, FLUX.2, ...) and text encoders
+    (Qwen, Gemma) are sharded block by block without listing them here."""
+    names: set[str] = set()
+    for m in module.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    return tuple(sorted(names))
+
+
 def is_sharded(module: torch.nn.Module) -> bool:
     """True when ``module`` (or any submodule) holds FSDP2-sharded parameters."""
     return any(isinstance(p, DTensor) for p in module.parameters())
@@ -76,7 +86,8 @@ def shard_module(
     for name, child in module.named_children():
         if isinstance(child, FSDPModule) or not any(p.requires_grad for p in child.parameters()):
             continue
-        blocks = [m for m in child.modules() if type(m).__name__ in block_classes]
+        classes = (*block_classes, *no_split_modules(child))
+        blocks = [m for m in child.modules() if type(m).__name__ in classes]
         if not blocks:
             raise ConfigError(
                 f"trainer=fsdp cannot wrap {name} ({type(child).__name__}): it has none of the blocks FSDP shards one by one "

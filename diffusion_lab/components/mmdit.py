@@ -21,9 +21,26 @@ FAMILY_PIPELINES = {
     "latent_sdxl": ("StableDiffusionXLPipeline",),
     "latent_sd3": ("StableDiffusion3Pipeline",),
     "latent_flux": ("FluxPipeline",),
+    "latent_flux_kontext": ("FluxKontextPipeline", "FluxPipeline"),  # Kontext trains from FLUX.1's weights too
+    "latent_chroma": ("ChromaPipeline",),
+    "latent_flux2": ("Flux2KleinPipeline",),
+    "latent_qwen_image": ("QwenImagePipeline",),
+    "latent_qwen_image_edit": ("QwenImageEditPipeline",),
+    "latent_sana": ("SanaPipeline",),
+    "latent_z_image": ("ZImagePipeline",),
 }
-TINY_FOLDER = {"latent_sd3": "outputs/tiny_sd3 --kind sd3", "latent_flux": "outputs/tiny_flux --kind flux"}
-HUB_EXAMPLE = {"latent_sd3": "stabilityai/stable-diffusion-3.5-medium", "latent_flux": "black-forest-labs/FLUX.1-dev"}
+TINY_FOLDER = {name: f"outputs/tiny_{name.removeprefix('latent_')} --kind {name.removeprefix('latent_')}" for name in FAMILY_PIPELINES}
+HUB_EXAMPLE = {
+    "latent_sd3": "stabilityai/stable-diffusion-3.5-medium",
+    "latent_flux": "black-forest-labs/FLUX.1-dev",
+    "latent_flux_kontext": "black-forest-labs/FLUX.1-Kontext-dev",
+    "latent_chroma": "lodestones/Chroma1-HD",
+    "latent_flux2": "black-forest-labs/FLUX.2-klein-base-4B",
+    "latent_qwen_image": "Qwen/Qwen-Image",
+    "latent_qwen_image_edit": "Qwen/Qwen-Image-Edit",
+    "latent_sana": "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",
+    "latent_z_image": "Tongyi-MAI/Z-Image",
+}
 
 
 def pipeline_class(pretrained: str, local_files_only: bool = False) -> str | None:

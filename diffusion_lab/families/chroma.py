@@ -25,9 +25,6 @@ from diffusion_lab.components.text import TextConditioner
 from diffusion_lab.families.flux import Flux, image_ids, pack, unpack
 
 # the pipeline class model=latent_chroma trains, for mmdit.check_family (until components/mmdit.py lists it)
-mmdit.FAMILY_PIPELINES.setdefault("latent_chroma", ("ChromaPipeline",))
-mmdit.HUB_EXAMPLE.setdefault("latent_chroma", "lodestones/Chroma1-HD")
-mmdit.TINY_FOLDER.setdefault("latent_chroma", "outputs/tiny_chroma --kind chroma")
 
 
 def load_transformer(pretrained: str | None, local_files_only: bool = False, **kwargs):

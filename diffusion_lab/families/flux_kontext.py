@@ -26,9 +26,6 @@ SOURCE_KEY = "source_pixel_values"
 
 # the pipeline classes model=latent_flux_kontext trains, for mmdit.check_family (until components/mmdit.py lists
 # them): a Kontext folder, or FLUX.1's (Kontext was trained from FLUX.1's weights; the parts are the same)
-mmdit.FAMILY_PIPELINES.setdefault("latent_flux_kontext", ("FluxKontextPipeline", "FluxPipeline"))
-mmdit.HUB_EXAMPLE.setdefault("latent_flux_kontext", "black-forest-labs/FLUX.1-Kontext-dev")
-mmdit.TINY_FOLDER.setdefault("latent_flux_kontext", "outputs/tiny_flux_kontext --kind flux_kontext")
 
 
 def load_transformer(pretrained: str | None, local_files_only: bool = False, **kwargs):
