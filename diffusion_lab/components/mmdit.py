@@ -128,6 +128,12 @@ def load_flow_scheduler(pretrained: str | None, local_files_only: bool = False, 
     from diffusion_lab.components.pretrained import load_scheduler
 
     scheduler = load_scheduler(pretrained, local_files_only=local_files_only, key=key, **overrides)
+    c = scheduler.config
+    if c.get("use_flow_sigmas"):  # a flow-matching model that ships a DPM-Solver on flow sigmas (Sana): train on its shift
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        shift = overrides.get("shift") if overrides.get("shift") is not None else c.get("flow_shift", 1.0)
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=overrides.get("num_train_timesteps") or c.num_train_timesteps, shift=shift)
     if not type(scheduler).__name__.startswith("FlowMatch"):
         found = pipeline_class(resolve(pretrained, None, key), local_files_only) or "diffusers pipeline"
         trains = [f"model={name}" for name, classes in FAMILY_PIPELINES.items() if found in classes]

@@ -7,6 +7,8 @@ null, the one the model was trained with: the scheduler saved in the pipeline fo
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -174,7 +176,9 @@ def generate_text_images(pipe, prompts: list[str], cfg: DictConfig, refiner=None
     for b in tqdm(range(0, len(wanted), cfg.batch_size), desc="batches", disable=len(wanted) <= cfg.batch_size):
         batch = wanted[b : b + cfg.batch_size]
         negative = [cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None
-        kw = dict(prompt=batch, negative_prompt=negative, **common)
+        kw = dict(prompt=batch, **({"negative_prompt": negative} if negative else {}), **common)
+        if "use_resolution_binning" in inspect.signature(pipe.__call__).parameters:
+            kw["use_resolution_binning"] = False  # Sana / PixArt: exactly the height and width asked for
         if refiner is None:
             out = pipe(**kw, height=cfg.height, width=cfg.width, output_type="pt").images
         else:

@@ -270,7 +270,7 @@ class LatentDiffusion(DiffusionModule):
         dm = self.trainer.datamodule
         keys = getattr(getattr(dm, "dataset", None), "paired_keys", ())
         if "source_pixel_values" in keys and self.family.supports("edit"):
-            raise ConfigError(f"data.paired_images gives source images (edit pairs), but {self.family.supports('edit')}.")
+            raise ConfigError(f"data.paired_images gives source images (edit pairs), but model={self.family.name} cannot train on them: {self.family.supports('edit').rstrip('.')}.")
         if self.controlnet is not None and dm is not None and hasattr(dm, "sample_batch"):
             batch = dm.sample_batch(self.control.preview_images)
             if CONTROL_KEY in batch:
