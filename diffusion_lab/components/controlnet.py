@@ -60,7 +60,8 @@ def controlnet_from_backbone(
         cls = {"SD3Transformer2DModel": "SD3ControlNetModel", "FluxTransformer2DModel": "FluxControlNetModel"}.get(kind, "ControlNetModel")
         return from_pretrained(f"diffusers.{cls}", pretrained, local_files_only=local_files_only, key="controlnet.build.pretrained")
     if kind == "SD3Transformer2DModel":
-        return SD3ControlNetModel.from_transformer(backbone, num_layers=min(num_layers or 12, backbone.config.num_layers), num_extra_conditioning_channels=0)
+        # the transformer's last block is context_pre_only (no text output): a ControlNet copies at most the ones before it
+        return SD3ControlNetModel.from_transformer(backbone, num_layers=min(num_layers or 12, backbone.config.num_layers - 1), num_extra_conditioning_channels=0)
     if kind == "FluxTransformer2DModel":
         c = backbone.config
         return FluxControlNetModel.from_transformer(

@@ -135,6 +135,7 @@ class QwenImageEdit(QwenImage):
     pipeline_class = "QwenImageEditPipeline"
     tokenizer_names = ("tokenizer", "processor")
     cfg = False  # see the module docstring: the negative prompt's states need the source image too
+    edits = True
     refuses: ClassVar[dict[str, str | None]] = {
         **QwenImage.refuses,
         "edit": None,
@@ -156,8 +157,6 @@ class QwenImageEdit(QwenImage):
             self._previews = datamodule.sample_batch(self.preview_sources).get(self.source_key)
         return self._previews
 
-    def supports(self, method: str) -> str | None:
-        return self.refuses.get(method)
 
     def check_parts(self, backbone, codec, conditioner, resolution: int, image_channels: int) -> None:
         super().check_parts(backbone, codec, conditioner, resolution, image_channels)
