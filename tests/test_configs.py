@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -508,6 +509,9 @@ SHRINK: dict[str, list[str]] = {
     "controlnet_tiny": ["model.pretrained={tiny_sd}"],
     "controlnet_digits": ["model.pretrained={tiny_sd}"],
     "controlnet_sd15": ["model.pretrained={tiny_sd}", "data.resolution=32"],
+    # the newer families (diffusion_lab/families/): their tiny pipelines (diffusion_lab/testing/)
+    **{f"{k}_finetune_tiny": [f"model.pretrained={{tiny:{k}}}"] for k in ("flux_kontext", "chroma", "flux2", "qwen_image", "qwen_image_edit", "sana", "z_image")},
+    **{f"{k}_lora": [f"model.pretrained={{tiny:{k}}}", "data.resolution=32"] for k in ("flux_kontext", "chroma", "flux2", "qwen_image", "qwen_image_edit", "sana", "z_image")},
 }
 
 
@@ -557,6 +561,21 @@ def tiny_flux_dir(tmp_path_factory) -> str:
     return str(tiny.build(tmp_path_factory.mktemp("tiny") / "tiny_flux", kind="flux"))
 
 
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """``kind -> folder`` of a newer family's tiny pipeline, built once."""
+    from diffusion_lab.components import tiny
+
+    root, built = tmp_path_factory.mktemp("tiny_families"), {}
+
+    def get(kind: str) -> str:
+        if kind not in built:
+            built[kind] = str(tiny.build(root / kind, kind=kind))
+        return built[kind]
+
+    return get
+
+
 def _codec_geometry(cfg: DictConfig) -> tuple[int, int]:
     """(latent channels, pixels per latent side) of the first stage, read from the config, or from
     the VAE's own config.json where the config loads a saved VAE. Every AutoencoderKL down block
@@ -580,14 +599,19 @@ def test_experiment_instantiates(experiment, tmp_path, request):
     for name in ("tiny_sd", "tiny_sdxl", "tiny_sd3", "tiny_flux", "digits_stack"):
         if any(f"{{{name}}}" in o for o in shrink):
             shrink = [o.replace(f"{{{name}}}", request.getfixturevalue(f"{name}_dir")) for o in shrink]
+    shrink = [re.sub(r"\{tiny:(\w+)\}", lambda m: request.getfixturevalue("tiny_folder")(m.group(1)), o) for o in shrink]
     cfg = compose_cfg("train", [f"experiment={experiment}", *shrink], tmp_path)
     model = instantiate(cfg.model)
-    channels, factor = _codec_geometry(cfg)
+    if cfg.model._target_.endswith("AutoencoderModule") or type(model.codec).__name__ in ("VAECodec", "IdentityCodec"):
+        channels, factor = _codec_geometry(cfg)
+    else:  # a family's own codec (FLUX.2's patchified, Qwen-Image's 5-D, Sana's DC-AE latents): what it reports
+        channels, factor = model.codec.latent_channels, model.codec.downsample_factor
     side = cfg.data.resolution // factor
     assert model.latent_shape(2) == (2, channels, side, side)
     unet = getattr(model, "backbone", None)
-    if unet is not None:  # the network takes and returns what the codec makes (Flux: 2x2 latent patches packed)
-        packed = channels * getattr(getattr(model, "family", None), "packing", 1) ** 2
+    family = getattr(model, "family", None)
+    if unet is not None and (family is None or hasattr(family, "packing")):  # the network takes what the codec makes (Flux: 2x2 packed)
+        packed = channels * getattr(family, "packing", 1) ** 2
         assert unet.config.in_channels == (unet.config.get("out_channels") or unet.config.in_channels) == packed
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
     assert trainer.max_steps == cfg.trainer.max_steps
