@@ -14,7 +14,8 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from diffusion_lab.callbacks.ema import ema_weights
-from diffusion_lab.families.flux2 import Flux2, Flux2Codec, Flux2TextConditioner, check_folder
+from diffusion_lab.components.mmdit import check_family
+from diffusion_lab.families.flux2 import Flux2, Flux2Codec, Flux2TextConditioner
 from diffusion_lab.testing import flux2 as tiny
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError
@@ -213,12 +214,12 @@ def test_a_folder_of_another_family_and_unsupported_methods_are_config_errors(fo
         build_module(tmp_path / "a", flux1)
     message = str(user_error(excinfo))
     assert f"model.pretrained='{flux1}' is a FluxPipeline folder" in message and "model=latent_flux2 trains a Flux2KleinPipeline" in message
-    assert "use model=latent_flux;" in message and "--kind flux2" in message and "\n" not in message
+    assert "use model=latent_flux " in message and "--kind flux2" in message and "\n" not in message
     dev = tmp_path / "flux2_dev"
     dev.mkdir()
     (dev / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}))
     with pytest.raises(ConfigError, match=r"is a Flux2Pipeline folder \(FLUX.2 \[dev\]: a Mistral text encoder, not covered"):
-        check_folder(str(dev))
+        check_family(str(dev), "latent_flux2")
     with pytest.raises(Exception, match=r"adapter.train_text_encoder=true with model=latent_flux2: Flux2LoraLoaderMixin loads LoRA weights into the transformer only"):
         build_module(tmp_path / "b", folder, "adapter=lora", "adapter.train_text_encoder=true")
     with pytest.raises(Exception, match=r"data.resolution=34 is not divisible by 4 = vae down-sampling 2 x 2x2 patches; use e.g. data.resolution=32"):

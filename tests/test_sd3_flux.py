@@ -280,3 +280,20 @@ def test_gpu_lora_recipe_runs_a_step_on_the_tiny_pipeline(kind, folders, tmp_pat
     assert type(objects["datamodule"].train_set).__name__ == "CachedLatentDataset"
     assert objects["trainer"].global_step == 1 and (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").exists()
     assert (tmp_path / "run" / "text_cache" / "train_set.rank0" / "encoder_hidden_states.bin").exists()  # T5 states on disk
+
+
+def test_parts_load_with_the_class_the_folder_model_index_names(folders, tmp_path):
+    """As DiffusionPipeline.from_pretrained: a folder whose tokenizer was saved as another class than the config's
+    (a generic PreTrainedTokenizerFast where text_encoder=sd3_pretrained says CLIPTokenizer) loads with the folder's class."""
+    import shutil
+
+    folder = tmp_path / "sd3"
+    shutil.copytree(folders["sd3"], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    module = build_module(tmp_path, "sd3", str(folder), f"text_encoder.max_sequence_length={MAX_LENGTH}")
+    assert type(module.conditioner.tokenizer).__name__ != "CLIPTokenizer"  # transformers 5 names the generic class TokenizersBackend
+    reference = build_module(tmp_path / "ref", "sd3", folders["sd3"], f"text_encoder.max_sequence_length={MAX_LENGTH}")
+    with torch.no_grad():
+        torch.testing.assert_close(module.text_states([PROMPT])["encoder_hidden_states"], reference.text_states([PROMPT])["encoder_hidden_states"])

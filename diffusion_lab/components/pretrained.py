@@ -95,12 +95,15 @@ def from_pretrained(
     **kwargs,
 ):
     """``cls.from_pretrained(pretrained, subfolder=...)`` for any diffusers/transformers class
-    (``diffusers.UNet2DConditionModel``, ``transformers.CLIPTokenizer``, ...). ``quantization``:
+    (``diffusers.UNet2DConditionModel``, ``transformers.CLIPTokenizer``, ...). Where the pipeline folder's
+    ``model_index.json`` names another class for ``subfolder`` (an SD3 folder whose ``tokenizer_3`` was saved
+    as ``T5Tokenizer``), that class is loaded, as ``DiffusionPipeline.from_pretrained`` does. ``quantization``:
     the ``quantization_config`` and dtype that ``quantization=`` gives (``components/quantization.py``)."""
     from diffusion_lab.components.quantization import after_load, cpu_bitsandbytes
 
-    cls = get_class(class_name)
     source = resolve(pretrained, subfolder, key)
+    class_name = indexed_class(source, subfolder, local_files_only) or class_name
+    cls = get_class(class_name)
     if dtype is not None:
         kwargs["torch_dtype"] = torch_dtype(dtype)
     kwargs.update(quantization or {})
@@ -112,6 +115,26 @@ def from_pretrained(
         if Path(source).is_dir():
             raise ConfigError(f"could not load {class_name} from {source}/{subfolder or ''}: {e}. The folder is not a valid diffusers/transformers save.") from e
         raise offline_error(source, subfolder, key, e) from e
+
+
+def indexed_class(source: str, subfolder: str | None, local_files_only: bool = False) -> str | None:
+    """``library.Class`` that ``source``'s ``model_index.json`` names for ``subfolder`` (None: no index, no entry,
+    or a class this process cannot import: the configured class is used then)."""
+    if not subfolder:
+        return None
+    from diffusers import DiffusionPipeline
+
+    try:
+        entry = DiffusionPipeline.load_config(source, local_files_only=local_files_only).get(subfolder)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not all(entry):
+        return None
+    try:
+        get_class(f"{entry[0]}.{entry[1]}")
+    except Exception:  # hydra wraps what the import raises
+        return None
+    return f"{entry[0]}.{entry[1]}"
 
 
 def load_scheduler(

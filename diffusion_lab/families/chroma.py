@@ -19,18 +19,10 @@ from typing import Sequence
 
 import torch
 
-from diffusion_lab.components import mmdit
 from diffusion_lab.components.pretrained import Dtype
 from diffusion_lab.components.text import TextConditioner
 from diffusion_lab.families.flux import Flux, image_ids, pack, unpack
 
-# the pipeline class model=latent_chroma trains, for mmdit.check_family (until components/mmdit.py lists it)
-
-
-def load_transformer(pretrained: str | None, local_files_only: bool = False, **kwargs):
-    """The ``ChromaTransformer2DModel`` at ``pretrained/transformer`` after ``mmdit.check_family`` (a folder of
-    another family is a ConfigError naming the ``model=`` option that trains it)."""
-    return mmdit.load_transformer("diffusers.ChromaTransformer2DModel", pretrained, "latent_chroma", local_files_only=local_files_only, **kwargs)
 
 
 class ChromaTextConditioner(TextConditioner):

@@ -26,13 +26,12 @@ What differs from FLUX.1, each mirroring ``Flux2KleinPipeline``:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import torch
 
-from diffusion_lab.components.pretrained import Dtype, from_pretrained, resolve
+from diffusion_lab.components.pretrained import Dtype
 from diffusion_lab.components.text import TextConditioner
 from diffusion_lab.components.vae import VAECodec
 from diffusion_lab.families.base import Family, filter_set_timesteps, source
@@ -133,35 +132,6 @@ class Flux2Codec(VAECodec):
         mean, std = self.bn_stats(latents)
         z = _pipe()._unpatchify_latents(latents * std + mean)
         return self.vae.decode(z.to(self.vae.device, self.vae.dtype)).sample.to(latents.device, torch.float32)
-
-
-def check_folder(pretrained: str | None, key: str = "model.pretrained", local_files_only: bool = False) -> None:
-    """ConfigError when ``pretrained``'s ``model_index.json`` names another pipeline than ``Flux2KleinPipeline``."""
-    from diffusion_lab.components.mmdit import FAMILY_PIPELINES, pipeline_class
-
-    where = resolve(pretrained, None, key)
-    found = pipeline_class(where, local_files_only)
-    if found is None or found == PIPELINE:
-        return
-    trains = [f"model={name}" for name, classes in FAMILY_PIPELINES.items() if found in classes]
-    why = " (FLUX.2 [dev]: a Mistral text encoder, not covered by model=latent_flux2)" if found == "Flux2Pipeline" else ""
-    raise ConfigError(
-        f"{key}={pretrained!r} is a {found} {'folder' if Path(where).is_dir() else 'hub id'}{why} (its model_index.json), but "
-        f"model=latent_flux2 trains a {PIPELINE}: its transformer/, Qwen3 text_encoder/, AutoencoderKLFlux2 vae/ and flow-matching "
-        f"scheduler are what this family loads. " + (f"For this folder use {' or '.join(trains)}; " if trains else "")
-        + f"for FLUX.2 klein set {key}={HUB} or a local copy ({TINY})."
-    )
-
-
-def load_part(class_name: str, pretrained: str | None, subfolder: str, local_files_only: bool = False, **kwargs):
-    """``from_pretrained`` of one part after ``check_folder`` (whichever part Hydra builds first refuses a foreign folder)."""
-    check_folder(pretrained, local_files_only=local_files_only)
-    return from_pretrained(class_name, pretrained, subfolder=subfolder, local_files_only=local_files_only, **kwargs)
-
-
-def load_transformer(pretrained: str | None, subfolder: str = "transformer", local_files_only: bool = False, **kwargs):
-    """The ``Flux2Transformer2DModel`` of a FLUX.2 klein folder or hub id (``backbone=flux2_pretrained``)."""
-    return load_part("diffusers.Flux2Transformer2DModel", pretrained, subfolder, local_files_only, **kwargs)
 
 
 class Flux2(Family):

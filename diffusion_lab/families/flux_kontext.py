@@ -18,19 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from diffusion_lab.components import mmdit
 from diffusion_lab.families.flux import Flux, image_ids, pack
 from diffusion_lab.utils.errors import ConfigError
 
 SOURCE_KEY = "source_pixel_values"
 
-# the pipeline classes model=latent_flux_kontext trains, for mmdit.check_family (until components/mmdit.py lists
-# them): a Kontext folder, or FLUX.1's (Kontext was trained from FLUX.1's weights; the parts are the same)
-
-
-def load_transformer(pretrained: str | None, local_files_only: bool = False, **kwargs):
-    """The ``FluxTransformer2DModel`` at ``pretrained/transformer`` after ``mmdit.check_family``."""
-    return mmdit.load_transformer("diffusers.FluxTransformer2DModel", pretrained, "latent_flux_kontext", local_files_only=local_files_only, **kwargs)
 
 
 class FluxKontext(Flux):

@@ -151,14 +151,6 @@ class QwenImageCodec(VAECodec):
         return self.vae.decode(z[:, :, None]).sample[:, :, 0].to(latents.device, torch.float32)
 
 
-def load_transformer(pretrained: str | None, local_files_only: bool = False, family: str = "latent_qwen_image", **kwargs):
-    """The pipeline's ``QwenImageTransformer2DModel`` (``transformer/``) after ``mmdit.check_family``: a folder
-    of another family (its ``model_index.json``) is a ConfigError naming the ``model=`` option that trains it."""
-    from diffusion_lab.components import mmdit
-
-    return mmdit.load_transformer("diffusers.QwenImageTransformer2DModel", pretrained, family, local_files_only=local_files_only, **kwargs)
-
-
 def pack(x: torch.Tensor) -> torch.Tensor:
     """Latents ``[N, c, h, w]`` -> tokens ``[N, hw/4, 4c]`` (``QwenImagePipeline._pack_latents``)."""
     from diffusers import QwenImagePipeline
@@ -253,17 +245,3 @@ class QwenImage(Family):
         mu = calculate_shift(self.image_seq_len(shape), c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
         return filter_set_timesteps(scheduler, sigmas=sigmas, mu=mu)
 
-
-def _register(family: str, pipelines: tuple[str, ...], hub_id: str, kind: str) -> None:
-    """What ``components/mmdit.check_family`` knows of this family (until ``mmdit.py`` lists it): the pipeline
-    classes whose folders it trains, the real model's hub id, the tiny folder's build command."""
-    from diffusion_lab.components import mmdit
-
-    mmdit.FAMILY_PIPELINES.setdefault(family, pipelines)
-    mmdit.HUB_EXAMPLE.setdefault(family, hub_id)
-    mmdit.TINY_FOLDER.setdefault(family, f"outputs/tiny_{kind} --kind {kind}")
-
-
-_register("latent_qwen_image", ("QwenImagePipeline",), HUB_ID, "qwen_image")
-# here too, not only in qwen_image_edit.py: Hydra may load the edit backbone (load_transformer above) first
-_register("latent_qwen_image_edit", ("QwenImageEditPipeline",), "Qwen/Qwen-Image-Edit", "qwen_image_edit")

@@ -139,16 +139,6 @@ class DCAECodec(VAECodec):
 
 
 # ---- loading a Sana pipeline folder ---------------------------------------------------------------------
-# the pipeline class model=latent_sana trains, for mmdit.check_family (until components/mmdit.py lists it)
-mmdit.FAMILY_PIPELINES.setdefault("latent_sana", ("SanaPipeline",))
-mmdit.HUB_EXAMPLE.setdefault("latent_sana", "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers")
-mmdit.TINY_FOLDER.setdefault("latent_sana", "outputs/tiny_sana --kind sana")
-
-
-def load_transformer(pretrained: str | None, local_files_only: bool = False, **kwargs):
-    """The ``SanaTransformer2DModel`` at ``pretrained/transformer`` after ``mmdit.check_family`` (a folder of
-    another family is a ConfigError naming the ``model=`` option that trains it)."""
-    return mmdit.load_transformer("diffusers.SanaTransformer2DModel", pretrained, "latent_sana", local_files_only=local_files_only, **kwargs)
 
 
 def load_flow_scheduler(pretrained: str | None, local_files_only: bool = False, subfolder: str = "scheduler", shift: float | None = None, num_train_timesteps: int | None = None):

@@ -22,7 +22,7 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from diffusion_lab.components.pretrained import Dtype, from_pretrained, resolve
+from diffusion_lab.components.pretrained import Dtype
 from diffusion_lab.components.text import TextConditioner
 from diffusion_lab.families.base import Family, filter_set_timesteps, source
 from diffusion_lab.utils.errors import ConfigError
@@ -75,36 +75,6 @@ def captions_of(encoder_hidden_states: torch.Tensor, encoder_attention_mask: tor
     """Padded states ``[N, L, D]`` + mask ``[N, L]`` -> the pipeline's list of ``[L_i, D]`` (``_encode_prompt``'s ``states[i][mask[i]]``)."""
     mask = encoder_attention_mask.bool()
     return [states[m] for states, m in zip(encoder_hidden_states, mask)]
-
-
-def load_part(class_name: str, pretrained: str | None, subfolder: str, local_files_only: bool = False, **kwargs):
-    """``from_pretrained`` of one part after checking that ``pretrained`` holds a ``ZImagePipeline``."""
-    check_folder(pretrained, local_files_only=local_files_only)
-    return from_pretrained(class_name, pretrained, subfolder=subfolder, local_files_only=local_files_only, **kwargs)
-
-
-def load_transformer(pretrained: str | None, subfolder: str = "transformer", local_files_only: bool = False, **kwargs):
-    """The ``ZImageTransformer2DModel`` of a Z-Image folder or hub id (``backbone=z_image_pretrained``)."""
-    return load_part("diffusers.ZImageTransformer2DModel", pretrained, subfolder, local_files_only, **kwargs)
-
-
-def check_folder(pretrained: str | None, key: str = "model.pretrained", local_files_only: bool = False) -> None:
-    """ConfigError when ``pretrained``'s ``model_index.json`` names another pipeline than ``ZImagePipeline``."""
-    from pathlib import Path
-
-    from diffusion_lab.components.mmdit import FAMILY_PIPELINES, pipeline_class
-
-    where = resolve(pretrained, None, key)
-    found = pipeline_class(where, local_files_only)
-    if found is None or found == PIPELINE:
-        return
-    trains = [f"model={name}" for name, classes in FAMILY_PIPELINES.items() if found in classes]
-    raise ConfigError(
-        f"{key}={pretrained!r} is a {found} {'folder' if Path(where).is_dir() else 'hub id'} (its model_index.json), but "
-        f"model=latent_z_image trains a {PIPELINE}: its transformer/, Qwen3 text_encoder/ and flow-matching scheduler are what "
-        f"this family loads. " + (f"For this folder use {' or '.join(trains)}; " if trains else "")
-        + f"for Z-Image set {key}=Tongyi-MAI/Z-Image or a local copy ({TINY})."
-    )
 
 
 class ZImage(Family):
