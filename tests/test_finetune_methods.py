@@ -15,7 +15,7 @@ from diffusion_lab.components import tiny
 from diffusion_lab.data.dreambooth import DreamBoothDataset
 from diffusion_lab.data.transforms import ImageTransform
 from diffusion_lab.export import build_pipeline
-from diffusion_lab.modules.textual_inversion import add_placeholder_tokens
+from diffusion_lab.components.embeddings import add_placeholder_tokens
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError, DataError
 from tests.conftest import compose_cfg
@@ -74,8 +74,8 @@ def test_textual_inversion_trains_only_the_new_token_and_loads_in_diffusers(ti_r
     base = base_pipeline(diffusers_folder)
     # only the placeholder's row moved: the UNet and every other embedding row are the base's
     base_rows = base.text_encoder.get_input_embeddings().weight
-    rows = module.token_embedding.detach()
-    ids = module.placeholder_ids.tolist()
+    rows = module.conditioner.text_encoder.get_input_embeddings().weight.detach()
+    ids = module.text_embedding.ids_0.tolist()
     assert torch.equal(rows[: len(base_rows)], base_rows) and ids == [len(base_rows)]
     init = base.tokenizer.convert_tokens_to_ids("digit</w>")
     assert not torch.allclose(rows[ids[0]], base_rows[init])  # it trained away from the initializer
@@ -102,17 +102,37 @@ def test_textual_inversion_trains_only_the_new_token_and_loads_in_diffusers(ti_r
 def test_textual_inversion_errors_name_the_key():
     tokenizer = tiny.tiny_clip_tokenizer()
     encoder = tiny.tiny_text_encoder()
-    with pytest.raises(ConfigError, match="model.initializer_token"):
+    with pytest.raises(ConfigError, match="adapter.initializer_token"):
         add_placeholder_tokens(tokenizer, encoder, "<new>", "not-one-token-at-all", 1)
     ids = add_placeholder_tokens(tokenizer, encoder, "<v>", "digit", 3)
     assert tokenizer.convert_ids_to_tokens(ids) == ["<v>", "<v>_1", "<v>_2"] and encoder.get_input_embeddings().weight.shape[0] == len(tokenizer)
-    with pytest.raises(ConfigError, match="model.placeholder_token"):
+    with pytest.raises(ConfigError, match="adapter.placeholder_token"):
         add_placeholder_tokens(tokenizer, encoder, "<v>", "digit", 1)
 
 
 def test_textual_inversion_without_the_token_in_the_captions_is_a_data_error(diffusers_folder, tmp_path):
     with pytest.raises(DataError, match="placeholder_token"):
         fit(tmp_path / "run", "experiment=textual_inversion_tiny", f"model.pretrained={diffusers_folder}", "data.trigger=thick")
+
+
+def test_textual_inversion_on_sdxl_learns_both_encoders_and_loads_in_diffusers(tmp_path):
+    """adapter=textual_inversion is a part: on SDXL both CLIP encoders learn the token (diffusers'
+    textual_inversion_sdxl.py); each file loads into its encoder with load_textual_inversion."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = tiny.build(tmp_path / "sdxl", kind="sdxl")
+    module = fit(tmp_path / "run", "experiment=textual_inversion_tiny", "model=latent_sdxl", f"model.pretrained={folder}", "model.optimizer.lr=0.5")
+    out = tmp_path / "run" / "textual_inversion"
+    learned = module.text_embedding.learned()
+    assert list(learned) == ["text_encoder", "text_encoder_2"]
+    base = StableDiffusionXLPipeline.from_pretrained(folder)
+    for k, (file, encoder, tokenizer) in enumerate((("learned_embeds.safetensors", base.text_encoder, base.tokenizer), ("learned_embeds_2.safetensors", base.text_encoder_2, base.tokenizer_2))):
+        start = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("digit</w>")].detach().clone()
+        base.load_textual_inversion(str(out / file), token="<thick>", text_encoder=encoder, tokenizer=tokenizer)
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<thick>")]
+        torch.testing.assert_close(row, list(learned.values())[k][0])
+        assert not torch.allclose(row, start)  # it trained away from the initializer, in both encoders
+    assert set(load_file(out / "thick.safetensors")) == {"clip_l", "clip_g"}
 
 
 # ---- LoRA variants ---------------------------------------------------------------------------

@@ -29,7 +29,7 @@ TWO_STEPS = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.lim
 # what each method needs beyond METHODS' overrides to run on the tiny stack
 EXTRA = {
     "dreambooth": ["data.num_class_images=2", "data.max_instances=2", "data.class_steps=2", "data.resolution=32"],
-    "textual_inversion": ["+model.placeholder_token='<thick>'", "+model.initializer_token=digit", "data=digits_concept", "data.trigger='<thick>'", "data.resolution=32"],
+    "textual_inversion": ["adapter.placeholder_token='<thick>'", "adapter.initializer_token=digit", "data=digits_concept", "data.trigger='<thick>'", "data.resolution=32"],
     "controlnet": [],
     "edit": [],
 }

@@ -24,7 +24,7 @@ METHODS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "dora": ("DoRA", ("adapter=dora",), "<run>/dora"),
     "lokr": ("LoKr / LoHa", ("adapter=lokr",), "<run>/lokr (peft folders)"),
     "dreambooth": ("DreamBooth (prior preservation)", ("data=dreambooth_digits",), "<run>/pipeline"),
-    "textual_inversion": ("textual inversion", ("model._target_=diffusion_lab.modules.TextualInversion", "callbacks.export.dirpath=${paths.output_dir}/textual_inversion"), "<run>/textual_inversion"),
+    "textual_inversion": ("textual inversion", ("adapter=textual_inversion",), "<run>/textual_inversion"),
     "controlnet": ("ControlNet", ("controlnet=from_backbone", "++data.control=edges", "callbacks.export.dirpath=${paths.output_dir}/controlnet"), "<run>/controlnet"),
     "edit": ("edit pairs (source -> target)", ("data=image_folder", "data.paired_images={source_image: source_pixel_values}"), "<run>/pipeline"),
 }

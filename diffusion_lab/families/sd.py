@@ -19,7 +19,7 @@ class StableDiffusion(Family):
     pipeline_class = "StableDiffusionPipeline"
     controlnet_pipeline_class = "StableDiffusionControlNetPipeline"
     backbone_name = "unet"
-    refuses = {"textual_inversion": None}  # modules/textual_inversion.py: SD 1.x/2.x's one CLIP encoder
+    refuses = {"textual_inversion": None}  # adapter=textual_inversion: its one CLIP encoder (components/embeddings.py)
     processes = ("vp", "edm")
     process_limits = (
         "StableDiffusionPipeline cannot run a flow-matching sampler (diffusers' flow schedulers have no "

@@ -27,10 +27,7 @@ class StableDiffusionXL(StableDiffusion):
     tokenizer_names = ("tokenizer", "tokenizer_2")
     text_keys = ("encoder_hidden_states", "text_embeds")
     cached_batch_keys = ("original_size", "crop_top_left")
-    refuses = {
-        "textual_inversion": "textual inversion here trains one CLIP embedding table (SD 1.x/2.x); SDXL's two encoders "
-        "(clip_l + clip_g embeddings, as diffusers' SDXL script learns them) are not written yet"
-    }
+    refuses = {"textual_inversion": None}  # both CLIP encoders learn the token (diffusers' textual_inversion_sdxl.py)
 
     def __init__(self, force_zeros_for_empty_prompt: bool = True) -> None:
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt

@@ -11,6 +11,7 @@ import torch
 
 from diffusion_lab.components.adapters import add_lora, config_variant
 from diffusion_lab.components.controlnet import Controlled, ControlNetPart
+from diffusion_lab.components.embeddings import TokenEmbedding
 from diffusion_lab.components.pretrained import Dtype, torch_dtype
 from diffusion_lab.components.quantization import check_quantized_training, is_quantized
 from diffusion_lab.components.vae import VAECodec
@@ -32,6 +33,8 @@ class LatentDiffusion(DiffusionModule):
             the full backbone / on the text encoders the family's LoRA loader takes.
         backbone_base_dtype: dtype the frozen base backbone is held in under an adapter (the adapter stays fp32).
         caption_dropout: P(caption -> "") per example, for classifier-free guidance.
+        text_embedding: ``adapter=textual_inversion``: only new placeholder tokens' embedding rows train, in each
+            text encoder the family's loader takes them for (``components/embeddings.py``).
         controlnet: ``controlnet=from_backbone``: train a ControlNet (``components/controlnet.py``) that steers
             the frozen backbone from a control image per example (``data.control`` or a paired
             ``conditioning_image``); backbone, VAE and text encoders stay frozen.
@@ -53,7 +56,7 @@ class LatentDiffusion(DiffusionModule):
         **kwargs: the shared ``DiffusionModule`` arguments (``process``, ``sampler``, ``optimizer``, ...).
     """
 
-    hparams_ignore = DiffusionModule.hparams_ignore + ("family", "backbone_lora", "text_lora", "controlnet")
+    hparams_ignore = DiffusionModule.hparams_ignore + ("family", "backbone_lora", "text_lora", "controlnet", "text_embedding")
     # per-image batch entries of the methods that the latent cache must carry along (when present)
     method_batch_keys: tuple[str, ...] = ("is_prior", CONTROL_KEY)
 
@@ -73,6 +76,7 @@ class LatentDiffusion(DiffusionModule):
         backbone_base_dtype: Dtype = "float32",
         caption_dropout: float = 0.0,
         controlnet: ControlNetPart | None = None,
+        text_embedding: TokenEmbedding | None = None,
         prior_loss_weight: float = 1.0,
         gradient_checkpointing: bool = False,
         cache: bool = False,
@@ -119,6 +123,11 @@ class LatentDiffusion(DiffusionModule):
         if gradient_checkpointing and not conditioner.frozen:
             for encoder in conditioner.encoders:
                 encoder.gradient_checkpointing_enable()
+        if text_embedding is not None:
+            if family.supports("textual_inversion"):
+                raise ConfigError(f"adapter=textual_inversion cannot be used with model={family.name}: {family.supports('textual_inversion').rstrip('.')}.")
+            text_embedding.attach(zip(family.encoder_names, conditioner.tokenizers, conditioner.encoders))
+            backbone.requires_grad_(False)
         net = None
         if controlnet is not None:
             check_controlnet(family, backbone_lora, text_lora, conditioner)
@@ -128,6 +137,7 @@ class LatentDiffusion(DiffusionModule):
         self.family = family
         self.controlnet = net
         self.control = controlnet
+        self.text_embedding = text_embedding
         self._preview: dict | None = None
         if net is not None and gradient_checkpointing:
             net.enable_gradient_checkpointing()
@@ -202,8 +212,16 @@ class LatentDiffusion(DiffusionModule):
         return self.family.forward(backbone, x_t.to(dtype), t, **cond).float()
 
     def text_states(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Captions -> the backbone's text conditioning (``text_keys``), as the family's pipeline encodes them."""
+        """Captions -> the backbone's text conditioning (``text_keys``), as the family's pipeline encodes them
+        (a textual inversion's multi-vector placeholder expanded first, as the pipelines do)."""
+        if self.text_embedding is not None:
+            captions = self.text_embedding.expand(list(captions))
         return self.family.text_states(self.conditioner, captions)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if self.text_embedding is not None:
+            self.text_embedding.restore()
 
     def conditioning(self, batch: dict, train: bool) -> dict[str, torch.Tensor]:
         """``text_states`` of the captions (or the cached ones) and the family's per-example inputs; while
@@ -268,6 +286,8 @@ class LatentDiffusion(DiffusionModule):
         """Edit pairs for a family that takes none are a ConfigError; with a ControlNet: keep the first
         training controls and captions for previews."""
         dm = self.trainer.datamodule
+        if self.text_embedding is not None:
+            check_placeholder_in_captions(dm, self.text_embedding.placeholder_token)
         keys = getattr(getattr(dm, "dataset", None), "paired_keys", ())
         if "source_pixel_values" in keys and self.family.supports("edit"):
             raise ConfigError(f"data.paired_images gives source images (edit pairs), but model={self.family.name} cannot train on them: {self.family.supports('edit').rstrip('.')}.")
@@ -315,6 +335,20 @@ def select(batch: dict, keep: torch.Tensor) -> dict:
     """The examples of ``batch`` where ``keep`` (``[N]`` bool) is true: tensors and lists alike."""
     idx = keep.nonzero().flatten().tolist()
     return {k: v[keep.to(v.device)] if torch.is_tensor(v) else [v[i] for i in idx] for k, v in batch.items()}
+
+
+def check_placeholder_in_captions(dm, token: str) -> None:
+    """DataError before training when no training caption among the first 64 has the placeholder."""
+    ds = getattr(dm, "train_set", None)
+    if ds is None:
+        return
+    captions = [ds[i].get("caption", "") for i in range(min(64, len(ds)))]
+    if not any(token in c for c in captions):
+        raise DataError(
+            f"None of the first {len(captions)} training captions contains adapter.placeholder_token={token!r} "
+            f"(e.g. {captions[0]!r}), so its embedding would never train. Put the token in the captions "
+            f"(data=digits_concept: data.trigger={token!r}; a folder: its metadata captions)."
+        )
 
 
 def check_controlnet(family: Family, backbone_lora, text_lora, conditioner) -> None:

@@ -41,6 +41,9 @@ RENAMED_PREFIXES = {
     "model.conditioning_scale": "controlnet.conditioning_scale",
     "model.preview_images": "controlnet.preview_images",
     "model.control": "data.control",
+    "model.placeholder_token": "adapter.placeholder_token",  # textual inversion is an adapter: adapter=textual_inversion
+    "model.initializer_token": "adapter.initializer_token",
+    "model.num_vectors": "adapter.num_vectors",
 }
 
 
