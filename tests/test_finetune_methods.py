@@ -135,6 +135,26 @@ def test_textual_inversion_on_sdxl_learns_both_encoders_and_loads_in_diffusers(t
     assert set(load_file(out / "thick.safetensors")) == {"clip_l", "clip_g"}
 
 
+def test_textual_inversion_trains_from_an_uncaptioned_concept_folder_with_templates(diffusers_folder, tmp_path):
+    """A few concept images without captions (the paper's and diffusers' textual_inversion.py setting): each
+    gets an object template filled with the placeholder; the token trains; without templates it is refused."""
+    from diffusion_lab.data.sources import DigitsDataset
+
+    root = tmp_path / "concept"
+    root.mkdir()
+    ds = DigitsDataset(ImageTransform(32, mode="RGB", warn_upscale=False))
+    for i in range(4):
+        Image.fromarray(((ds[i]["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)).save(root / f"{i}.png")
+    common = ["experiment=textual_inversion_tiny", f"model.pretrained={diffusers_folder}", "data=image_folder", f"data.root={root}",
+              "data.caption_column=null", "data.resolution=32", "data.val_fraction=0", "data.num_workers=0"]
+    module = fit(tmp_path / "run", *common, "data.caption_templates=object", "model.optimizer.lr=0.5")
+    captions = {module.trainer.datamodule.train_set[i]["caption"] for i in range(4)}
+    assert all("<thick>" in c for c in captions) and len({c.replace("<thick>", "") for c in captions}) >= 1
+    assert not torch.allclose(module.text_embedding.learned()["text_encoder"][0], module.text_embedding.original_0[module.text_embedding.ids_0[0]])
+    with pytest.raises(DataError, match="data has no captions"):
+        fit(tmp_path / "run2", *common)
+
+
 # ---- LoRA variants ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def variant_run(diffusers_folder, tmp_path_factory):

@@ -133,6 +133,8 @@ class DiffusionDataModule(pl.LightningDataModule):
         shuffle_seed: seed of the training order and augmentations; None = the run's ``seed``
             (``PL_GLOBAL_SEED``, the same on every DDP rank). Saved in checkpoints with the epoch
             and the position inside it, so a resumed run sees the same batches.
+        caption_templates, caption_token: items without a caption get a prompt template (``object`` | ``style``
+            | a list) filled with the token (``data/templates.py``: a few uncaptioned concept images).
         control: ``data.control``: each example also carries a control image computed from it
             (``edges`` | ``strokes`` | ``mask``, ``data/control.py``) for ``controlnet=``; None: none (or
             the data's own paired ``conditioning_image``).
@@ -149,8 +151,14 @@ class DiffusionDataModule(pl.LightningDataModule):
         seed: int = 0,
         shuffle_seed: int | None = None,
         control: str | None = None,
+        caption_templates=None,
+        caption_token: str | None = None,
     ) -> None:
         super().__init__()
+        if caption_templates is not None:
+            from diffusion_lab.data.templates import TemplateCaptions
+
+            dataset = TemplateCaptions(dataset, caption_templates, caption_token)
         if control is not None:
             from diffusion_lab.data.control import check_control_kind
 
