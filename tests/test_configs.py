@@ -158,9 +158,10 @@ def _sampler_context(option: str) -> list[tuple[str, list[str]]]:
 
 # group -> option -> [(entry config, overrides besides the option)]
 CONTEXTS = {
-    "adapter": lambda o: [("train", LATENT)],
+    "adapter": lambda o: [("train", LATENT + (["adapter.initializer_token=dog"] if o == "textual_inversion" else []))],  # ??? by design
     "callbacks": lambda o: [("train", ["model=autoencoder"] if o == "autoencoder" else [])],
     "conditioning": lambda o: [("train", ["backbone.num_class_embeds=10"] if o == "class_labels" else [])],
+    "controlnet": lambda o: [("train", LATENT)],
     "data": lambda o: [("train", NEEDS_ROOT.get(o, []))],
     "debug": lambda o: [("train", [])],
     "experiment": lambda o: [("train", [])],
@@ -251,6 +252,8 @@ def _check_adapter(cfg, option, overrides):
     lora = _resolved(cfg, "model.backbone_lora")
     if option == "none":
         assert lora is None and _resolved(cfg, "model.text_lora") is None
+    elif option == "textual_inversion":  # no LoRA: new token embeddings train (model.text_embedding)
+        assert lora is None and _resolved(cfg, "model.text_embedding")["placeholder_token"] == cfg.adapter.placeholder_token
     else:
         assert lora["rank"] == cfg.adapter.rank and lora["target_modules"] == list(cfg.adapter.target_modules)
     assert _resolved(cfg, "callbacks.export.dirpath") == f"/run/{cfg.adapter.export_name}"  # <run>/lora or <run>/pipeline
@@ -366,11 +369,23 @@ def test_every_option_composes_and_lands(group, option, config_name, overrides):
         CHECKS[group](cfg, option, overrides)
 
 
+def _pulls(file: Path, name: str) -> bool:
+    """Whether ``file``'s defaults list pulls in ``_shared/<name>``, itself or through another shared partial
+    (``model/latent_*.yaml`` -> ``_shared/latent`` -> ``memory``, ``speed``)."""
+    for entry in (str(e).split("@", 1)[0] for e in OmegaConf.load(file).get("defaults", [])):
+        stem = entry.removeprefix("_shared/")
+        if stem == name or (entry.startswith("_shared/") and _pulls(file.parent / "_shared" / f"{stem}.yaml", name)):
+            return True
+        if file.parent.name == "_shared" and (file.parent / f"{entry}.yaml").is_file() and (entry == name or _pulls(file.parent / f"{entry}.yaml", name)):
+            return True
+    return False
+
+
 @pytest.mark.parametrize("partial", _partials())
 def test_shared_defaults_land_in_every_option_using_them(partial):
     """conf/<group>/_shared/X.yaml: pulled in by options' defaults lists; its values land unless the option sets its own."""
     group = partial.split("/_shared/")[0]
-    users = [o for o in _options(group) if f"_shared/{Path(partial).name}" in str(OmegaConf.load(CONF / group / f"{o}.yaml").get("defaults", []))]
+    users = [o for o in _options(group) if _pulls(CONF / group / f"{o}.yaml", Path(partial).name)]
     assert users, f"{partial}.yaml is pulled in by no option of {group}"
     for option in users:
         cfg = _compose("train", (*NEEDS_ROOT.get(option, []), f"{group}={option}"))

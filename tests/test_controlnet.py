@@ -177,17 +177,3 @@ def test_batches_without_control_images_are_a_data_error(diffusers_folder, tmp_p
     with pytest.raises(DataError, match="data.control=edges"):
         fit(tmp_path / "run", f"model.pretrained={diffusers_folder}", "data.control=null", "trainer.max_steps=1")
 
-
-def test_model_latent_controlnet_is_the_sd_family_with_controlnet_from_backbone(tmp_path):
-    old = compose_cfg("train", ["model=latent_controlnet"], tmp_path / "a")
-    new = compose_cfg("train", ["model=latent_sd", "controlnet=from_backbone"], tmp_path / "b")
-    assert old.model == new.model and old.controlnet == new.controlnet and old.controlnet.part is not None
-
-
-def test_gpu_recipe_runs_a_step_on_the_tiny_pipeline(diffusers_folder, tmp_path):
-    cfg = compose_cfg("train", ["experiment=controlnet_sd15", f"model.pretrained={diffusers_folder}", "data=digits_captioned", "data.resolution=32",
-                                "data.num_workers=0", "trainer=cpu", "trainer.precision=32-true", "debug=fast", "logger=csv",
-                                "callbacks.progress_bar=null"], tmp_path / "run")
-    assert cfg.model.controlnet is not None and cfg.data.control == "edges" and cfg.model.optimizer.lr == 1e-5
-    _, objects = train(cfg)
-    assert objects["model"].controlnet.is_gradient_checkpointing and objects["trainer"].global_step == 1

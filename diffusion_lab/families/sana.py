@@ -178,7 +178,7 @@ class Sana(Family):
     text_keys = ("encoder_hidden_states", "encoder_attention_mask")
     refuses = {
         "textual_inversion": TEXTUAL_INVERSION,
-        "controlnet": "ControlNet for Sana (SanaControlNetModel, SanaControlNetPipeline) is not wired here; model=latent_controlnet trains SD 1.x ControlNets.",
+        "controlnet": "ControlNet for Sana (SanaControlNetModel, SanaControlNetPipeline) is not wired here; controlnet=from_backbone trains the ControlNets of SD, SDXL, SD3 and FLUX.1.",
         "edit": "Sana has no instruction-edit pipeline in diffusers to export to; use an edit family.",
     }
 

@@ -47,6 +47,10 @@ RENAMED_PREFIXES = {
 }
 
 
+# options that became a combination of parts
+RENAMED_OPTIONS = {"model=latent_controlnet": "model=latent_sd controlnet=from_backbone (ControlNet is a part of any family with one)"}
+
+
 def renamed(key: str) -> str | None:
     """The new spelling of an old key or group (``model/unet`` -> ``backbone``), else None."""
     bare = key.lstrip("+~")
@@ -90,6 +94,8 @@ def unknown_key_hints(overrides: list[str], config_name: str) -> list[str]:
 
     conf = conf_dir()
     hints = [f"{o.split('=', 1)[0]} was renamed: write {renamed(o.split('=', 1)[0])}={o.split('=', 1)[1]}." for o in overrides if "=" in o and renamed(o.split("=", 1)[0])]
+    hints += [f"{o} was replaced: write {RENAMED_OPTIONS[o]}." for o in overrides if o in RENAMED_OPTIONS]
+    overrides = [o for o in overrides if o not in RENAMED_OPTIONS]
     overrides = [o for o in overrides if "=" not in o or not renamed(o.split("=", 1)[0])]
     plain = [o for o in overrides if "=" in o and not o.startswith(("+", "~", "hydra."))]
     # group choices: data=hf, backbone=tiny, optimizer@model.optimizer=adamw_8bit (group@package)
