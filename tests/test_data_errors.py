@@ -139,9 +139,9 @@ def test_unknown_config_option_lists_the_choices(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("backbone.in_channels=3", r"model\.unet\.in_channels=3 but the data gives 1-channel images"),
-        ("backbone.out_channels=3", r"model\.unet\.out_channels=3 but the data gives 1-channel images"),
-        ("backbone.sample_size=32", r"model\.unet\.sample_size=32 but the data gives 16x16 images"),
+        ("backbone.in_channels=3", r"backbone\.in_channels=3 but the data gives 1-channel images"),
+        ("backbone.out_channels=3", r"backbone\.out_channels=3 but the data gives 1-channel images"),
+        ("backbone.sample_size=32", r"backbone\.sample_size=32 but the data gives 16x16 images"),
     ],
 )
 def test_pixel_unet_that_does_not_fit_the_data_is_refused_before_training(train_cfg, tmp_path, override, message):

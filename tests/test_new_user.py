@@ -73,7 +73,7 @@ def test_a_unet_too_deep_for_the_resolution_is_one_paragraph_before_training(tmp
     from diffusion_lab.utils.errors import ConfigError
 
     overrides = tiny("backbone=ddpm_flowers", "backbone.block_out_channels=[8,8,8,8,8,8]", "+backbone.norm_num_groups=4")
-    with pytest.raises(ConfigError, match=r"model\.unet\.down_block_types\) halve the image 5 times, so data\.resolution must be a multiple of 32.*data\.resolution=32"):
+    with pytest.raises(ConfigError, match=r"backbone\.down_block_types\) halve the image 5 times, so data\.resolution must be a multiple of 32.*data\.resolution=32"):
         train(compose_cfg("train", overrides, tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
