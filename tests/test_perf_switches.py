@@ -34,7 +34,7 @@ def test_channels_last_puts_conv_weights_in_nhwc_with_the_same_outputs(tmp_path)
     plain, nhwc = build_model(tmp_path), build_model(tmp_path, "model.channels_last=true")
     convs = [m.weight for m in nhwc.backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
-    assert not any(m.weight.is_contiguous(memory_format=torch.channels_last) for m in plain.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1))
+    assert not any(m.weight.is_contiguous(memory_format=torch.channels_last) for m in plain.backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1))
     x, t = pixel_inputs()
     with torch.no_grad():
         torch.testing.assert_close(nhwc.denoise(x, t), plain.denoise(x, t), atol=1e-5, rtol=1e-4)
@@ -64,7 +64,7 @@ def test_fused_adamw_is_the_optimizer_that_trains(train_cfg):
     _, objects = train(train_cfg("debug=fast", "model.optimizer.fused=true"))
     optimizer = objects["trainer"].optimizers[0]
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
-    assert all(len(optimizer.state[p]) for p in objects["model"].unet.parameters())  # it stepped every weight
+    assert all(len(optimizer.state[p]) for p in objects["model"].backbone.parameters())  # it stepped every weight
 
 
 def test_fused_adamw_step_matches_the_default_one(tmp_path):
@@ -74,7 +74,7 @@ def test_fused_adamw_step_matches_the_default_one(tmp_path):
         optimizer = model.optimizer_factory(params=model.trainable_parameters())
         model.denoise(x, t).square().mean().backward()
         optimizer.step()
-    for a, b in zip(models[0].unet.parameters(), models[1].unet.parameters()):
+    for a, b in zip(models[0].backbone.parameters(), models[1].backbone.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 

@@ -40,7 +40,7 @@ class PixelModel:
     """An unconditional / class-conditional pixel network with its sampler: ``make_scheduler()``
     gives a fresh scheduler (they hold state); ``kind`` is the process it was trained with."""
 
-    unet: torch.nn.Module
+    backbone: torch.nn.Module
     make_scheduler: Callable[[], object]
     kind: str
     classes: int | None = None  # a DiT's label count (its config holds the label table's size)
