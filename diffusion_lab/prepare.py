@@ -92,7 +92,7 @@ def encode_device(device: str) -> str:
 
 
 # the config groups (and their keys) that build the model: what a train command on encoded shards repeats
-MODEL_GROUPS = ("model", "vae", "text_encoder", "process", "quantization")
+MODEL_GROUPS = ("model", "backbone", "vae", "text_encoder", "process", "quantization", "controlnet", "adapter")
 
 
 def model_overrides() -> list[str]:
