@@ -268,7 +268,7 @@ def test_dreambooth_with_prior_preservation_trains_sana(folder, tmp_path):
     images with the Sana base (module sampler), trains with the prior loss and exports a SanaPipeline."""
     out = tmp_path / "run"
     cfg = compose_cfg("train", [
-        "experiment=dreambooth_tiny", "model=latent_sana", f"model.pretrained={folder}", "process.scheduler._target_=diffusion_lab.families.sana.load_flow_scheduler",
+        "experiment=dreambooth_tiny", "model=latent_sana", f"model.pretrained={folder}",
         f"text_encoder.max_sequence_length={MAX_LENGTH}", "trainer.max_steps=3", "trainer.log_every_n_steps=1", "data.num_class_images=4", "data.max_instances=4",
         "data.batch_size=4", *QUIET], out)
     objects = train(cfg)[1]

@@ -17,7 +17,6 @@ from typing import Sequence
 
 import torch
 
-from diffusion_lab.components import mmdit
 from diffusion_lab.components.pretrained import Dtype
 from diffusion_lab.components.text import TextConditioner
 from diffusion_lab.components.vae import VAECodec
@@ -139,24 +138,6 @@ class DCAECodec(VAECodec):
 
 
 # ---- loading a Sana pipeline folder ---------------------------------------------------------------------
-
-
-def load_flow_scheduler(pretrained: str | None, local_files_only: bool = False, subfolder: str = "scheduler", shift: float | None = None, num_train_timesteps: int | None = None):
-    """The training schedule of a Sana folder: a ``FlowMatchEulerDiscreteScheduler`` shifted by the saved
-    ``flow_shift`` (Sana ships a ``DPMSolverMultistepScheduler`` on flow sigmas, ``flow_shift`` 3.0 at 1024 px,
-    and its own configs train with that shift) or by the saved ``shift`` of a FlowMatch scheduler; ``shift``
-    overrides it (1.0: the unshifted table diffusers' ``train_dreambooth_lora_sana.py`` trains on)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from diffusion_lab.components.pretrained import load_scheduler
-
-    mmdit.check_family(pretrained, "latent_sana", local_files_only=local_files_only)
-    saved = load_scheduler(pretrained, subfolder=subfolder, local_files_only=local_files_only)
-    c = saved.config
-    if not (type(saved).__name__.startswith("FlowMatch") or c.get("use_flow_sigmas")):
-        raise ConfigError(f"model.pretrained={pretrained!r}: its scheduler ({type(saved).__name__}) is not a flow-matching one; Sana is trained by flow matching.")
-    saved_shift = c.get("shift", 1.0) if type(saved).__name__.startswith("FlowMatch") else c.get("flow_shift", 1.0)
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps or c.num_train_timesteps, shift=saved_shift if shift is None else shift)
 
 
 # ---- the family -------------------------------------------------------------------------------------------
