@@ -7,7 +7,7 @@
 Each map is a binary image, ink = 1, as a ``[C, H, W]`` tensor in [-1, 1] with the image's
 channels: the range and layout of ``pixel_values`` and of a ``conditioning_image`` file loaded by
 ``ImageFolderDataset(paired_images=...)``, so computed and file controls reach the model alike
-(``modules/controlnet.py`` maps them to [0, 1], what ``ControlNetModel`` was trained on in
+(the families' ``control_input`` maps them to [0, 1], what ``ControlNetModel`` was trained on in
 diffusers' ``train_controlnet.py`` and what ``StableDiffusionControlNetPipeline`` feeds it).
 The maps come from scikit-image (``feature.canny``, ``morphology.skeletonize``).
 """

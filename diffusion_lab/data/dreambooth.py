@@ -7,7 +7,7 @@ diffusers' ``train_dreambooth.py``; ``is_prior`` (0/1) tells them apart, so a sh
 both in equal shares on average and the module weights the class half by ``prior_loss_weight``.
 
 The class images are generated once by the base model before training (``callbacks/dreambooth.py``,
-``modules/dreambooth.py``) into ``class_dir`` with a ``class_images.json`` manifest; a rerun or a
+``callbacks/dreambooth.py``) into ``class_dir`` with a ``class_images.json`` manifest; a rerun or a
 resume with the same ``class_dir`` reuses them, and only the missing ones are generated.
 """
 
