@@ -109,7 +109,7 @@ class LatentDiffusion(DiffusionModule):
             )
         variant = config_variant(backbone_lora or text_lora)
         if variant is not None and family.supports(variant):
-            raise ConfigError(f"adapter={variant} cannot be used with model={family.name}: {family.supports(variant)}.")
+            raise ConfigError(f"adapter={variant} cannot be used with model={family.name}: {family.supports(variant).rstrip('.')}.")
         if backbone_lora is not None:
             add_lora(backbone if is_quantized(backbone) else backbone.to(torch_dtype(backbone_base_dtype)), backbone_lora)
         elif backbone_base_dtype != "float32":
