@@ -24,7 +24,6 @@ from diffusion_lab.components.text import TextConditioner
 from diffusion_lab.families.flux import Flux, image_ids, pack, unpack
 
 
-
 class ChromaTextConditioner(TextConditioner):
     """T5 states and Chroma's text mask, exactly ``ChromaPipeline.encode_prompt``.
 

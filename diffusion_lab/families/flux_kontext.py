@@ -24,7 +24,6 @@ from diffusion_lab.utils.errors import ConfigError
 SOURCE_KEY = "source_pixel_values"
 
 
-
 class FluxKontext(Flux):
     """FLUX.1 trained to edit: ``conditioning`` encodes the source image into reference latents, ``forward``
     appends them to the packed latents as ``FluxKontextPipeline`` does.
