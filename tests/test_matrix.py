@@ -124,7 +124,8 @@ def check_export(option: str, method: str, run: Path, folder: str) -> None:
     elif method == "lokr":
         from peft import PeftModel
 
-        PeftModel.from_pretrained(cls.from_pretrained(folder).unet, run / "lokr" / "unet")
+        name = FAMILIES[option].backbone_name  # a peft folder per part, named as the pipeline's component
+        PeftModel.from_pretrained(getattr(cls.from_pretrained(folder), name), run / "lokr" / name)
     elif method == "controlnet":
         config = json.loads((run / "controlnet" / "config.json").read_text())
         net = getattr(diffusers, config["_class_name"]).from_pretrained(run / "controlnet")

@@ -2,8 +2,8 @@
 
 | variant | file | loads with |
 |---|---|---|
-| LoKr | ``pytorch_lora_weights.safetensors`` (peft keys ``...to_q.lokr_w1``, config in the header) | ``pipe.unet.load_lora_adapter(dir, prefix=None, weight_name="pytorch_lora_weights.safetensors")`` |
-| LoKr, LoHa | ``unet/`` (+ ``text_encoder/``): ``adapter_config.json`` + ``adapter_model.safetensors`` | ``PeftModel.from_pretrained(pipe.unet, dir / "unet")`` (``.merge_and_unload()``) |
+| LoKr | ``pytorch_lora_weights.safetensors`` (peft keys ``...to_q.lokr_w1``, config in the header) | ``pipe.unet.load_lora_adapter(dir, prefix=None, weight_name="pytorch_lora_weights.safetensors")`` (``pipe.transformer`` for transformer families) |
+| LoKr, LoHa | ``unet/`` or ``transformer/`` (+ ``text_encoder/``): ``adapter_config.json`` + ``adapter_model.safetensors`` | ``PeftModel.from_pretrained(pipe.unet, dir / "unet")`` (``.merge_and_unload()``) |
 | LoKr, LoHa | ``fused/`` (``adapter.export_fused``) | ``DiffusionPipeline.from_pretrained(dir / "fused")`` |
 
 ``pipe.load_lora_weights`` refuses both (diffusers 0.42 reads LoRA/DoRA keys only); the UNet-level
@@ -25,9 +25,11 @@ PEFT_PREFIX = "base_model.model."  # the key prefix of a PeftModel's saved adapt
 
 
 def peft_parts(module) -> dict[str, torch.nn.Module]:
-    """``{"unet": ..., "text_encoder": ..., "text_encoder_2": ...}``: the parts that carry an adapter."""
-    encoders = zip(("text_encoder", "text_encoder_2"), module.conditioner.encoders)
-    return {name: m for name, m in [("unet", module.base_backbone), *encoders] if has_lora(m)}
+    """``{"unet" | "transformer": ..., "text_encoder": ..., ...}``: the parts that carry an adapter, named as
+    the family's pipeline names its components."""
+    family = module.family
+    encoders = zip(family.encoder_names, module.conditioner.encoders)
+    return {name: m for name, m in [(family.backbone_name, module.base_backbone), *encoders] if has_lora(m)}
 
 
 def save_peft_folder(model: torch.nn.Module, out_dir: str | Path) -> None:

@@ -99,8 +99,6 @@ class Family:
             return "a text-to-image family: edit pairs (a source image per example) train an edit family (latent_flux_kontext, latent_qwen_image_edit)"
         if method == "textual_inversion":
             return "textual inversion here trains CLIP token embeddings and exports what SD / SDXL pipelines' load_textual_inversion reads (TextualInversionLoaderMixin); this pipeline has no such loader"
-        if method in ("lokr", "loha") and self.backbone_name != "unet":
-            return "LoKr / LoHa exports here are peft folders for UNet pipelines (export/adapters.py); the transformer pipelines' LoRA loaders read LoRA / DoRA only: use adapter=lora|dora"
         return None
 
     def control_input(self, module, images: torch.Tensor) -> torch.Tensor:
