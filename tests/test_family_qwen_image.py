@@ -58,11 +58,11 @@ def generate(pipe, steps=3, **kw):
     return pipe(PROMPT, num_inference_steps=steps, height=32, width=32, output_type="np", generator=g, max_sequence_length=MAX_LENGTH, **kw).images
 
 
-def own_sampler(objects, steps=3):
-    """The module's own sampler (EMA weights, as exported), without guidance, as the pipeline's numpy images."""
+def own_sampler(objects, steps=3, guidance_scale=1.0):
+    """The module's own sampler (EMA weights, as exported), as the pipeline's numpy images."""
     module, g = objects["model"], torch.Generator().manual_seed(0)
     with ema_weights(objects["trainer"], module):
-        images = module.generate(1, num_inference_steps=steps, generator=g, cond_batch={"caption": [PROMPT]}, guidance_scale=1.0)
+        images = module.generate(1, num_inference_steps=steps, generator=g, cond_batch={"caption": [PROMPT]}, guidance_scale=guidance_scale)
     return ((images + 1) / 2).permute(0, 2, 3, 1).numpy()
 
 
@@ -264,3 +264,13 @@ def test_gpu_lora_recipe_runs_a_step_on_the_tiny_pipeline(folder, tmp_path):
     assert type(objects["datamodule"].train_set).__name__ == "CachedLatentDataset"
     assert objects["trainer"].global_step == 1 and (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").exists()
     assert (tmp_path / "run" / "text_cache" / "train_set.rank0" / "encoder_hidden_states_mask.bin").exists()
+
+
+def test_the_module_guides_as_the_pipeline_does(full_run):
+    """Previews use the family's guide: the module at guidance 4 samples what QwenImagePipeline's true CFG 4
+    against "" does (norm-rescaled per token), not plain classifier-free guidance."""
+    from diffusers import DiffusionPipeline
+
+    out, objects = full_run
+    pipe = DiffusionPipeline.from_pretrained(out / "pipeline", local_files_only=True)
+    np.testing.assert_allclose(generate(pipe, negative_prompt="", true_cfg_scale=4.0), own_sampler(objects, guidance_scale=4.0), atol=1e-5)

@@ -26,8 +26,8 @@ from tests.test_latent_train import captioned_folder, losses
 PROMPT = "a handwritten digit seven"
 PROMPTS = [PROMPT, "", "a red dragon with wings and a long tail " * 12]  # "" and one truncated at MAX_LENGTH
 MAX_LENGTH = 32  # the tiny recipe's text_encoder.max_sequence_length
-GUIDANCE = 3.0  # ZImagePipeline's guidance_scale s: pos + s (pos - neg) ...
-W = GUIDANCE + 1  # ... is the shared sampler's neg + w (pos - neg) at w = s + 1
+GUIDANCE = 3.0  # ZImagePipeline's guidance_scale s: pos + s (pos - neg), the family's guide too
+W = GUIDANCE  # the module is called with the pipeline's number
 
 FAST = [o for o in SD_FAST if not o.startswith("experiment=")]  # 4 steps, as the SD tests shrink theirs
 QUIET = ["callbacks.sample_grid=null", "callbacks.progress_bar=null", "callbacks.noising_strip=null"]
@@ -244,7 +244,7 @@ def test_gpu_lora_recipe_runs_a_step_on_the_tiny_pipeline(folder, tmp_path):
     encoder, bf16-mixed, checkpointing, LoRA) on CPU; 8-bit AdamW needs bitsandbytes + CUDA, so torch's AdamW stands in."""
     recipe = compose_cfg("train", ["experiment=z_image_lora"], tmp_path / "composed")
     assert recipe.model.pretrained == "Tongyi-MAI/Z-Image" and recipe.data.resolution == 1024 and recipe.text_encoder.max_sequence_length == 512
-    assert recipe.model.optimizer._target_ == "diffusion_lab.components.optim.adamw_8bit" and recipe.callbacks.sample_grid.guidance_scale == 6.0
+    assert recipe.model.optimizer._target_ == "diffusion_lab.components.optim.adamw_8bit" and recipe.callbacks.sample_grid.guidance_scale == 5.0
     cfg = compose_cfg("train", ["experiment=z_image_lora", f"model.pretrained={folder}", "model.local_files_only=true", *captioned_folder(tmp_path / "images", "imagefolder"),
                                 "optimizer@model.optimizer=adamw", "model.optimizer.lr=1e-4", "trainer=cpu", "debug=fast", "logger=csv", *QUIET], tmp_path / "run")
     assert cfg.model.cache and cfg.trainer.precision == "bf16-mixed" and cfg.model.gradient_checkpointing

@@ -119,6 +119,7 @@ def sample(
     noise: torch.Tensor | None = None,
     progress: bool = False,
     schedule: dict | None = None,
+    guide: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Draw ``shape`` samples; returns the final ``x_0`` estimate ``[N, C, H, W]``.
 
@@ -128,7 +129,8 @@ def sample(
     ``guidance_rescale`` (Lin et al. 2024, eq. 16) rescales it back towards the conditional std.
     ``noise`` fixes x_T (e.g. for sample grids that are comparable across steps).
     ``schedule``: extra ``set_timesteps`` arguments, as a pipeline passes them (Flux: custom
-    ``sigmas`` and the resolution shift ``mu``).
+    ``sigmas`` and the resolution shift ``mu``). ``guide(cond, uncond, w)``: a pipeline's own guidance rule
+    instead of ``u + w (c - u)`` (Qwen-Image's norm-rescaled true CFG, Z-Image's ``c + w (c - u)``).
     """
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
@@ -146,7 +148,7 @@ def sample(
         if use_cfg:
             both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
             out_u, out_c = denoise(torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), **both).chunk(2)
-            out = out_u + guidance_scale * (out_c - out_u)
+            out = guide(out_c, out_u, guidance_scale) if guide is not None else out_u + guidance_scale * (out_c - out_u)
             if guidance_rescale > 0:
                 out = rescale_noise_cfg(out, out_c, guidance_rescale=guidance_rescale)
         else:

@@ -121,6 +121,11 @@ class Family:
         ``cond_batch`` of sampling, possibly None). Default: none."""
         return {}
 
+    def guide(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """The pipeline's guidance rule on the two predictions: classifier-free guidance ``u + w (c - u)``
+        (Ho & Salimans 2022) unless the family's pipeline computes another (Qwen-Image, Z-Image)."""
+        return uncond + scale * (cond - uncond)
+
     def unconditional(self, cond: dict, uncond: dict) -> dict | None:
         """The negative half of classifier-free guidance from the encoded "" (``uncond``); None: no CFG."""
         return uncond if self.cfg else None

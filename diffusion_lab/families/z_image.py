@@ -110,6 +110,11 @@ class ZImage(Family):
         if problems:
             raise ConfigError(" ".join(problems))
 
+    def guide(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """``ZImagePipeline``'s guidance ``pos + s (pos - neg)`` (not ``neg + s (pos - neg)``): a sample grid's
+        ``guidance_scale`` is the pipeline's."""
+        return cond + scale * (cond - uncond)
+
     def lora_text_encoders(self, conditioner) -> tuple[torch.nn.Module, ...]:
         """Called when ``adapter.train_text_encoder=true``: a ConfigError (the export could not carry it)."""
         raise ConfigError(f"adapter.train_text_encoder=true with model={self.name}: {self.refuses['train_text_encoder']}")

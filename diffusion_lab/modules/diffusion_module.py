@@ -256,6 +256,9 @@ class DiffusionModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- sampling ---------------------------------------------------------------------------
+    # the pipeline's guidance rule ``(cond, uncond, w) -> prediction`` (None: classifier-free guidance, ``u + w (c - u)``)
+    guide = None
+
     def sampling_scheduler(self, sampler: Sampler | None = None):
         """A fresh diffusers scheduler (they hold state) running ``sampler`` (default: the
         configured one) on the trained schedule."""
@@ -308,6 +311,7 @@ class DiffusionModule(pl.LightningModule):
                 guidance_rescale=self.hparams.guidance_rescale,
                 noise=noise,
                 schedule=self.sampling_schedule(scheduler, shape, steps),
+                guide=self.guide,
             )
             images = self.decode(x0)
         self.train(was_training)

@@ -158,6 +158,11 @@ class LatentDiffusion(DiffusionModule):
         return self.family.name
 
     @property
+    def guide(self):
+        """The family's guidance rule (``Family.guide``: classifier-free guidance unless its pipeline differs)."""
+        return self.family.guide
+
+    @property
     def text_keys(self) -> tuple[str, ...]:
         """What ``text_states`` returns, and so what the text cache holds per caption."""
         return self.family.text_keys
