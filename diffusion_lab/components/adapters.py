@@ -96,7 +96,13 @@ def has_lora(model: torch.nn.Module) -> bool:
 
 def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA weights of ``model`` in the diffusers layout that ``save_lora_weights`` writes."""
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    peft = get_peft_model_state_dict(model)
+    converted = convert_state_dict_to_diffusers(peft)
+    # diffusers' UNet loader maps old-layout keys back only when the FIRST key is old-layout: a mix
+    # (attention ``lora.down``, other layers such as proj_in ``lora_A``) silently loses layers on load,
+    # so a mix is written in peft keys throughout, which every loader reads
+    mixed = any(".lora_A." in k for k in converted) and any(".lora.down." in k for k in converted)
+    return peft if mixed else converted
 
 
 def lora_metadata(model: torch.nn.Module) -> dict:
