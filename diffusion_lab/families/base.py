@@ -126,6 +126,25 @@ class Family:
         (Ho & Salimans 2022) unless the family's pipeline computes another (Qwen-Image, Z-Image)."""
         return uncond + scale * (cond - uncond)
 
+    def edit_sources(self, module, batch: dict | None, n: int, sampling: bool) -> torch.Tensor:
+        """An edit family's source images ``[n, C, H, W]`` in [-1, 1] (``source_key`` of the batch, cycled to ``n``);
+        previews without sources (the sample grids give prompts only) take the first ``preview_sources`` training
+        sources, kept once. A ConfigError naming ``data.paired_images`` when there are none."""
+        source = (batch or {}).get(self.source_key)
+        if source is None and sampling:
+            if getattr(self, "_previews", None) is None:
+                datamodule = getattr(getattr(module, "_trainer", None), "datamodule", None)
+                if datamodule is not None and hasattr(datamodule, "sample_batch"):
+                    self._previews = datamodule.sample_batch(self.preview_sources).get(self.source_key)
+            source = getattr(self, "_previews", None)
+        if source is None:
+            raise ConfigError(
+                f"model={self.name} edits a source image, but the batch has no {self.source_key!r} (keys: {sorted(batch) if batch else []}). "
+                f"Use data=image_folder with a metadata column naming each image's source file and "
+                f"data.paired_images='{{source_image: {self.source_key}}}'; to sample, pass cond_batch={{{self.source_key!r}: [N, C, H, W] in [-1, 1]}}."
+            )
+        return source[torch.arange(n) % source.shape[0]]  # one source per image (cycled, as previews cycle prompts)
+
     def unconditional(self, cond: dict, uncond: dict) -> dict | None:
         """The negative half of classifier-free guidance from the encoded "" (``uncond``); None: no CFG."""
         return uncond if self.cfg else None

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from diffusion_lab.families.flux import Flux, image_ids, pack
-from diffusion_lab.utils.errors import ConfigError
 
 SOURCE_KEY = "source_pixel_values"
 
@@ -54,29 +53,9 @@ class FluxKontext(Flux):
         Sampling without sources (the sample grids give prompts only) cycles through the first
         ``preview_sources`` training sources."""
         cond = super().conditioning(module, batch, n, sampling)
-        source = (batch or {}).get(self.source_key)
-        if source is None and sampling:
-            source = self._training_sources(module)
-        if source is None:
-            have = sorted(batch) if batch else []
-            raise ConfigError(
-                f"model={self.name} edits a source image, but the batch has no {self.source_key!r} (keys: {have}). Use "
-                f"data=image_folder with a metadata column naming each image's source file and "
-                f"data.paired_images='{{source_image: {self.source_key}}}'; to sample, pass cond_batch={{{self.source_key!r}: [N, C, H, W] in [-1, 1]}}."
-            )
-        source = source[torch.arange(n) % source.shape[0]]  # one source per image (cycled, as previews cycle prompts)
+        source = self.edit_sources(module, batch, n, sampling)
         cond["reference_latents"] = module.codec.encode(source.to(module.device, torch.float32), sample=False)
         return cond
-
-    def _training_sources(self, module) -> torch.Tensor | None:
-        """The first ``preview_sources`` sources of the training set (kept once), or None outside training."""
-        if self._previews is None:
-            trainer = getattr(module, "_trainer", None)
-            datamodule = getattr(trainer, "datamodule", None)
-            if datamodule is None or not hasattr(datamodule, "sample_batch"):
-                return None
-            self._previews = datamodule.sample_batch(self.preview_sources).get(self.source_key)
-        return self._previews
 
     def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, reference_latents: torch.Tensor | None = None, **cond) -> torch.Tensor:
         """FLUX.1's call (``Flux.forward``) with the packed reference tokens appended to the image tokens and

@@ -147,17 +147,6 @@ class QwenImageEdit(QwenImage):
         self.cached_batch_keys = (source_key,)  # the latent cache carries the sources along
         self._previews: torch.Tensor | None = None
 
-    def training_sources(self, module) -> torch.Tensor | None:
-        """The first ``preview_sources`` sources of the training set (kept once: previews edit the same images), or
-        None outside training (as ``families/flux_kontext.py`` does)."""
-        if self._previews is None:
-            datamodule = getattr(getattr(module, "_trainer", None), "datamodule", None)
-            if datamodule is None or not hasattr(datamodule, "sample_batch"):
-                return None
-            self._previews = datamodule.sample_batch(self.preview_sources).get(self.source_key)
-        return self._previews
-
-
     def check_parts(self, backbone, codec, conditioner, resolution: int, image_channels: int) -> None:
         super().check_parts(backbone, codec, conditioner, resolution, image_channels)
         if not isinstance(conditioner, QwenEditTextConditioner):
@@ -187,17 +176,7 @@ class QwenImageEdit(QwenImage):
     def conditioning(self, module, batch: dict | None, n: int, sampling: bool) -> dict[str, torch.Tensor]:
         """``reference_latents`` ``[n, c, h', w']`` (posterior mode) and the instructions' image-aware text states
         (replacing the caption-only ones; while training each caption is "" with probability ``caption_dropout``)."""
-        source = (batch or {}).get(self.source_key)
-        if source is None and sampling:  # previews: the sample grid gives prompts only
-            source = self.training_sources(module)
-        if source is None:
-            have = sorted(batch) if batch else []
-            raise ConfigError(
-                f"model={self.name} edits a source image, but the batch has no {self.source_key!r} (keys: {have}). Use data=image_folder "
-                f"with a metadata column naming each image's source file and data.paired_images='{{source_image: {self.source_key}}}'; "
-                f"to sample, pass cond_batch={{{self.source_key!r}: [N, C, H, W] in [-1, 1]}}."
-            )
-        source = source[torch.arange(n) % source.shape[0]]  # one source per image (cycled, as previews cycle prompts)
+        source = self.edit_sources(module, batch, n, sampling)
         captions = list((batch or {}).get("caption") or [""] * n)
         p = module.hparams.get("caption_dropout", 0.0)
         if not sampling and p > 0:
