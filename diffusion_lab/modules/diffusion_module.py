@@ -72,10 +72,15 @@ class DiffusionModule(pl.LightningModule):
         compile_backbone, channels_last, attention: speed switches (``diffusion_lab/components/speed.py``).
         gradient_checkpointing: recompute the backbone's activations in backward (``model.gradient_checkpointing``;
             diffusers' ``enable_gradient_checkpointing``, every family): less memory, more compute.
+        method: what a training step optimises (``method=``, ``diffusion_lab/methods/``): None = the
+            process's supervised loss; DPO, GRPO, distillation are ``Method`` parts.
+        pretrained: the pipeline folder / hub id the parts were read from (``model.pretrained``; the
+            ``*_pretrained`` backbone and process configs read it), recorded in the checkpoint.
+        local_files_only: never touch the network when loading from ``pretrained``.
     """
 
     # constructor arguments that are built objects, kept out of hparams (subclasses extend it)
-    hparams_ignore: tuple[str, ...] = ("backbone", "process", "sampler", "codec", "conditioner", "optimizer", "lr_scheduler")
+    hparams_ignore: tuple[str, ...] = ("backbone", "process", "sampler", "codec", "conditioner", "optimizer", "lr_scheduler", "method")
     # processes this model family can train and export (``process=``); others are a ConfigError
     processes: tuple[str, ...] = ("vp", "flow_matching", "edm")
     # why a process is missing from ``processes`` (for the error message)
@@ -100,6 +105,9 @@ class DiffusionModule(pl.LightningModule):
         channels_last: bool = False,
         attention: AttentionBackend = "sdpa",
         gradient_checkpointing: bool = False,
+        method=None,
+        pretrained: str | None = None,
+        local_files_only: bool = False,
     ) -> None:
         super().__init__()
         self.check_process(process, sampler)
@@ -115,6 +123,7 @@ class DiffusionModule(pl.LightningModule):
         self.codec = codec if codec is not None else IdentityCodec(backbone.config.in_channels)
         self.conditioner = conditioner if conditioner is not None else Unconditional()
         self.optimizer_factory = optimizer
+        self.method = method
         self.lr_scheduler_factory = lr_scheduler
         self.val_loss_by_level = LossByLevel(val_buckets) if val_buckets > 0 else None
         self._t_batch_start: float | None = None
@@ -131,6 +140,16 @@ class DiffusionModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["diffusion_lab_config"] = self.run_config
+        if self.method is not None:
+            checkpoint["diffusion_lab_method"] = self.method.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.method is not None and "diffusion_lab_method" in checkpoint:
+            self.method.load_state_dict(checkpoint["diffusion_lab_method"])
+
+    def on_fit_start(self) -> None:
+        if self.method is not None:
+            self.method.setup(self)
 
     @classmethod
     def check_process(cls, process: Process, sampler: Sampler) -> None:
@@ -193,6 +212,8 @@ class DiffusionModule(pl.LightningModule):
         self._t_batch_start = time.perf_counter()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.method is not None:
+            return self.method.training_step(self, batch, batch_idx)
         loss = self.diffusion_loss(batch, train=True)
         bs = batch_len(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)

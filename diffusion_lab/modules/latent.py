@@ -179,7 +179,7 @@ class LatentDiffusion(DiffusionModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """The shared step; with DreamBooth data the class examples' loss is weighted by ``prior_loss_weight``."""
-        if "is_prior" not in batch:
+        if "is_prior" not in batch or self.method is not None:
             return super().training_step(batch, batch_idx)
         prior = batch["is_prior"].bool()
         losses = {name: self.diffusion_loss(select(batch, keep), train=True) for name, keep in (("instance", ~prior), ("prior", prior)) if keep.any()}
@@ -289,7 +289,8 @@ class LatentDiffusion(DiffusionModule):
 
     def on_fit_start(self) -> None:
         """Edit pairs for a family that takes none are a ConfigError; with a ControlNet: keep the first
-        training controls and captions for previews."""
+        training controls and captions for previews; then the method's own setup."""
+        super().on_fit_start()
         dm = self.trainer.datamodule
         if self.text_embedding is not None:
             check_placeholder_in_captions(dm, self.text_embedding.placeholder_token)
