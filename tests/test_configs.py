@@ -162,6 +162,7 @@ CONTEXTS = {
     "callbacks": lambda o: [("train", ["model=autoencoder"] if o == "autoencoder" else [])],
     "conditioning": lambda o: [("train", ["backbone.num_class_embeds=10"] if o == "class_labels" else [])],
     "controlnet": lambda o: [("train", LATENT)],
+    "method": lambda o: [("train", []), ("train", LATENT)],  # every method composes with pixel and latent models
     "data": lambda o: [("train", NEEDS_ROOT.get(o, []))],
     "debug": lambda o: [("train", [])],
     "experiment": lambda o: [("train", [])],
@@ -248,6 +249,20 @@ def _check_conditioning(cfg, option, overrides):
         assert _resolved(cfg, "conditioning.num_classes") == 10
 
 
+def _check_method(cfg, option, overrides):
+    """The model receives the method's part: nothing for supervised, a ``Method`` whose ``name`` is the option."""
+    from hydra.utils import instantiate
+
+    from diffusion_lab.methods import Method
+
+    part = _resolved(cfg, "model.method")
+    if option == "supervised":
+        assert part is None
+    else:
+        method = instantiate(part)
+        assert isinstance(method, Method) and method.name == option
+
+
 def _check_adapter(cfg, option, overrides):
     lora = _resolved(cfg, "model.backbone_lora")
     if option == "none":
@@ -320,6 +335,7 @@ CHECKS = {
     "text_encoder": _check_text_encoder,
     "conditioning": _check_conditioning,
     "adapter": _check_adapter,
+    "method": _check_method,
     "data": _check_data,
     "model": _check_model,
     "backbone": _check_unet,
