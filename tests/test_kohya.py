@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from diffusion_lab.components import tiny
 from diffusion_lab.components.adapters import KOHYA_FILE, add_lora, lora_config
-from diffusion_lab.export.kohya import flux_kohya, lora_layers
+from diffusion_lab.export.kohya import flux_kohya, lora_layers, save_lora_files
 from diffusion_lab.families.flux import Flux
 from diffusion_lab.families.sdxl import StableDiffusionXL
 
@@ -50,7 +50,7 @@ def test_sdxl_kohya_file_loads_in_diffusers_like_the_diffusers_file(tmp_path):
     add_lora(trained.unet, lora_config(rank=4, alpha=8, init=False))
     for te in (trained.text_encoder, trained.text_encoder_2):
         add_lora(te, lora_config(rank=2, alpha=1, init=False, target_modules=("q_proj", "k_proj", "v_proj", "out_proj")))
-    StableDiffusionXL().save_lora(str(tmp_path), trained.unet, {"text_encoder": trained.text_encoder, "text_encoder_2": trained.text_encoder_2})
+    save_lora_files(StableDiffusionXL(), str(tmp_path), trained.unet, {"text_encoder": trained.text_encoder, "text_encoder_2": trained.text_encoder_2})
 
     kohya = load_file(tmp_path / KOHYA_FILE)
     assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
@@ -88,7 +88,7 @@ def test_flux_kohya_file_loads_in_diffusers_like_the_diffusers_file(tmp_path):
     trained = tiny.tiny_flux_pipeline()
     add_lora(trained.transformer, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=FLUX_TARGETS))
     add_lora(trained.text_encoder, lora_config(rank=2, alpha=2, init=False, target_modules=("q_proj", "k_proj", "v_proj", "out_proj")))
-    Flux().save_lora(str(tmp_path), trained.transformer, {"text_encoder": trained.text_encoder})
+    save_lora_files(Flux(), str(tmp_path), trained.transformer, {"text_encoder": trained.text_encoder})
 
     kohya = load_file(tmp_path / KOHYA_FILE)
     names = {k.split(".")[0] for k in kohya}
@@ -139,7 +139,7 @@ def test_dora_writes_no_kohya_file(tmp_path):
     """DoRA: diffusers files only (no reader here checks a kohya ``dora_scale``)."""
     pipe = tiny.tiny_sdxl_pipeline()
     add_lora(pipe.unet, lora_config(rank=2, init=False, variant="dora"))
-    StableDiffusionXL().save_lora(str(tmp_path), pipe.unet, {})
+    save_lora_files(StableDiffusionXL(), str(tmp_path), pipe.unet, {})
     assert not (tmp_path / KOHYA_FILE).exists()
     assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
 

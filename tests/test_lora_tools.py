@@ -14,6 +14,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from diffusion_lab.components.adapters import KOHYA_FILE, add_lora, lora_config
+from diffusion_lab.export.kohya import save_lora_files
 from diffusion_lab.components.tiny import build
 from diffusion_lab.export import lora_tools
 from diffusion_lab.families.sd import StableDiffusion
@@ -52,7 +53,7 @@ def _trained_lora(base: Path, out: Path, seed: int, targets=("to_q", "to_k", "to
         for name, p in unet.named_parameters():
             if "lora_" in name:
                 p.mul_(2.0)  # big enough to move the images visibly
-    StableDiffusion().save_lora(str(out), unet, {})
+    save_lora_files(StableDiffusion(), str(out), unet, {})
     return out
 
 

@@ -13,18 +13,18 @@ from diffusion_lab.export.pipelines import build_pipeline, save_lora
 from diffusion_lab.export.pipelines import export as export_pipeline
 
 
-def export(module, out_dir: str) -> None:
+def export(module, out_dir: str, lora_format: str = "both") -> None:
     """What ``module`` becomes outside diffusion_lab: a ControlNet run's ``ControlNetModel`` folder
     (``export/controlnet.py``), textual inversion's embedding files (``export/embeddings.py``),
     LoKr / LoHa peft folders (``export/adapters.py``), else ``export_pipeline`` (pipeline folders,
-    LoRA files, the VAE stage)."""
+    LoRA files in ``lora_format`` = diffusers | kohya | both, the VAE stage)."""
     if is_controlnet(module):
         return save_controlnet(module, out_dir)
     if is_textual_inversion(module):
         return save_textual_inversion(module, out_dir)
     if is_adapter_variant(module):
         return export_adapter_variant(module, out_dir)
-    return export_pipeline(module, out_dir)
+    return export_pipeline(module, out_dir, lora_format)
 
 
 __all__ = ["build_controlnet_pipeline", "build_pipeline", "export", "export_pipeline", "save_controlnet", "save_lora"]

@@ -1,10 +1,11 @@
-"""LoRA files in the kohya / A1111 key layout (``lora_kohya.safetensors``) for SDXL and FLUX.1.
+"""LoRA files in the kohya / A1111 key layout (``lora_kohya.safetensors``), one writer per pipeline class.
 
 A1111, Forge and ComfyUI read LoRA files whose keys name the *original* (non-diffusers) modules:
 ``<prefix>_<module path with "_">.lora_down.weight`` ``[r, in]``, ``.lora_up.weight`` ``[out, r]`` and
 ``.alpha`` (the update is ``alpha / r * up @ down``). The prefixes are ``lora_unet`` (the backbone),
-``lora_te1`` / ``lora_te2`` (the CLIP text encoders).
+``lora_te1`` / ``lora_te2`` (the CLIP text encoders; SD 1.x: ``lora_te``).
 
+- SD 1.x / 2.x: diffusers' ``convert_state_dict_to_kohya`` names (``components/adapters.kohya_state_dict``).
 - SDXL: kohya trains on the SGM UNet, so the UNet paths are SGM's (``input_blocks.4.1`` = diffusers'
   ``down_blocks.1.attentions.0``); inside a transformer block the names agree. Read back by diffusers'
   ``_maybe_map_sgm_blocks_to_diffusers`` + ``_convert_non_diffusers_lora_to_diffusers``.
@@ -14,9 +15,9 @@ A1111, Forge and ComfyUI read LoRA files whose keys name the *original* (non-dif
   That converter hard-codes FLUX.1's widths for a single block's ``linear1`` (3072 x 3 + 12288), so
   diffusers reads such a file only for full-size FLUX.1 (ComfyUI reads it at any width).
 
-Written by ``families/sdxl.py`` and ``families/flux.py`` (``save_lora``) beside diffusers' own file. Not for
-DoRA: diffusers' FLUX reader drops ``dora_scale`` keys, and no reader here checks a kohya ``dora_scale``
-against peft's magnitude vector, so a DoRA run writes diffusers' files only.
+``save_lora_files`` writes a run's files in ``callbacks.export.lora_format`` (``diffusers|kohya|both``);
+``check_lora_format`` refuses, before training, a kohya-only export that cannot be written. Not for
+DoRA (no reader here checks a kohya ``dora_scale`` against peft's magnitude vector) or LoKr / LoHa.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from peft.tuners.lora import LoraLayer
 
-from diffusion_lab.components.adapters import KOHYA_FILE
+from diffusion_lab.components.adapters import KOHYA_FILE, adapter_variant, has_lora
+from diffusion_lab.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 # module path -> (down [r, in], up [out, r], scale alpha / r)
@@ -150,39 +152,100 @@ def metadata(layers: Layers) -> dict[str, str]:
     return {"ss_network_module": "networks.lora", "ss_network_dim": str(down.shape[0]), "ss_network_alpha": f"{scale * down.shape[0]:g}"}
 
 
-def _save(out_dir: str, build: Callable[[], dict[str, torch.Tensor]], layers: Layers) -> Path | None:
+# ---- one writer per pipeline class: (backbone, {encoder name: encoder}) -> kohya state dict -----------
+Build = Callable[[torch.nn.Module, dict[str, torch.nn.Module]], dict[str, torch.Tensor]]
+
+
+def sd_state(unet: torch.nn.Module, encoders: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """SD 1.x / 2.x: diffusers' ``convert_state_dict_to_kohya`` names (``components/adapters.kohya_state_dict``)."""
+    from diffusion_lab.components.adapters import kohya_state_dict
+
+    lora_layers(unet)  # ValueError for DoRA
+    return kohya_state_dict({"unet": unet, **encoders})
+
+
+def sdxl_state(unet: torch.nn.Module, encoders: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    return sdxl_kohya(lora_layers(unet), unet.config.layers_per_block, {n: lora_layers(e) for n, e in encoders.items()})
+
+
+def flux_state(transformer: torch.nn.Module, encoders: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    te = lora_layers(encoders["text_encoder"]) if "text_encoder" in encoders else None
+    return flux_kohya(lora_layers(transformer), lambda p: transformer.get_submodule(p).out_features, te)
+
+
+WRITERS: dict[str, Build] = {
+    "StableDiffusionPipeline": sd_state,
+    "StableDiffusionXLPipeline": sdxl_state,
+    "FluxPipeline": flux_state,
+}
+LoraFormat = Literal["diffusers", "kohya", "both"]
+LORA_FORMATS: tuple[str, ...] = ("diffusers", "kohya", "both")
+FORMAT_KEY = "callbacks.export.lora_format"
+
+
+def kohya_state(pipeline_class: str, backbone: torch.nn.Module, encoders: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The kohya state dict of a ``pipeline_class`` run's LoRA; ValueError when the family has no kohya
+    layout here, for DoRA, or for a target without a kohya name."""
+    if pipeline_class not in WRITERS:
+        raise ValueError(f"{pipeline_class} has no kohya / A1111 LoRA layout that diffusers reads back (kohya files: {', '.join(WRITERS)})")
+    return WRITERS[pipeline_class](backbone, encoders)
+
+
+def save_kohya(pipeline_class: str, out_dir: str, backbone: torch.nn.Module, encoders: dict[str, torch.nn.Module], strict: bool = False) -> Path | None:
+    """Write ``<out_dir>/lora_kohya.safetensors``. Where none can be written (no layout, DoRA, a target
+    without a kohya name): None with a warning, or the ValueError with ``strict``."""
     from safetensors.torch import save_file
 
-    if not layers:  # no LoRA layers (LoKr / LoHa are written by export/adapters.py)
-        return None
     try:
-        state = build()
-    except ValueError as e:  # a target with no kohya name: the diffusers files are still written
+        state = kohya_state(pipeline_class, backbone, encoders)
+    except ValueError as e:
+        if strict:
+            raise
         log.warning("no %s: %s", KOHYA_FILE, e)
         return None
     path = Path(out_dir) / KOHYA_FILE
-    save_file(state, str(path), metadata=metadata(layers))
+    save_file(state, str(path), metadata=metadata(lora_layers(backbone)))
     return path
 
 
-def _is_dora(model: torch.nn.Module) -> bool:
-    return bool(getattr(model.peft_config["default"], "use_dora", False))
+def save_lora_files(family, out_dir: str, backbone: torch.nn.Module, encoders: dict[str, torch.nn.Module], lora_format: LoraFormat = "both") -> None:
+    """A LoRA run's files in ``lora_format``: ``diffusers`` = the pipeline's ``save_lora_weights`` file
+    (``family.save_lora``), ``kohya`` = ``lora_kohya.safetensors`` only, ``both`` = each (the kohya one where
+    the family has a layout). A ``kohya`` export that cannot be written (checked before training by
+    ``check_lora_format``) falls back to diffusers' file with a warning rather than lose the run."""
+    if lora_format != "kohya":
+        family.save_lora(out_dir, backbone, encoders)
+    if lora_format == "diffusers":
+        return
+    if save_kohya(family.pipeline_class, out_dir, backbone, encoders) is None and lora_format == "kohya":
+        log.warning("%s=kohya: writing diffusers' LoRA file instead", FORMAT_KEY)
+        family.save_lora(out_dir, backbone, encoders)
 
 
-def save_sdxl(out_dir: str, unet: torch.nn.Module, encoders: dict[str, torch.nn.Module]) -> Path | None:
-    """Write ``<out_dir>/lora_kohya.safetensors`` of an SDXL UNet's (and text encoders') LoRA; None for
-    DoRA, or (with a warning) a target outside the UNet's attention blocks."""
-    if _is_dora(unet):
-        return None
-    layers = lora_layers(unet)
-    return _save(out_dir, lambda: sdxl_kohya(layers, unet.config.layers_per_block, {n: lora_layers(e) for n, e in encoders.items()}), layers)
+def lora_encoders(module) -> dict[str, torch.nn.Module]:
+    """The text encoders of ``module`` that carry a LoRA, named as the family's pipeline names them."""
+    return {name: e for name, e in zip(module.family.encoder_names, module.conditioner.encoders) if has_lora(e)}
 
 
-def save_flux(out_dir: str, transformer: torch.nn.Module, encoders: dict[str, torch.nn.Module]) -> Path | None:
-    """Write ``<out_dir>/lora_kohya.safetensors`` of a FLUX.1 transformer's (and CLIP encoder's) LoRA;
-    None for DoRA, or (with a warning) a target outside the transformer blocks."""
-    if _is_dora(transformer):
-        return None
-    layers = lora_layers(transformer)
-    te = lora_layers(encoders["text_encoder"]) if "text_encoder" in encoders else None
-    return _save(out_dir, lambda: flux_kohya(layers, lambda p: transformer.get_submodule(p).out_features, te), layers)
+def check_lora_format(lora_format: str, module) -> None:
+    """ConfigError before training: an unknown format, or ``kohya`` for a LoRA run whose file cannot be
+    written (a family without a kohya layout, DoRA, LoKr / LoHa, a target with no kohya name). The
+    check builds the file's state dict from the freshly injected (untrained) layers."""
+    if lora_format not in LORA_FORMATS:
+        raise ConfigError(f"{FORMAT_KEY}={lora_format!r} is not one of {', '.join(LORA_FORMATS)}.")
+    backbone = getattr(module, "base_backbone", None)
+    if lora_format != "kohya" or backbone is None or not has_lora(backbone) or not hasattr(module, "family"):
+        return
+    family, variant = module.family, adapter_variant(backbone)
+    if variant in ("lokr", "loha"):
+        raise ConfigError(
+            f"{FORMAT_KEY}=kohya with adapter={variant}: no LyCORIS file is written here (no reader in diffusers or peft "
+            f"checks one); use {FORMAT_KEY}=diffusers (peft folders + fused/)."
+        )
+    try:
+        kohya_state(family.pipeline_class, backbone, lora_encoders(module))
+    except ValueError as e:
+        raise ConfigError(
+            f"{FORMAT_KEY}=kohya cannot be written for model={family.name} ({e}). Use {FORMAT_KEY}=diffusers (or both, "
+            f"which writes the kohya file where it can), or change adapter / adapter.target_modules."
+        ) from e

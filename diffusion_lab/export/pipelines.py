@@ -86,10 +86,11 @@ def build_pipeline(module, fused: bool = False):
     return DDPMPipeline(unet=module.base_backbone, scheduler=module.sampling_scheduler())
 
 
-def export(module, out_dir: str) -> None:
+def export(module, out_dir: str, lora_format: str = "both") -> None:
     """Write ``out_dir`` (atomically). A model without LoRA: a pipeline folder
     (``DiffusionPipeline.from_pretrained(out_dir)``). A LoRA run: the LoRA files
-    (``pipe.load_lora_weights(out_dir)`` on the base) and, with ``adapter.export_fused``, ``fused/``.
+    (``pipe.load_lora_weights(out_dir)`` on the base; ``lora_format``: diffusers' file, the kohya one or
+    both, ``export/kohya.py``) and, with ``adapter.export_fused``, ``fused/``.
     The VAE stage (``model=autoencoder``): an ``AutoencoderKL`` folder whose ``scaling_factor`` is
     measured on the training data first."""
     from diffusion_lab.modules.autoencoder import AutoencoderModule
@@ -104,15 +105,14 @@ def export(module, out_dir: str) -> None:
             build_pipeline(module, fused=True).save_pretrained(tmp, safe_serialization=True)
         return
     with atomic_dir(out_dir) as tmp:
-        save_lora(module, tmp)
+        save_lora(module, tmp, lora_format)
         if module.hparams.get("export_fused"):
             build_pipeline(module, fused=True).save_pretrained(Path(tmp) / "fused", safe_serialization=True)
 
 
-def save_lora(module, out_dir: str) -> None:
-    """The LoRA weights into ``out_dir`` in the layout ``<Pipeline>.load_lora_weights(dir)`` reads
-    (backbone + each text encoder that has a LoRA), written by the family (``families/``; SD 1.x also
-    writes the kohya / A1111 layout)."""
-    family = module.family
-    encoders = {name: e for name, e in zip(family.encoder_names, module.conditioner.encoders) if has_lora(e)}
-    family.save_lora(out_dir, module.base_backbone, encoders)
+def save_lora(module, out_dir: str, lora_format: str = "both") -> None:
+    """The LoRA weights into ``out_dir`` (backbone + each text encoder that has a LoRA): the layout
+    ``<Pipeline>.load_lora_weights(dir)`` reads and / or the kohya / A1111 one (``export/kohya.py``)."""
+    from diffusion_lab.export.kohya import lora_encoders, save_lora_files
+
+    save_lora_files(module.family, out_dir, module.base_backbone, lora_encoders(module), lora_format)

@@ -99,12 +99,3 @@ class Flux(StableDiffusion3):
 
     def pipeline_parts(self, backbone, vae, scheduler, encoders, tokenizers) -> dict:
         return Family.pipeline_parts(self, backbone, vae, scheduler, encoders, tokenizers)  # no T5 slot to fill
-
-    def save_lora(self, out_dir: str, backbone: torch.nn.Module, encoders: dict[str, torch.nn.Module]) -> None:
-        """diffusers' files, plus for FLUX.1 ``lora_kohya.safetensors`` (kohya / ComfyUI keys, BFL block names:
-        ``export/kohya.py``; the subclasses' transformers are not checked against a kohya reader)."""
-        from diffusion_lab.export.kohya import save_flux
-
-        super().save_lora(out_dir, backbone, encoders)
-        if self.pipeline_class == "FluxPipeline":
-            save_flux(out_dir, backbone, encoders)

@@ -1,11 +1,9 @@
 """Stable Diffusion 1.x / 2.x (Rombach et al. 2022): a ``UNet2DConditionModel`` on VAE latents,
 cross-attending to one CLIP text encoder's last hidden states (``components/text.TextConditioner``,
 exactly ``StableDiffusionPipeline.encode_prompt``). Exports a ``StableDiffusionPipeline``; LoRA runs
-also write the kohya / A1111 key layout (``lora_kohya.safetensors``)."""
+also write the kohya / A1111 key layout (``lora_kohya.safetensors``, ``export/kohya.py``)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
@@ -43,16 +41,3 @@ class StableDiffusion(Family):
     def pipeline(self, backbone, vae, scheduler, encoders, tokenizers, **extra):
         extra = {"safety_checker": None, "feature_extractor": None, **extra}
         return super().pipeline(backbone, vae, scheduler, encoders, tokenizers, requires_safety_checker=extra["safety_checker"] is not None, **extra)
-
-    def save_lora(self, out_dir: str, backbone: torch.nn.Module, encoders: dict[str, torch.nn.Module]) -> None:
-        """diffusers' files, plus ``lora_kohya.safetensors`` (kohya / webui keys, for A1111 and ComfyUI;
-        not for DoRA, whose kohya layout is unchecked)."""
-        from safetensors.torch import save_file
-
-        from diffusion_lab.components.adapters import KOHYA_FILE, kohya_state_dict
-
-        super().save_lora(out_dir, backbone, encoders)
-        config = backbone.peft_config["default"]
-        if not config.use_dora:
-            meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r), "ss_network_alpha": str(config.lora_alpha)}
-            save_file(kohya_state_dict({"unet": backbone, **encoders}), str(Path(out_dir) / KOHYA_FILE), metadata=meta)

@@ -64,13 +64,6 @@ class StableDiffusionXL(StableDiffusion):
     def pipeline(self, backbone, vae, scheduler, encoders, tokenizers, **extra):
         return Family.pipeline(self, backbone, vae, scheduler, encoders, tokenizers, force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt, **extra)
 
-    def save_lora(self, out_dir: str, backbone: torch.nn.Module, encoders: dict[str, torch.nn.Module]) -> None:
-        """diffusers' files, plus ``lora_kohya.safetensors`` (kohya / A1111 keys, SGM UNet names: ``export/kohya.py``)."""
-        from diffusion_lab.export.kohya import save_sdxl
-
-        Family.save_lora(self, out_dir, backbone, encoders)
-        save_sdxl(out_dir, backbone, encoders)
-
 
 def image_size(batch: dict, factor: int) -> tuple[int, int] | None:
     """(h, w) of a batch's images, from the pixels or the cached latents (x the VAE factor)."""
