@@ -8,15 +8,18 @@
 
 Writes ``<out_dir>/000000.png ...`` (one PNG per image), ``<out_dir>/grid.png`` and, for text
 prompts, ``<out_dir>/prompts.txt`` (file name and prompt per line). With no ``sampler=`` the model
-samples as it was trained to (the pipeline's saved scheduler, or the checkpoint's sampler).
+samples as it was trained to (the pipeline's saved scheduler, or the checkpoint's sampler); with no
+``num_inference_steps=`` it takes the step count the model was trained for (a distilled pipeline records
+it in ``diffusion_lab.json``: 2), else 50.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 import diffusion_lab  # noqa: F401
 from diffusion_lab.inference import generate as G
@@ -34,6 +37,9 @@ def run(cfg: DictConfig) -> Path:
         from diffusion_lab.inference.checkpoints import load_module
 
         module = load_module(cfg.ckpt_path, use_ema=cfg.use_ema, trust=cfg.trust_checkpoint)
+    if cfg.num_inference_steps is None:
+        with open_dict(cfg):
+            cfg.num_inference_steps = trained_steps(cfg, module)
     pipe = G.load_text_pipeline(cfg, module)
     if pipe is not None:
         return run_text_to_image(cfg, pipe, device)
@@ -42,6 +48,18 @@ def run(cfg: DictConfig) -> Path:
     grid = G.save_images(images, cfg.out_dir)
     print(f"wrote {len(images)} images and {grid} ({model.scheduler_name}, {cfg.num_inference_steps} steps, process={model.kind})")
     return grid
+
+
+def trained_steps(cfg: DictConfig, module=None) -> int:
+    """The step count the model was trained to sample with: a method's ``num_inference_steps``
+    (distillation), read from the checkpoint's method or from ``diffusion_lab.json`` in the pipeline
+    or LoRA folder (``export/pipelines.py`` writes it); else 50."""
+    steps = getattr(getattr(module, "method", None), "num_inference_steps", None)
+    for folder in (cfg.pipeline, cfg.get("lora")):
+        record = Path(folder) / "diffusion_lab.json" if folder else None
+        if steps is None and record is not None and record.is_file():
+            steps = json.loads(record.read_text()).get("num_inference_steps")
+    return int(steps or 50)
 
 
 def run_text_to_image(cfg: DictConfig, pipe, device) -> Path:

@@ -8,13 +8,15 @@
 | ``AutoencoderModule`` (VAE stage) | ``AutoencoderKL`` folder, measured ``scaling_factor`` | - |
 
 Every folder loads in plain diffusers (``DiffusionPipeline.from_pretrained``, ``load_lora_weights``)
-with the configured sampler as its scheduler. Parts held in half precision are exported as float32
+with the configured sampler as its scheduler; a method that trains for a step count (distillation)
+records it in ``diffusion_lab.json``, which ``diffusion_lab.sample`` reads. Parts held in half precision are exported as float32
 copies. Writes are atomic (``utils/io.atomic_dir``): a crash never leaves half an export.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -103,11 +105,21 @@ def export(module, out_dir: str, lora_format: str = "both") -> None:
     if not has_lora(module.base_backbone):
         with atomic_dir(out_dir) as tmp:
             build_pipeline(module, fused=True).save_pretrained(tmp, safe_serialization=True)
+            _record_steps(module, tmp)
         return
     with atomic_dir(out_dir) as tmp:
         save_lora(module, tmp, lora_format)
+        _record_steps(module, tmp)
         if module.hparams.get("export_fused"):
             build_pipeline(module, fused=True).save_pretrained(Path(tmp) / "fused", safe_serialization=True)
+
+
+def _record_steps(module, out_dir: str) -> None:
+    """``diffusion_lab.json`` with the step count the method trained for (``method.num_inference_steps``:
+    a distilled student's 2), which ``diffusion_lab.sample`` uses when no steps are given."""
+    steps = getattr(getattr(module, "method", None), "num_inference_steps", None)
+    if steps:
+        (Path(out_dir) / "diffusion_lab.json").write_text(json.dumps({"num_inference_steps": int(steps)}) + "\n")
 
 
 def save_lora(module, out_dir: str, lora_format: str = "both") -> None:
