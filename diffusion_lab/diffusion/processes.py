@@ -107,6 +107,15 @@ class Process:
         """A noised batch for ``x0`` ``[N, C, H, W]``; ``generator`` fixes noise and levels."""
         return self._noised(x0, self.draw_noise(x0, generator), generator)
 
+    def noised_pair(self, x0_a: torch.Tensor, x0_b: torch.Tensor, generator: torch.Generator | None = None) -> Noised:
+        """The batch ``[x0_a; x0_b]`` ``[2N, C, H, W]`` noised so that examples ``i`` and ``N + i``
+        share their noise and level (Diffusion-DPO's winner and loser). Both halves are drawn from
+        one seed on the CPU (as with a ``generator``); the seed comes from ``generator`` or the
+        global RNG."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        a, b = (self.noised(x0, generator=torch.Generator().manual_seed(seed)) for x0 in (x0_a, x0_b))
+        return Noised(**{k: None if v is None else torch.cat([v, getattr(b, k)]) for k, v in vars(a).items()})
+
     def loss(self, model_output: torch.Tensor, noised: Noised, reduce: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Weighted MSE (fp32); ``reduce=False`` gives the per-sample losses ``[N]``. ``mask``
         ``[N, 1, H, W]`` in [0, 1], at the target's size: a per-pixel loss mask (``per_sample_loss``)."""
