@@ -88,13 +88,13 @@ def build_pipeline(module, fused: bool = False):
     return DDPMPipeline(unet=module.base_backbone, scheduler=module.sampling_scheduler())
 
 
-def export(module, out_dir: str, lora_format: str = "both") -> None:
+def export(module, out_dir: str, lora_format: str = "both"):
     """Write ``out_dir`` (atomically). A model without LoRA: a pipeline folder
     (``DiffusionPipeline.from_pretrained(out_dir)``). A LoRA run: the LoRA files
     (``pipe.load_lora_weights(out_dir)`` on the base; ``lora_format``: diffusers' file, the kohya one or
     both, ``export/kohya.py``) and, with ``adapter.export_fused``, ``fused/``.
     The VAE stage (``model=autoencoder``): an ``AutoencoderKL`` folder whose ``scaling_factor`` is
-    measured on the training data first."""
+    measured on the training data first. Returns the full pipeline it wrote (None for the other kinds)."""
     from diffusion_lab.modules.autoencoder import AutoencoderModule
 
     if isinstance(module, AutoencoderModule):
@@ -103,10 +103,11 @@ def export(module, out_dir: str, lora_format: str = "both") -> None:
             module.vae.save_pretrained(tmp, safe_serialization=True)
         return
     if not has_lora(module.base_backbone):
+        pipe = build_pipeline(module, fused=True)
         with atomic_dir(out_dir) as tmp:
-            build_pipeline(module, fused=True).save_pretrained(tmp, safe_serialization=True)
+            pipe.save_pretrained(tmp, safe_serialization=True)
             _record_steps(module, tmp)
-        return
+        return pipe  # the full pipeline written (the export callback also writes it as a single file)
     with atomic_dir(out_dir) as tmp:
         save_lora(module, tmp, lora_format)
         _record_steps(module, tmp)

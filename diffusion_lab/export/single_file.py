@@ -1,0 +1,223 @@
+"""Single-file checkpoints: a diffusers pipeline -> one ``.safetensors`` in the original key layout.
+
+A1111 / Forge / ComfyUI read a full model as one file whose keys name the original (non-diffusers)
+modules; ``<Pipeline>.from_single_file(file, config=<pipeline folder or hub id>)`` reads it back.
+
+| pipeline | file keys |
+|---|---|
+| ``StableDiffusionPipeline`` (SD 1.x) | ``model.diffusion_model.*`` (LDM UNet), ``first_stage_model.*`` (VAE), ``cond_stage_model.transformer.text_model.*`` (CLIP) |
+| ``StableDiffusionXLPipeline`` | SGM UNet + VAE as above, ``conditioner.embedders.0.transformer.*`` (CLIP-L), ``conditioner.embedders.1.model.*`` (OpenCLIP-G) |
+| ``FluxPipeline`` (FLUX.1) | the transformer only, BFL's names (``double_blocks.*``, ``single_blocks.*``, ``img_in`` ...), as ``flux1-dev.safetensors`` |
+
+Each table below is the inverse of diffusers' reader (``loaders/single_file_utils.py``:
+``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``,
+``convert_open_clip_checkpoint``, ``convert_flux_transformer_checkpoint_to_diffusers``). Two limits of
+that reader (not of the files): it tells SDXL's two CLIPs apart by width, and it splits FLUX's
+``linear1`` at FLUX.1's width (3072), so toy models narrower than the real ones do not read back.
+Other families (SD3, Sana, Qwen-Image, ...) have no single file here; ``save`` returns None for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"  # <run>/model.safetensors beside <run>/pipeline
+# a rule: (regex fully matching a diffusers key, its original key: a re template or a function of the match)
+Rule = tuple[str, "str | Callable[[re.Match], str]"]
+# what a part's original key gets: the tensor, reshaped (1x1 conv, transposed, ...) where the layouts differ
+Fix = Callable[[str, torch.Tensor], torch.Tensor]
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+
+
+def _sub(table: dict[str, str], rest: str) -> str:
+    """``rest`` with its first path component renamed by ``table`` (kept when absent)."""
+    head, _, tail = rest.partition(".")
+    return f"{table.get(head, head)}.{tail}"
+
+
+def _ldm_unet(config) -> list[Rule]:
+    """LDM / SGM UNet names of a ``UNet2DConditionModel``: block ``b``'s layer ``j`` is input block
+    ``1 + b (L+1) + j`` and output block ``b (L+1) + j`` (``L`` = ``layers_per_block``); ``.0`` is the
+    ResNet, ``.1`` the transformer, then the down/up sampler."""
+    n, L = config.layers_per_block + 1, config.layers_per_block
+    attn_up = [("Attn" in t) for t in config.up_block_types]
+    return [
+        (r"conv_in\.(.+)", r"input_blocks.0.0.\1"),
+        (r"time_embedding\.linear_([12])\.(.+)", lambda m: f"time_embed.{2 * int(m[1]) - 2}.{m[2]}"),
+        (r"(?:add|class)_embedding\.linear_([12])\.(.+)", lambda m: f"label_emb.0.{2 * int(m[1]) - 2}.{m[2]}"),
+        (r"conv_norm_out\.(.+)", r"out.0.\1"),
+        (r"conv_out\.(.+)", r"out.2.\1"),
+        (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", lambda m: f"input_blocks.{1 + int(m[1]) * n + int(m[2])}.0.{_sub(_RESNET, m[3])}"),
+        (r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", lambda m: f"input_blocks.{1 + int(m[1]) * n + int(m[2])}.1.{m[3]}"),
+        (r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", lambda m: f"input_blocks.{(int(m[1]) + 1) * n}.0.op.{m[2]}"),
+        (r"mid_block\.resnets\.([01])\.(.+)", lambda m: f"middle_block.{2 * int(m[1])}.{_sub(_RESNET, m[2])}"),
+        (r"mid_block\.attentions\.0\.(.+)", r"middle_block.1.\1"),
+        (r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", lambda m: f"output_blocks.{int(m[1]) * n + int(m[2])}.0.{_sub(_RESNET, m[3])}"),
+        (r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", lambda m: f"output_blocks.{int(m[1]) * n + int(m[2])}.1.{m[3]}"),
+        (r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", lambda m: f"output_blocks.{int(m[1]) * n + L}.{2 if attn_up[int(m[1])] else 1}.conv.{m[2]}"),
+    ]
+
+
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+
+
+def _ldm_vae(config) -> list[Rule]:
+    """LDM VAE names of an ``AutoencoderKL``: the decoder's up blocks count from the bottom
+    (diffusers' ``up_blocks.i`` = ``up.{n-1-i}``); the mid attention is ``mid.attn_1``."""
+    top = len(config.up_block_types) - 1
+    short = {"conv_shortcut": "nin_shortcut"}
+    return [
+        (r"(encoder|decoder)\.conv_norm_out\.(.+)", r"\1.norm_out.\2"),
+        (r"((?:encoder|decoder)\.conv_(?:in|out)|quant_conv|post_quant_conv)\.(.+)", r"\1.\2"),
+        (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", lambda m: f"encoder.down.{m[1]}.block.{m[2]}.{_sub(short, m[3])}"),
+        (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", r"encoder.down.\1.downsample.conv.\2"),
+        (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", lambda m: f"decoder.up.{top - int(m[1])}.block.{m[2]}.{_sub(short, m[3])}"),
+        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", lambda m: f"decoder.up.{top - int(m[1])}.upsample.conv.{m[2]}"),
+        (r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}.{_sub(short, m[3])}"),
+        (r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out)\.(?:0\.)?(.+)", lambda m: f"{m[1]}.mid.attn_1.{_VAE_ATTN[m[2]]}.{m[3]}"),
+    ]
+
+
+def _vae_fix(key: str, t: torch.Tensor) -> torch.Tensor:
+    """The LDM VAE's attention projections are 1x1 convs ``[C, C, 1, 1]`` (diffusers: Linear ``[C, C]``)."""
+    return t[:, :, None, None] if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", key) and t.ndim == 2 else t
+
+
+def _hf_clip(config) -> list[Rule]:
+    """transformers' CLIP names, under ``text_model.`` (transformers >= 5.6 drops it from ``CLIPTextModel``)."""
+    return [(r"(text_model\..+)", r"\1"), (r"(.+)", r"text_model.\1")]
+
+
+_OPEN_CLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
+
+
+def _open_clip(config) -> list[Rule]:
+    """OpenCLIP names of a ``CLIPTextModelWithProjection`` (SDXL's second encoder): q, k, v are one
+    ``attn.in_proj_*``, the projection is a ``[hidden, proj]`` matrix."""
+    return [
+        (r"text_model\.embeddings\.token_embedding\.(.+)", r"token_embedding.\1"),
+        (r"text_model\.embeddings\.position_embedding\.weight", "positional_embedding"),
+        (r"text_model\.final_layer_norm\.(.+)", r"ln_final.\1"),
+        (r"text_projection\.weight", "text_projection"),
+        (r"text_model\.encoder\.layers\.(\d+)\.self_attn\.[qkv]_proj\.(weight|bias)", r"transformer.resblocks.\1.attn.in_proj_\2"),
+        (r"text_model\.encoder\.layers\.(\d+)\.(layer_norm[12]|mlp\.fc[12]|self_attn\.out_proj)\.(.+)", lambda m: f"transformer.resblocks.{m[1]}.{_OPEN_CLIP[m[2]]}.{m[3]}"),
+    ]
+
+
+def _open_clip_fix(key: str, t: torch.Tensor) -> torch.Tensor:
+    return t.T.contiguous() if key == "text_projection" else t
+
+
+# FLUX.1: diffusers module -> BFL module, per double block / single block / outside the blocks
+_FLUX_DOUBLE = {
+    "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+    "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+    "attn.to_q": "img_attn.qkv", "attn.to_k": "img_attn.qkv", "attn.to_v": "img_attn.qkv",
+    "attn.add_q_proj": "txt_attn.qkv", "attn.add_k_proj": "txt_attn.qkv", "attn.add_v_proj": "txt_attn.qkv",
+}
+_FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2", "attn.to_q": "linear1", "attn.to_k": "linear1", "attn.to_v": "linear1", "proj_mlp": "linear1"}
+_FLUX_NORMS = {"attn.norm_q": "{}.norm.query_norm.scale", "attn.norm_k": "{}.norm.key_norm.scale", "attn.norm_added_q": "txt_attn.norm.query_norm.scale", "attn.norm_added_k": "txt_attn.norm.key_norm.scale"}
+_FLUX_OUTER = {
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer", "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer", "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1",
+}
+
+
+def _flux_norm(m: re.Match, single: bool) -> str:
+    name = _FLUX_NORMS[m[2]].format("" if single else "img_attn").lstrip(".")
+    return f"{'single' if single else 'double'}_blocks.{m[1]}.{name}"
+
+
+def _bfl_flux(config) -> list[Rule]:
+    """BFL names of a ``FluxTransformer2DModel``; q, k, v (and a single block's MLP input) are one
+    fused linear, in the order of the tables (``_PART_ORDER``)."""
+    alt = lambda table: "|".join(re.escape(k) for k in sorted(table, key=len, reverse=True))  # noqa: E731
+    return [
+        (rf"transformer_blocks\.(\d+)\.({alt(_FLUX_NORMS)})\.weight", lambda m: _flux_norm(m, False)),
+        (r"single_transformer_blocks\.(\d+)\.(attn\.norm_[qk])\.weight", lambda m: _flux_norm(m, True)),
+        (rf"transformer_blocks\.(\d+)\.({alt(_FLUX_DOUBLE)})\.(weight|bias)", lambda m: f"double_blocks.{m[1]}.{_FLUX_DOUBLE[m[2]]}.{m[3]}"),
+        (rf"single_transformer_blocks\.(\d+)\.({alt(_FLUX_SINGLE)})\.(weight|bias)", lambda m: f"single_blocks.{m[1]}.{_FLUX_SINGLE[m[2]]}.{m[3]}"),
+        (rf"({alt(_FLUX_OUTER)})\.(weight|bias)", lambda m: f"{_FLUX_OUTER[m[1]]}.{m[2]}"),
+    ]
+
+
+def _flux_fix(key: str, t: torch.Tensor) -> torch.Tensor:
+    """diffusers' final AdaLayerNorm emits (scale, shift), BFL's (shift, scale)."""
+    return torch.cat(t.chunk(2)[::-1]) if key.startswith("final_layer.adaLN_modulation") else t
+
+
+# the order of the parts of a fused tensor (by the diffusers module name they come from)
+_PART_ORDER = ("to_q", "q_proj", "add_q_proj", "to_k", "k_proj", "add_k_proj", "to_v", "v_proj", "add_v_proj", "proj_mlp")
+
+_SD_UNET_VAE = [("unet", "model.diffusion_model.", _ldm_unet, None), ("vae", "first_stage_model.", _ldm_vae, _vae_fix)]
+# pipeline class -> (component, prefix in the file, rules of the component's config, fix)
+LAYOUTS: dict[str, list[tuple[str, str, Callable, Fix | None]]] = {
+    "StableDiffusionPipeline": [*_SD_UNET_VAE, ("text_encoder", "cond_stage_model.transformer.", _hf_clip, None)],
+    "StableDiffusionXLPipeline": [
+        *_SD_UNET_VAE, ("text_encoder", "conditioner.embedders.0.transformer.", _hf_clip, None), ("text_encoder_2", "conditioner.embedders.1.model.", _open_clip, _open_clip_fix),
+    ],
+    "FluxPipeline": [("transformer", "", _bfl_flux, _flux_fix)],
+}
+
+
+def _part(key: str) -> int:
+    name = key.rsplit(".", 2)[-2]
+    return _PART_ORDER.index(name) if name in _PART_ORDER else 0
+
+
+def convert(state: dict[str, torch.Tensor], rules: list[Rule], prefix: str = "", fix: Fix | None = None) -> dict[str, torch.Tensor]:
+    """A diffusers state dict -> original keys (``prefix`` + the first rule matching each key); keys
+    mapped to one original key are concatenated along dim 0 in ``_PART_ORDER``. KeyError for a key no
+    rule matches (a layout this table does not know must not be written with holes)."""
+    parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for key, t in state.items():
+        for pattern, repl in rules:
+            if m := re.fullmatch(pattern, key):
+                new = repl(m) if callable(repl) else m.expand(repl)
+                parts.setdefault(new, []).append((_part(key), t))
+                break
+        else:
+            raise KeyError(f"{key}: no original (single-file) name for this diffusers key")
+    out = {}
+    for new, ts in parts.items():
+        t = torch.cat([t for _, t in sorted(ts, key=lambda p: p[0])]) if len(ts) > 1 else ts[0][1]
+        out[prefix + new] = (fix(new, t) if fix else t).detach().float().cpu().contiguous()
+    return out
+
+
+def single_file_state(pipe) -> dict[str, torch.Tensor] | None:
+    """The single-file state dict of a diffusers pipeline (``LAYOUTS``); None for a pipeline class without one."""
+    layout = LAYOUTS.get(type(pipe).__name__)
+    if layout is None:
+        return None
+    out = {}
+    for name, prefix, rules, fix in layout:
+        model = getattr(pipe, name)
+        out.update(convert(model.state_dict(), rules(model.config), prefix, fix))
+    return out
+
+
+def save(pipe, path: str | Path) -> Path | None:
+    """Write ``pipe`` as one original-layout ``.safetensors`` at ``path`` (atomically: an existing file
+    is replaced only once the new one is whole). None (and a log line) for a family without a layout."""
+    from safetensors.torch import save_file
+
+    from diffusion_lab.utils.io import atomic_file
+
+    state = single_file_state(pipe)
+    if state is None:
+        log.info("no single-file checkpoint for %s (layouts: %s)", type(pipe).__name__, ", ".join(LAYOUTS))
+        return None
+    with atomic_file(path) as tmp:
+        save_file(state, tmp, metadata={"format": "pt", "written_by": "diffusion_lab"})
+    return Path(path)
