@@ -71,3 +71,69 @@ def test_trained_run_with_kohya_format_exports_the_kohya_file_only(tmp_path):
     _train(tmp_path, "experiment=sd_finetune_tiny", "adapter=lora", f"model.pretrained={folder}", "callbacks.export.lora_format=kohya")
     (lora_dir,) = {p.parent for p in (tmp_path / "run").rglob(KOHYA_FILE)}
     assert not (lora_dir / LORA_FILE).exists()
+
+
+# ---- kohya files of the families beyond SD / SDXL / FLUX.1, read back by diffusers' own readers -------
+def _family(kind: str):
+    from diffusion_lab.families.chroma import Chroma
+    from diffusion_lab.families.flux2 import Flux2
+    from diffusion_lab.families.flux_kontext import FluxKontext
+    from diffusion_lab.families.qwen_image import QwenImage
+    from diffusion_lab.families.z_image import ZImage
+
+    return {"qwen_image": QwenImage, "z_image": ZImage, "chroma": Chroma, "flux2": Flux2, "flux_kontext": FluxKontext}[kind]()
+
+
+# every linear of the attention blocks each reader names at the tiny widths (FLUX.1-style readers: the double
+# blocks only, whose reader takes any width; a single block's linear1 only at FLUX.1's, tests/test_kohya.py)
+FLUX1_DOUBLE = r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2)"
+TARGETS = {
+    "qwen_image": r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)|img_mlp\.net\.0\.proj|img_mlp\.net\.2|txt_mlp\.net\.0\.proj|txt_mlp\.net\.2|img_mod\.1|txt_mod\.1)",
+    "z_image": r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))",
+    "chroma": FLUX1_DOUBLE,
+    "flux_kontext": FLUX1_DOUBLE,
+    "flux2": r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)|ff\.linear_in|ff\.linear_out|ff_context\.linear_in|ff_context\.linear_out)"
+    r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)",
+}
+
+
+@pytest.mark.parametrize("kind", TARGETS)
+def test_kohya_file_of_each_family_loads_in_diffusers_like_the_diffusers_file(kind, tmp_path):
+    """Random LoRA (alpha != rank) on every attention-block linear a reader names: diffusers' reader maps
+    every key of ``lora_kohya.safetensors`` back onto the trained layer, images equal the diffusers file's."""
+    import importlib
+
+    from peft import LoraConfig
+
+    from tests.test_kohya import check_same_updates
+
+    build = importlib.import_module(f"diffusion_lab.testing.{kind}").tiny_pipeline
+    trained = build()
+    add_lora(trained.transformer, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS[kind]))
+    with torch.no_grad():  # big enough to move the tiny images visibly
+        for name, p in trained.transformer.named_parameters():
+            if "lora_B" in name:
+                p.mul_(5.0)
+    save_lora_files(_family(kind), str(tmp_path), trained.transformer, {}, "both")
+    from safetensors.torch import load_file
+
+    assert all(k.startswith("lora_unet_") for k in load_file(tmp_path / KOHYA_FILE))
+    from_diffusers, from_kohya = build(), build()
+    from_diffusers.load_lora_weights(tmp_path)
+    from_kohya.load_lora_weights(tmp_path, weight_name=KOHYA_FILE)
+    check_same_updates(trained.transformer, from_diffusers.transformer)
+    check_same_updates(trained.transformer, from_kohya.transformer)
+    run = _family_images(kind)
+    base, want, a, b = run(build()), run(trained), run(from_diffusers), run(from_kohya)
+    assert np.abs(want - base).max() > 1e-3
+    np.testing.assert_allclose(a, want, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(b, a, atol=ATOL, rtol=0)
+
+
+def _family_images(kind: str):
+    """``pipe -> [N, H, W, 3]`` numpy images: the family's tiny pipeline at 32 px, 2 steps, text length 32."""
+    kw = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "max_sequence_length": 32}
+    if kind == "flux_kontext":  # an edit pipeline: a reference image, at the tiny size (no resize to 1024^2)
+        source = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        kw.update(image=source, max_area=32 * 32, _auto_resize=False)
+    return lambda pipe: pipe(prompt="a photo", generator=torch.Generator().manual_seed(0), **kw).images

@@ -13,7 +13,13 @@ A1111, Forge and ComfyUI read LoRA files whose keys name the *original* (non-dif
   block's MLP input) are one fused linear: their LoRAs are written as one LoRA of the summed rank with
   a block-diagonal up matrix, which ``_convert_kohya_flux_lora_to_diffusers`` splits back exactly.
   That converter hard-codes FLUX.1's widths for a single block's ``linear1`` (3072 x 3 + 12288), so
-  diffusers reads such a file only for full-size FLUX.1 (ComfyUI reads it at any width).
+  diffusers reads such a file only for full-size FLUX.1 (ComfyUI reads it at any width). Chroma and FLUX.1
+  Kontext share the names and the reader (``FluxLoraLoaderMixin``).
+- FLUX.2 [klein]: BFL names too (``_convert_kohya_flux2_lora_to_diffusers``); its single blocks' linears are
+  fused in diffusers already (``attn.to_qkv_mlp_proj`` = ``linear1``, ``attn.to_out`` = ``linear2``).
+- Qwen-Image (+ Edit), Z-Image: ``lora_unet_<diffusers path with "_">`` (musubi-tuner's names), which
+  their readers split back at the underscores they know; each name is read back when written.
+- No kohya file: SD3 / SD3.5 and Sana (diffusers 0.42 has no non-diffusers reader for them to check one).
 
 ``save_lora_files`` writes a run's files in ``callbacks.export.lora_format`` (``diffusers|kohya|both``);
 ``check_lora_format`` refuses, before training, a kohya-only export that cannot be written. Not for
@@ -99,6 +105,14 @@ _FLUX_DOUBLE = {
 _FLUX_DOUBLE_FUSED = {"img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
 _FLUX_SINGLE = {"proj_out": "linear2", "norm.linear": "modulation_lin"}
 _FLUX_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+# FLUX.2 (``_convert_kohya_flux2_lora_to_diffusers``): the single blocks' linears are already fused in diffusers
+_FLUX2_DOUBLE = {
+    "attn.to_out.0": "img_attn_proj", "ff.linear_in": "img_mlp_0", "ff.linear_out": "img_mlp_2",
+    "attn.to_add_out": "txt_attn_proj", "ff_context.linear_in": "txt_mlp_0", "ff_context.linear_out": "txt_mlp_2",
+}
+_FLUX2_SINGLE = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
+FLUX1_NAMES = (_FLUX_DOUBLE, _FLUX_DOUBLE_FUSED, _FLUX_SINGLE, _FLUX_SINGLE_FUSED)
+FLUX2_NAMES = (_FLUX2_DOUBLE, _FLUX_DOUBLE_FUSED, _FLUX2_SINGLE, {})
 
 
 def _fused(parts: list[tuple[torch.Tensor, torch.Tensor, float] | None], widths: list[int], in_features: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -121,23 +135,25 @@ def _fused(parts: list[tuple[torch.Tensor, torch.Tensor, float] | None], widths:
     return torch.cat(downs), up, scale
 
 
-def flux_kohya(layers: Layers, out_features: Callable[[str], int], text_encoder: Layers | None = None) -> dict[str, torch.Tensor]:
+def flux_kohya(layers: Layers, out_features: Callable[[str], int], text_encoder: Layers | None = None, names=FLUX1_NAMES) -> dict[str, torch.Tensor]:
     """A ``FluxTransformer2DModel``'s LoRA (``layers``) in BFL names (``lora_unet_double_blocks_0_img_attn_qkv``,
     ``lora_unet_single_blocks_0_linear1`` ...) and its CLIP encoder's as ``lora_te1_*``. ``out_features(path)``:
-    the output width of a module without LoRA that shares a fused linear with one that has it."""
+    the output width of a module without LoRA that shares a fused linear with one that has it. ``names``:
+    ``FLUX1_NAMES`` (also Chroma, Kontext) or ``FLUX2_NAMES`` (double, double fused, single, single fused)."""
+    double, double_fused, single_names, single_fused = names
     out, left = {}, dict(layers)
     blocks = sorted({m.group(0) for p in layers if (m := re.match(r"(single_)?transformer_blocks\.\d+", p))})
     for block in blocks:
         single = block.startswith("single_")
         bfl = f"lora_unet_{'single' if single else 'double'}_blocks_{block.rsplit('.', 1)[1]}"
-        for name, bfl_name in (_FLUX_SINGLE if single else _FLUX_DOUBLE).items():
+        for name, bfl_name in (single_names if single else double).items():
             if (part := left.pop(f"{block}.{name}", None)) is not None:
                 out.update(_entry(f"{bfl}_{bfl_name}", *part))
-        for bfl_name, names in (_FLUX_SINGLE_FUSED if single else _FLUX_DOUBLE_FUSED).items():
-            parts = [left.pop(f"{block}.{n}", None) for n in names]
+        for bfl_name, fused in (single_fused if single else double_fused).items():
+            parts = [left.pop(f"{block}.{n}", None) for n in fused]
             if any(p is not None for p in parts):
                 in_features = next(p[0].shape[1] for p in parts if p is not None)
-                widths = [p[1].shape[0] if p is not None else out_features(f"{block}.{n}") for p, n in zip(parts, names)]
+                widths = [p[1].shape[0] if p is not None else out_features(f"{block}.{n}") for p, n in zip(parts, fused)]
                 out.update(_entry(f"{bfl}_{bfl_name}", *_fused(parts, widths, in_features)))
     if left:
         raise ValueError(f"no kohya (BFL) name for the FLUX LoRA of {', '.join(sorted(left))}: LoRA on the transformer blocks only (adapter.target_modules)")
@@ -173,10 +189,45 @@ def flux_state(transformer: torch.nn.Module, encoders: dict[str, torch.nn.Module
     return flux_kohya(lora_layers(transformer), lambda p: transformer.get_submodule(p).out_features, te)
 
 
+def flux2_state(transformer: torch.nn.Module, encoders: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    if encoders:
+        raise ValueError("Flux2KleinPipeline's LoRA loader has no text encoder slot")
+    return flux_kohya(lora_layers(transformer), lambda p: transformer.get_submodule(p).out_features, None, FLUX2_NAMES)
+
+
+def flat_state(pipeline_class: str) -> Build:
+    """``lora_unet_<diffusers module path with "_">`` (Qwen-Image, Z-Image: kohya's / musubi-tuner's names,
+    which diffusers' non-diffusers readers split back at the underscores they know). Each name is read back
+    through ``<pipeline_class>.lora_state_dict`` when written; a path it does not split back is a ValueError."""
+
+    def build(backbone: torch.nn.Module, encoders: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+        import diffusers
+
+        if encoders:
+            raise ValueError(f"{pipeline_class}'s LoRA loader has no text encoder slot")
+        layers = lora_layers(backbone)
+        out = {}
+        for path, (down, up, scale) in layers.items():
+            out.update(_entry("lora_unet_" + path.replace(".", "_"), down, up, scale))
+        read = getattr(diffusers, pipeline_class).lora_state_dict(dict(out))
+        lost = sorted(p for p in layers if f"transformer.{p}.lora_A.weight" not in read)
+        if lost:
+            raise ValueError(f"no kohya name {pipeline_class} reads back for the LoRA of {', '.join(lost)} (adapter.target_modules)")
+        return out
+
+    return build
+
+
 WRITERS: dict[str, Build] = {
     "StableDiffusionPipeline": sd_state,
     "StableDiffusionXLPipeline": sdxl_state,
     "FluxPipeline": flux_state,
+    "FluxKontextPipeline": flux_state,
+    "ChromaPipeline": flux_state,
+    "Flux2KleinPipeline": flux2_state,
+    "QwenImagePipeline": flat_state("QwenImagePipeline"),
+    "QwenImageEditPipeline": flat_state("QwenImageEditPipeline"),
+    "ZImagePipeline": flat_state("ZImagePipeline"),
 }
 LoraFormat = Literal["diffusers", "kohya", "both"]
 LORA_FORMATS: tuple[str, ...] = ("diffusers", "kohya", "both")
