@@ -1,0 +1,143 @@
+"""Single-file checkpoints (``export/single_file.py``): the file of a tiny SD 1.x / SDXL pipeline, read
+back by diffusers' own ``from_single_file`` with a config-only folder (no weights there, so every weight
+must come from the file), gives the same weights and images; FLUX.1's transformer at FLUX.1's width (the
+only width diffusers' reader splits); a real full fine-tune run and ``lora merge --single-file`` write it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors.torch import load_file
+
+from diffusion_lab.components.tiny import build, tiny_sdxl_pipeline, tiny_text_encoder, tiny_unet
+from diffusion_lab.export import single_file
+
+PROMPT = "a red cat"
+
+
+def _images(pipe) -> np.ndarray:
+    return pipe(PROMPT, num_inference_steps=3, height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+
+def _config_only(folder: Path, out: Path) -> Path:
+    """A copy of a pipeline folder without its weights: from_single_file then fails on any weight the file lacks."""
+    return Path(shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin")))
+
+
+def _round_trip(pipe, folder: Path, tmp_path: Path, components: tuple[str, ...]):
+    """Write ``pipe``'s single file, read it back with ``from_single_file``; check every component's
+    weights are equal and every tensor of the file is consumed (as many numbers in the file as in the
+    loaded components: an unread key would add some). Returns the pipeline read back."""
+    path = single_file.save(pipe, tmp_path / single_file.SINGLE_FILE)
+    back = type(pipe).from_single_file(str(path), config=str(_config_only(folder, tmp_path / "config")), local_files_only=True)
+    loaded = 0
+    for name in components:
+        ours, theirs = getattr(pipe, name).state_dict(), getattr(back, name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+        loaded += sum(t.numel() for t in theirs.values())
+    assert sum(t.numel() for t in load_file(str(path)).values()) == loaded
+    return back
+
+
+def test_sd_single_file_reads_back_in_diffusers(tmp_path):
+    folder = build(tmp_path / "tiny_sd", "sd")
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    back = _round_trip(pipe, folder, tmp_path, ("unet", "vae", "text_encoder"))
+    keys = load_file(str(tmp_path / single_file.SINGLE_FILE)).keys()
+    assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "cond_stage_model"}
+    assert "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight" in keys  # how A1111 / diffusers spot SD 1.x's CLIP
+    np.testing.assert_allclose(_images(back), _images(pipe), atol=1e-6)
+
+
+def _sdxl(folder: Path) -> Path:
+    """Tiny SDXL with encoders of different widths (32, 48): diffusers' reader tells SDXL's two CLIPs apart
+    by width (768 vs 1280 in the real one), so the family's tiny pipeline (both 32) cannot be read back."""
+    p = tiny_sdxl_pipeline()
+    te2 = tiny_text_encoder(48, with_projection=True, seed=1)
+    unet = tiny_unet(16, cross_attention_dim=32 + 48, addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 48)
+    components = {**p.components, "text_encoder_2": te2, "unet": unet}
+    StableDiffusionXLPipeline(**components).save_pretrained(folder)
+    return folder
+
+
+def test_sdxl_single_file_reads_back_in_diffusers(tmp_path):
+    folder = _sdxl(tmp_path / "tiny_sdxl")
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    back = _round_trip(pipe, folder, tmp_path, ("unet", "vae", "text_encoder", "text_encoder_2"))
+    keys = load_file(str(tmp_path / single_file.SINGLE_FILE)).keys()
+    assert "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight" in keys
+    assert "conditioner.embedders.1.model.positional_embedding" in keys and "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    np.testing.assert_allclose(_images(back), _images(pipe), atol=1e-6)
+
+
+def test_no_layout_writes_nothing_and_a_failed_write_keeps_the_old_file(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    path = tmp_path / single_file.SINGLE_FILE
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    assert single_file.save(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()), path) is None and not path.exists()
+    pipe = StableDiffusionPipeline.from_pretrained(build(tmp_path / "tiny_sd", "sd"))
+    single_file.save(pipe, path)
+    before = path.read_bytes()
+    pipe.unet.register_parameter("extra", torch.nn.Parameter(torch.zeros(1)))  # a key with no original name
+    with pytest.raises(KeyError, match="extra"):
+        single_file.save(pipe, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_full_finetune_run_writes_the_single_file(tmp_path):
+    """A real 2-step full fine-tune (experiment=sd_finetune_tiny): <run>/model.safetensors beside
+    <run>/pipeline, read back with the run's pipeline folder as config, gives the pipeline's images."""
+    from diffusion_lab.train import train
+    from tests.conftest import compose_cfg
+
+    base = build(tmp_path / "tiny_sd", "sd")
+    out = tmp_path / "run"
+    steps = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "data.batch_size=2", "model.preview_steps=2"]
+    grid = ["callbacks.sample_grid.every_n_steps=2", "callbacks.sample_grid.num_images=1", "callbacks.model_checkpoint.every_n_train_steps=2"]
+    train(compose_cfg("train", ["experiment=sd_finetune_tiny", f"model.pretrained={base}", *steps, *grid], out))
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
+    back = StableDiffusionPipeline.from_single_file(str(out / single_file.SINGLE_FILE), config=str(out / "pipeline"), local_files_only=True)
+    assert not all(torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), StableDiffusionPipeline.from_pretrained(base).unet.parameters()))
+    np.testing.assert_allclose(_images(back), _images(pipe), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_lora_merge_writes_the_single_file(tmp_path):
+    from diffusion_lab.lora import main
+    from tests.test_lora_tools import _trained_lora
+
+    base = build(tmp_path / "tiny_sd", "sd")
+    lora = _trained_lora(base, tmp_path / "lora", seed=0)
+    main(["merge", str(base), str(tmp_path / "merged"), "--lora", str(lora), "--single-file", str(tmp_path / "merged.safetensors")])
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged")
+    back = StableDiffusionPipeline.from_single_file(str(tmp_path / "merged.safetensors"), config=str(tmp_path / "merged"), local_files_only=True)
+    np.testing.assert_allclose(_images(back), _images(merged), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_flux_transformer_single_file_at_flux_width(tmp_path):
+    """FLUX.1's transformer (1 double + 1 single block at FLUX.1's width 3072, ~530M parameters: diffusers'
+    reader splits linear1 at that width) -> BFL-named file -> FluxTransformer2DModel.from_single_file:
+    the reader pops every key it reads, so an empty dict afterwards means every key was consumed."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    config = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
+                  joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**config).eval()
+    folder = tmp_path / "flux"
+    model.save_config(folder / "transformer")
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=model)
+    state = single_file.single_file_state(pipe)
+    assert "double_blocks.0.img_attn.qkv.weight" in state and "single_blocks.0.linear1.weight" in state and "final_layer.adaLN_modulation.1.bias" in state
+    back = FluxTransformer2DModel.from_single_file(state, config=str(folder), subfolder="transformer", local_files_only=True)
+    assert state == {}
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
