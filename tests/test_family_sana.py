@@ -223,7 +223,7 @@ def test_gpu_lora_recipe_runs_a_step_on_the_tiny_pipeline(folder, tmp_path):
 
 def test_another_familys_folder_and_refused_methods_are_config_errors(folder, tmp_path):
     """(f) a FLUX folder for model=latent_sana names what it is and the option that trains it; textual inversion
-    and ControlNet are refused with the reason; resolutions the pipeline refuses are refused before training."""
+    is refused with the reason (ControlNet is not); resolutions the pipeline refuses are refused before training."""
     from diffusion_lab.components import tiny
 
     flux = tiny.build(tmp_path / "tiny_flux", kind="flux")
@@ -232,7 +232,7 @@ def test_another_familys_folder_and_refused_methods_are_config_errors(folder, tm
     message = str(user_error(excinfo))
     assert f"model.pretrained='{flux}' is a FluxPipeline" in message and "use model=latent_flux" in message and "--kind sana" in message
     family = instantiate(compose_cfg("train", ["model=latent_sana"], tmp_path / "c").model.family)
-    assert "Gemma" in family.supports("textual_inversion") and "SanaControlNetModel" in family.supports("controlnet") and family.supports("lora") is None
+    assert "Gemma" in family.supports("textual_inversion") and family.supports("controlnet") is None and family.supports("lora") is None
     with pytest.raises(Exception) as excinfo:
         build_module(tmp_path, folder, "data.resolution=48")
     assert "data.resolution=48 is not divisible by 32" in str(user_error(excinfo))

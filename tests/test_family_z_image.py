@@ -139,7 +139,7 @@ def build_module(tmp_path, pretrained, *overrides):
 def test_module_text_states_and_checks(folder, pipe, tmp_path):
     """model=latent_z_image builds the conditioner from text_encoder=z_image_pretrained; its states are
     encode_prompt's; process=vp, a LoRA on Qwen3 (no slot in the pipeline's LoRA loader) and a ControlNet
-    (not wired) are ConfigErrors."""
+    beside a LoRA are ConfigErrors."""
     module = build_module(tmp_path, folder, f"text_encoder.max_sequence_length={MAX_LENGTH}")
     with torch.no_grad():
         states = module.text_states(PROMPTS)
@@ -154,8 +154,8 @@ def test_module_text_states_and_checks(folder, pipe, tmp_path):
         build_module(tmp_path, folder, "adapter=lora", "adapter.train_text_encoder=true")
     assert "adapter.train_text_encoder=true" in str(user_error(excinfo)) and "ZImageLoraLoaderMixin" in str(user_error(excinfo))
     with pytest.raises(Exception) as excinfo:
-        build_module(tmp_path, folder, "controlnet=from_backbone")
-    assert "cannot be used with model=latent_z_image: ZImageControlNetModel" in str(user_error(excinfo))
+        build_module(tmp_path, folder, "controlnet=from_backbone", "adapter=lora")
+    assert "controlnet=from_backbone trains only the ControlNet" in str(user_error(excinfo))
 
 
 def test_full_finetune_exports_a_pipeline_plain_diffusers_loads(folder, pipe, tmp_path):

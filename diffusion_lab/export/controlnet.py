@@ -4,9 +4,11 @@
 
 which plain diffusers loads and runs beside the base the run was trained on, e.g. for SD 1.x:
 
-    controlnet = ControlNetModel.from_pretrained("<run dir>/controlnet")    # SD3ControlNetModel / FluxControlNetModel
+    controlnet = ControlNetModel.from_pretrained("<run dir>/controlnet")    # SD3ControlNetModel / FluxControlNetModel /
+                                        # QwenImageControlNetModel / SanaControlNetModel / ZImageControlNetModel
     pipe = StableDiffusionControlNetPipeline.from_pretrained(<model.pretrained>, controlnet=controlnet)
     pipe("a prompt", image=control_image)      # PIL image (or [N, 3, H, W] in [0, 1])
+    # transformer families: pipe("a prompt", control_image=control_image)  (Sana: PIL, or a tensor in [-1, 1])
 
 The backbone, VAE and text encoders are not written: they are the (frozen) base's.
 ``build_controlnet_pipeline`` gives the family's ControlNet pipeline of a module in memory.
@@ -35,7 +37,8 @@ def build_controlnet_pipeline(module):
 
 def save_controlnet(module, out_dir: str) -> None:
     """Write ``out_dir`` (atomically): the ControlNet in diffusers format (float32)."""
+    from diffusion_lab.components.controlnet import own_weights
     from diffusion_lab.export.pipelines import _float32
 
-    with atomic_dir(out_dir) as tmp:
-        _float32(module.controlnet).save_pretrained(tmp, safe_serialization=True)
+    with atomic_dir(out_dir) as tmp, own_weights(_float32(module.controlnet)) as net:  # not the transformer's parts it borrows
+        net.save_pretrained(tmp, safe_serialization=True)

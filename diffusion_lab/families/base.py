@@ -39,6 +39,13 @@ def filter_set_timesteps(scheduler, **kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if k in accepted and v is not None}
 
 
+def control_latents(module, images: torch.Tensor) -> torch.Tensor:
+    """Control images ``[N, C, H, W]`` in [-1, 1] -> their latents ``[N, c, h, w]``, scaled and shifted as the
+    latents themselves (the posterior mean): what transformer ControlNets read (the ControlNet pipelines'
+    ``vae.encode`` of the control image)."""
+    return module.codec.encode(images.to(module.device), sample=False)
+
+
 def _version() -> str:
     import diffusers
 
@@ -93,7 +100,7 @@ class Family:
         it does not (a ConfigError names both keys with it). ``refuses`` overrides the defaults here."""
         if method in self.refuses:
             return self.refuses[method]
-        if method == "controlnet" and not self.controlnet_pipeline_class:
+        if method == "controlnet" and (not self.controlnet_pipeline_class or self.edits):  # an edit family's parent's is text-to-image
             return f"diffusers {_version()} has no ControlNet pipeline for {self.pipeline_class}"
         if method == "edit" and not self.edits:
             return "a text-to-image family: edit pairs (a source image per example) train an edit family (latent_flux_kontext, latent_qwen_image_edit)"

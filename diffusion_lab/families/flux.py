@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffusion_lab.families.base import Family, filter_set_timesteps
+from diffusion_lab.families.base import Family, control_latents, filter_set_timesteps
 from diffusion_lab.families.sd3 import StableDiffusion3
 
 
@@ -70,7 +70,7 @@ class Flux(StableDiffusion3):
     def control_input(self, module, images: torch.Tensor) -> torch.Tensor:
         """The control image's VAE latents, packed into tokens (``FluxControlNetPipeline.prepare_image`` +
         ``_pack_latents``; here the posterior mean)."""
-        return pack(module.codec.encode(images.to(module.device), sample=False))
+        return pack(control_latents(module, images))
 
     def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states, pooled_projections, guidance=None, **controls) -> torch.Tensor:
         """``[N, c, h, w]`` at timesteps ``t`` = sigma x 1000 -> velocity ``[N, c, h, w]``."""

@@ -23,7 +23,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusion_lab.components.pretrained import Dtype
 from diffusion_lab.components.text import TextConditioner
 from diffusion_lab.components.vae import VAECodec
-from diffusion_lab.families.base import Family, filter_set_timesteps, source
+from diffusion_lab.families.base import Family, control_latents, filter_set_timesteps, source
 from diffusion_lab.utils.errors import ConfigError
 
 # QwenImagePipeline.__init__: prompt_template_encode, prompt_template_encode_start_idx, tokenizer_max_length
@@ -174,10 +174,10 @@ class QwenImage(Family):
 
     name = "latent_qwen_image"
     pipeline_class = "QwenImagePipeline"
+    controlnet_pipeline_class = "QwenImageControlNetPipeline"
     text_keys = ("encoder_hidden_states", "encoder_hidden_states_mask")
     refuses: ClassVar[dict[str, str | None]] = {
         "textual_inversion": "QwenImagePipeline has no load_textual_inversion (no TextualInversionLoaderMixin), so learned token embeddings could not be exported or loaded.",
-        "controlnet": "the ControlNet method builds a ControlNetModel from a UNet; Qwen-Image's control nets are QwenImageControlNetModel (another architecture, not wired here).",
         "edit": "model=latent_qwen_image is text-to-image; edit pairs train model=latent_qwen_image_edit (QwenImageEditPipeline).",
     }
 
@@ -223,6 +223,13 @@ class QwenImage(Family):
             **controls,
         ).sample
         return unpack(out[:, : (h // 2) * (w // 2)], h, w)
+
+    def control_input(self, module, images: torch.Tensor) -> torch.Tensor:
+        """The control image's normalised VAE latents packed into tokens ``[N, hw/4, 4c]``
+        (``QwenImageControlNetPipeline.__call__``, which samples the posterior: here its mean). That pipeline's
+        true CFG reuses the positive prompt's ControlNet residuals for the negative pass; previews run the
+        ControlNet on each half (the same images without guidance, ``true_cfg_scale=1``)."""
+        return pack(control_latents(module, images))
 
     def guide(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
         """``__call__``'s true CFG: ``uncond + s (cond - uncond)`` rescaled, per packed token, to the norm of the

@@ -20,7 +20,7 @@ import torch
 from diffusion_lab.components.pretrained import Dtype
 from diffusion_lab.components.text import TextConditioner
 from diffusion_lab.components.vae import VAECodec
-from diffusion_lab.families.base import Family
+from diffusion_lab.families.base import Family, control_latents
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -156,10 +156,10 @@ class Sana(Family):
 
     name = "latent_sana"
     pipeline_class = "SanaPipeline"
+    controlnet_pipeline_class = "SanaControlNetPipeline"
     text_keys = ("encoder_hidden_states", "encoder_attention_mask")
     refuses = {
         "textual_inversion": TEXTUAL_INVERSION,
-        "controlnet": "ControlNet for Sana (SanaControlNetModel, SanaControlNetPipeline) is not wired here; controlnet=from_backbone trains the ControlNets of SD, SDXL, SD3 and FLUX.1.",
         "edit": "Sana has no instruction-edit pipeline in diffusers to export to; use an edit family.",
     }
 
@@ -195,6 +195,10 @@ class Sana(Family):
             "LoRA on Gemma 2 could not be exported or loaded; set adapter.train_text_encoder=false (text_encoder.trainable=true "
             "fine-tunes Gemma 2 in full with adapter=none, exported in <run>/pipeline)."
         )
+
+    def control_input(self, module, images: torch.Tensor) -> torch.Tensor:
+        """The control image's DC-AE latents x ``scaling_factor`` (``SanaControlNetPipeline.__call__``)."""
+        return control_latents(module, images)
 
     def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states, encoder_attention_mask, **controls) -> torch.Tensor:
         """Latents ``[N, c, h, w]`` at timesteps ``t`` = sigma x 1000 -> velocity ``[N, c, h, w]``: the pipeline's

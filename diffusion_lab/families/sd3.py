@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from diffusion_lab.components.mmdit import check_transformer_parts
-from diffusion_lab.families.base import Family, filter_set_timesteps
+from diffusion_lab.families.base import Family, control_latents, filter_set_timesteps
 
 
 class StableDiffusion3(Family):
@@ -43,7 +43,7 @@ class StableDiffusion3(Family):
     def control_input(self, module, images: torch.Tensor) -> torch.Tensor:
         """The control image's VAE latents, scaled and shifted as the latents themselves
         (``StableDiffusion3ControlNetPipeline.prepare_image``; here the posterior mean)."""
-        return module.codec.encode(images.to(module.device), sample=False)
+        return control_latents(module, images)
 
     def image_seq_len(self, backbone, shape: tuple[int, ...]) -> int:
         """Image tokens of latents ``[N, c, h, w]``: (h / p) (w / p) for patch size p (x the packing)."""

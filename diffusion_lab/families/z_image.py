@@ -24,7 +24,7 @@ import torch
 
 from diffusion_lab.components.pretrained import Dtype
 from diffusion_lab.components.text import TextConditioner
-from diffusion_lab.families.base import Family, filter_set_timesteps, source
+from diffusion_lab.families.base import Family, control_latents, filter_set_timesteps, source
 from diffusion_lab.utils.errors import ConfigError
 
 PIPELINE = "ZImagePipeline"
@@ -82,10 +82,10 @@ class ZImage(Family):
 
     name = "latent_z_image"
     pipeline_class = PIPELINE
+    controlnet_pipeline_class = "ZImageControlNetPipeline"
     text_keys = ("encoder_hidden_states", "encoder_attention_mask")
     refuses: ClassVar[dict[str, str]] = {
         "textual_inversion": "ZImagePipeline has no textual-inversion loader (it is not a TextualInversionLoaderMixin), so a learned token embedding could not be exported or loaded",
-        "controlnet": "ZImageControlNetModel / ZImageControlNetPipeline (diffusers) are not wired into the ControlNet method here; train a LoRA or fine-tune instead",
         "train_text_encoder": "ZImagePipeline's LoRA loader (ZImageLoraLoaderMixin) loads the transformer only, so a LoRA on Qwen3 could not be exported or "
         "loaded; set adapter.train_text_encoder=false (text_encoder.trainable=true with adapter=none fine-tunes Qwen3 in full, exported in <run>/pipeline).",
     }
@@ -120,13 +120,18 @@ class ZImage(Family):
         raise ConfigError(f"adapter.train_text_encoder=true with model={self.name}: {self.refuses['train_text_encoder']}")
 
     # ---- the backbone ----------------------------------------------------------------------------
-    def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor) -> torch.Tensor:
+    def control_input(self, module, images: torch.Tensor) -> torch.Tensor:
+        """The control image's VAE latents (``ZImageControlNetPipeline.__call__``: the posterior mode, shifted
+        and scaled); ``components/controlnet.py`` hands them to the ControlNet per image as ``[C, 1, h, w]``."""
+        return control_latents(module, images)
+
+    def forward(self, backbone, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor, **controls) -> torch.Tensor:
         """Latents ``[N, 16, h, w]`` at the process's timesteps ``t`` (sigma x 1000) -> velocity ``[N, 16, h, w]``
         (fp32), as ``ZImagePipeline.__call__``: per-image ``[C, 1, h, w]`` latents, each caption trimmed to its
-        mask, timestep ``(1000 - t) / 1000``, output negated."""
+        mask, timestep ``(1000 - t) / 1000``, output negated. ``controls``: a ControlNet's input (``Controlled``)."""
         dtype = x_t.dtype
         captions = [c.to(dtype) for c in captions_of(encoder_hidden_states, encoder_attention_mask)]
-        out = backbone(list(x_t.unsqueeze(2).unbind(0)), (1000 - t) / 1000, captions, return_dict=False)[0]
+        out = backbone(list(x_t.unsqueeze(2).unbind(0)), (1000 - t) / 1000, captions, return_dict=False, **controls)[0]
         return -torch.stack([o.float() for o in out]).squeeze(2)
 
     # ---- sampling ----------------------------------------------------------------------------------
