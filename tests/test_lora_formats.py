@@ -137,3 +137,62 @@ def _family_images(kind: str):
         source = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
         kw.update(image=source, max_area=32 * 32, _auto_resize=False)
     return lambda pipe: pipe(prompt="a photo", generator=torch.Generator().manual_seed(0), **kw).images
+
+
+# ---- adapter.init_from: a LoRA run that starts from a LoRA file -------------------------------------------
+@pytest.fixture(scope="module")
+def sd_lora_run(tmp_path_factory):
+    """The tiny SD pipeline and a 4-step LoRA run on it (lr 1e-2, alpha != rank, text encoder too), exported
+    in both formats."""
+    tmp = tmp_path_factory.mktemp("init_from")
+    folder = tiny.build(tmp / "tiny", kind="sd")
+    _train(tmp, "experiment=sd_finetune_tiny", "adapter=lora", "adapter.alpha=8", "adapter.train_text_encoder=true", "model.optimizer.lr=1e-2", f"model.pretrained={folder}")
+    (lora_dir,) = {p.parent for p in (tmp / "run").rglob(KOHYA_FILE)}
+    return folder, lora_dir
+
+
+def _module(tmp_path, folder, *overrides):
+    """The SD LoRA module the config builds (a ConfigError unwrapped from hydra's InstantiationException)."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("train", ["experiment=sd_finetune_tiny", "adapter=lora", "adapter.alpha=8", "adapter.train_text_encoder=true", f"model.pretrained={folder}", *overrides], tmp_path)
+    try:
+        return instantiate(cfg.model)
+    except Exception as e:
+        while e.__cause__ is not None and not isinstance(e, ConfigError):
+            e = e.__cause__
+        raise e
+
+
+@pytest.mark.parametrize("weight_name", [LORA_FILE, KOHYA_FILE])
+def test_init_from_a_runs_lora_gives_its_images_at_step_0(weight_name, sd_lora_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion_lab.export.pipelines import build_pipeline
+
+    folder, lora_dir = sd_lora_run
+    module = _module(tmp_path, folder, f"adapter.init_from={lora_dir / weight_name}")
+    want = StableDiffusionPipeline.from_pretrained(folder)
+    base = images(want)
+    want.load_lora_weights(lora_dir)
+    want = images(want)
+    assert np.abs(want - base).max() > 1e-3  # the run's LoRA moved the images
+    np.testing.assert_allclose(images(build_pipeline(module)), want, atol=ATOL, rtol=0)
+    assert all(p.requires_grad for n, p in module.base_backbone.named_parameters() if "lora_" in n)  # it trains on
+    assert not any("init" in n for n, _ in module.base_backbone.named_parameters())  # the scratch adapter is gone
+
+
+def test_init_from_refuses_another_family_a_non_lora_and_another_rank(sd_lora_run, tmp_path):
+    from diffusion_lab.families.sdxl import StableDiffusionXL
+
+    folder, lora_dir = sd_lora_run
+    sdxl = tiny.tiny_sdxl_pipeline()
+    add_lora(sdxl.unet, lora_config(rank=4, alpha=8, init=False))
+    save_lora_files(StableDiffusionXL(), str(tmp_path / "sdxl"), sdxl.unet, {}, "both")
+    for wrong in (tmp_path / "sdxl" / LORA_FILE, tmp_path / "sdxl" / KOHYA_FILE, folder / "unet" / "diffusion_pytorch_model.safetensors"):
+        with pytest.raises(ConfigError, match=f"adapter.init_from={wrong}"):
+            _module(tmp_path, folder, f"adapter.init_from={wrong}")
+    with pytest.raises(ConfigError, match=r"has rank 4 at .* but adapter.rank=8; set adapter.rank=4"):
+        _module(tmp_path, folder, f"adapter.init_from={lora_dir / LORA_FILE}", "adapter.rank=8")

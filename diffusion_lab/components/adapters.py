@@ -146,3 +146,88 @@ def fused_copy(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> to
     if hasattr(fused, "_hf_peft_config_loaded"):
         fused._hf_peft_config_loaded = False
     return fused
+
+
+INIT_ADAPTER = "init_from"  # the scratch adapter a LoRA file is read into before its weights move to "default"
+
+
+def init_lora_from(path: str, pipe, parts: dict[str, torch.nn.Module]) -> int:
+    """Start the LoRA (adapter ``default``) of ``parts`` (a pipeline's component name -> model) from the LoRA
+    file ``path`` (``adapter.init_from``), in any layout ``pipe.load_lora_weights`` reads (diffusers, kohya /
+    A1111). The file is read into a scratch adapter by the pipeline's own loader, each layer's ``B A`` update
+    moved into ``default`` (``B`` rescaled by the file's alpha / r over the run's), the scratch adapter deleted.
+    Returns the number of layers set. ConfigError naming the file: not a file / not a LoRA this pipeline
+    reads / no layer of this backbone (another family or base), a layer the run does not target, another rank."""
+    from pathlib import Path
+
+    from peft.tuners.lora import LoraLayer
+
+    from diffusion_lab.utils.errors import ConfigError
+
+    file = Path(path)
+    where = f"adapter.init_from={path}"
+    if not file.is_file():
+        raise ConfigError(f"{where}: no such file; pass a LoRA .safetensors file (diffusers' pytorch_lora_weights.safetensors or a kohya / A1111 file).")
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=INIT_ADAPTER)
+    except Exception as e:  # diffusers raises ValueError / KeyError / RuntimeError (size mismatch) here
+        first = " ".join(str(e).strip().splitlines()[:2])[:400] or type(e).__name__
+        raise ConfigError(
+            f"{where} is not a LoRA {type(pipe).__name__} can load onto this model ({first}). Pass a LoRA trained on the "
+            f"same family and base (model.pretrained), as diffusers' pytorch_lora_weights.safetensors or a kohya / A1111 file."
+        ) from e
+    moved, bad_rank, untargeted = 0, [], []
+    with torch.no_grad():
+        for part, model in parts.items():
+            for name, m in model.named_modules():
+                if not isinstance(m, LoraLayer) or INIT_ADAPTER not in m.lora_A:
+                    continue
+                if "default" not in m.lora_A:
+                    untargeted.append(f"{part}.{name}")
+                    continue
+                a, b = m.lora_A[INIT_ADAPTER].weight, m.lora_B[INIT_ADAPTER].weight
+                if a.shape != m.lora_A["default"].weight.shape:
+                    bad_rank.append((f"{part}.{name}", a.shape[0], m.lora_A["default"].weight.shape[0]))
+                    continue
+                m.lora_A["default"].weight.copy_(a)
+                m.lora_B["default"].weight.copy_(b * (m.scaling[INIT_ADAPTER] / m.scaling["default"]))
+                moved += 1
+            _delete_adapter(model, INIT_ADAPTER)
+    if bad_rank:
+        layer, r_file, r_run = bad_rank[0]
+        raise ConfigError(f"{where} has rank {r_file} at {layer} but adapter.rank={r_run}; set adapter.rank={r_file} to continue from this file.")
+    if untargeted:
+        raise ConfigError(
+            f"{where} has LoRA layers the run does not target ({', '.join(untargeted[:3])}{' ...' if len(untargeted) > 3 else ''}); "
+            f"set adapter.target_modules (and adapter.train_text_encoder) to the file's layers."
+        )
+    if not moved:
+        raise ConfigError(
+            f"{where}: none of its layers is a layer of this model's LoRA (a LoRA for another family or base?). Pass a LoRA "
+            f"trained on the same model (model.pretrained)."
+        )
+    return moved
+
+
+def _delete_adapter(model: torch.nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every tuner layer of ``model`` and make ``default`` the active, trainable one."""
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer) and name in getattr(m, "lora_A", {}):
+            m.delete_adapter(name)
+        if isinstance(m, BaseTunerLayer):
+            m.set_adapter("default")
+    getattr(model, "peft_config", {}).pop(name, None)
+
+
+def init_adapter_from(module, path: str) -> int:
+    """``adapter.init_from``: ``init_lora_from`` on a ``LatentDiffusion`` module's LoRA parts (backbone + the
+    text encoders carrying one), read through the module's own pipeline (``export.build_pipeline``)."""
+    from diffusion_lab.export.pipelines import build_pipeline
+    from diffusion_lab.utils.errors import ConfigError
+
+    backbone, family = module.base_backbone, module.family
+    variant = adapter_variant(backbone)
+    if variant not in ("lora", "dora"):
+        raise ConfigError(f"adapter.init_from={path} continues a LoRA, but the run trains {'adapter=' + variant if variant else 'no LoRA'}; use adapter=lora (or dora).")
+    parts = {family.backbone_name: backbone, **{n: e for n, e in zip(family.encoder_names, module.conditioner.encoders) if has_lora(e)}}
+    return init_lora_from(path, build_pipeline(module), parts)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusion_lab.components.adapters import add_lora, config_variant
+from diffusion_lab.components.adapters import add_lora, config_variant, init_adapter_from
 from diffusion_lab.components.controlnet import Controlled, ControlNetPart
 from diffusion_lab.components.embeddings import TokenEmbedding
 from diffusion_lab.components.pretrained import Dtype, torch_dtype
@@ -56,7 +56,7 @@ class LatentDiffusion(DiffusionModule):
         **kwargs: the shared ``DiffusionModule`` arguments (``process``, ``sampler``, ``optimizer``, ...).
     """
 
-    hparams_ignore = DiffusionModule.hparams_ignore + ("family", "backbone_lora", "text_lora", "controlnet", "text_embedding")
+    hparams_ignore = DiffusionModule.hparams_ignore + ("family", "backbone_lora", "text_lora", "controlnet", "text_embedding", "adapter_init_from")
     # per-image batch entries of the methods that the latent cache must carry along (when present)
     method_batch_keys: tuple[str, ...] = ("is_prior", CONTROL_KEY)
 
@@ -88,6 +88,7 @@ class LatentDiffusion(DiffusionModule):
         safety_checker: str | None = None,
         pretrained: str | None = None,
         local_files_only: bool = False,
+        adapter_init_from: str | None = None,
         **kwargs,
     ) -> None:
         family.check_process(process.kind)  # before the parts: a wrong process is the first thing to fix
@@ -135,6 +136,8 @@ class LatentDiffusion(DiffusionModule):
             backbone.requires_grad_(False)
         super().__init__(backbone, process, sampler, optimizer, codec=codec, conditioner=conditioner, resolution=resolution, gradient_checkpointing=gradient_checkpointing, **kwargs)
         self.family = family
+        if adapter_init_from:  # adapter.init_from: the LoRA starts from a file's (before any checkpoint is restored)
+            init_adapter_from(self, adapter_init_from)
         self.controlnet = net
         self.control = controlnet
         self.text_embedding = text_embedding
