@@ -108,7 +108,6 @@ def test_full_finetune_run_writes_the_single_file(tmp_path):
     np.testing.assert_allclose(_images(back), _images(pipe), atol=1e-6)
 
 
-@pytest.mark.slow
 def test_lora_merge_writes_the_single_file(tmp_path):
     from diffusion_lab.lora import main
     from tests.test_lora_tools import _trained_lora
@@ -138,6 +137,24 @@ def test_flux_transformer_single_file_at_flux_width(tmp_path):
     state = single_file.single_file_state(pipe)
     assert "double_blocks.0.img_attn.qkv.weight" in state and "single_blocks.0.linear1.weight" in state and "final_layer.adaLN_modulation.1.bias" in state
     back = FluxTransformer2DModel.from_single_file(state, config=str(folder), subfolder="transformer", local_files_only=True)
+    assert state == {}
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_sd3_transformer_single_file_reads_back_in_diffusers(tmp_path):
+    """SD3.5's layout (QK norms, a dual-attention first block, a last block whose context only modulates):
+    SAI-named file -> SD3Transformer2DModel.from_single_file pops every key and gives equal weights."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from diffusion_lab.components.tiny import tiny_sd3_transformer
+
+    model = tiny_sd3_transformer().eval()
+    model.save_config(tmp_path / "sd3" / "transformer")
+    pipe = StableDiffusion3Pipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, transformer=model)
+    state = single_file.single_file_state(pipe)
+    assert "joint_blocks.0.x_block.attn2.qkv.weight" in state and "joint_blocks.1.context_block.adaLN_modulation.1.weight" in state
+    back = SD3Transformer2DModel.from_single_file(state, config=str(tmp_path / "sd3"), subfolder="transformer", local_files_only=True)
     assert state == {}
     ours, theirs = model.state_dict(), back.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -1,20 +1,20 @@
 """Single-file checkpoints: a diffusers pipeline -> one ``.safetensors`` in the original key layout.
 
-A1111 / Forge / ComfyUI read a full model as one file whose keys name the original (non-diffusers)
-modules; ``<Pipeline>.from_single_file(file, config=<pipeline folder or hub id>)`` reads it back.
+A1111 / Forge / ComfyUI read a full model as one file whose keys name the original (non-diffusers) modules;
+``<Pipeline>.from_single_file(file, config=<pipeline folder or hub id>)`` reads it back.
 
 | pipeline | file keys |
 |---|---|
 | ``StableDiffusionPipeline`` (SD 1.x) | ``model.diffusion_model.*`` (LDM UNet), ``first_stage_model.*`` (VAE), ``cond_stage_model.transformer.text_model.*`` (CLIP) |
 | ``StableDiffusionXLPipeline`` | SGM UNet + VAE as above, ``conditioner.embedders.0.transformer.*`` (CLIP-L), ``conditioner.embedders.1.model.*`` (OpenCLIP-G) |
-| ``FluxPipeline`` (FLUX.1) | the transformer only, BFL's names (``double_blocks.*``, ``single_blocks.*``, ``img_in`` ...), as ``flux1-dev.safetensors`` |
+| ``StableDiffusion3Pipeline`` / ``FluxPipeline`` | the transformer only: SAI's (``joint_blocks.*``) / BFL's names (``double_blocks.*``, ``single_blocks.*``), as ``flux1-dev.safetensors`` |
 
-Each table below is the inverse of diffusers' reader (``loaders/single_file_utils.py``:
-``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``,
-``convert_open_clip_checkpoint``, ``convert_flux_transformer_checkpoint_to_diffusers``). Two limits of
-that reader (not of the files): it tells SDXL's two CLIPs apart by width, and it splits FLUX's
-``linear1`` at FLUX.1's width (3072), so toy models narrower than the real ones do not read back.
-Other families (SD3, Sana, Qwen-Image, ...) have no single file here; ``save`` returns None for them.
+Each table is the inverse of diffusers' reader (``loaders/single_file_utils.py``: ``convert_ldm_unet_checkpoint``,
+``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``,
+``convert_sd3_transformer_checkpoint_to_diffusers``, ``convert_flux_transformer_checkpoint_to_diffusers``). Two
+limits of that reader, not of the files: it tells SDXL's two CLIPs apart by width, and it splits FLUX's ``linear1``
+at FLUX.1's width (3072), so toys narrower than the real models do not read back. Other families (Sana,
+Qwen-Image, ...) have no single file here: ``save`` logs it and returns None.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 SINGLE_FILE = "model.safetensors"  # <run>/model.safetensors beside <run>/pipeline
 # a rule: (regex fully matching a diffusers key, its original key: a re template or a function of the match)
 Rule = tuple[str, "str | Callable[[re.Match], str]"]
-# what a part's original key gets: the tensor, reshaped (1x1 conv, transposed, ...) where the layouts differ
-Fix = Callable[[str, torch.Tensor], torch.Tensor]
+# (original key, tensor, component config) -> the tensor as the original holds it (1x1 conv, transposed, ...)
+Fix = Callable[[str, torch.Tensor, object], torch.Tensor]
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 
@@ -86,7 +86,7 @@ def _ldm_vae(config) -> list[Rule]:
     ]
 
 
-def _vae_fix(key: str, t: torch.Tensor) -> torch.Tensor:
+def _vae_fix(key: str, t: torch.Tensor, config) -> torch.Tensor:
     """The LDM VAE's attention projections are 1x1 convs ``[C, C, 1, 1]`` (diffusers: Linear ``[C, C]``)."""
     return t[:, :, None, None] if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", key) and t.ndim == 2 else t
 
@@ -112,7 +112,7 @@ def _open_clip(config) -> list[Rule]:
     ]
 
 
-def _open_clip_fix(key: str, t: torch.Tensor) -> torch.Tensor:
+def _open_clip_fix(key: str, t: torch.Tensor, config) -> torch.Tensor:
     return t.T.contiguous() if key == "text_projection" else t
 
 
@@ -120,11 +120,10 @@ def _open_clip_fix(key: str, t: torch.Tensor) -> torch.Tensor:
 _FLUX_DOUBLE = {
     "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
     "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
-    "attn.to_q": "img_attn.qkv", "attn.to_k": "img_attn.qkv", "attn.to_v": "img_attn.qkv",
-    "attn.add_q_proj": "txt_attn.qkv", "attn.add_k_proj": "txt_attn.qkv", "attn.add_v_proj": "txt_attn.qkv",
+    **dict.fromkeys(("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn.qkv"), **dict.fromkeys(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "txt_attn.qkv"),
+    "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm", "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
 }
-_FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2", "attn.to_q": "linear1", "attn.to_k": "linear1", "attn.to_v": "linear1", "proj_mlp": "linear1"}
-_FLUX_NORMS = {"attn.norm_q": "{}.norm.query_norm.scale", "attn.norm_k": "{}.norm.key_norm.scale", "attn.norm_added_q": "txt_attn.norm.query_norm.scale", "attn.norm_added_k": "txt_attn.norm.key_norm.scale"}
+_FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2", "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm", **dict.fromkeys(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear1")}
 _FLUX_OUTER = {
     "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer", "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
     "time_text_embed.text_embedder.linear_1": "vector_in.in_layer", "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
@@ -133,31 +132,61 @@ _FLUX_OUTER = {
 }
 
 
-def _flux_norm(m: re.Match, single: bool) -> str:
-    name = _FLUX_NORMS[m[2]].format("" if single else "img_attn").lstrip(".")
-    return f"{'single' if single else 'double'}_blocks.{m[1]}.{name}"
+def _alt(table: dict[str, str]) -> str:  # a regex alternation of the table's keys
+    return "|".join(re.escape(k) for k in table)
+
+
+def _bfl(blocks: str, table: dict[str, str], m: re.Match) -> str:
+    """``<blocks>.<i>.<BFL module>.<weight|bias>``; BFL's QK RMS-norms hold a ``scale``, not a ``weight``."""
+    name = f"{blocks}.{m[1]}.{table[m[2]]}.{m[3]}"
+    return name.removesuffix("weight") + "scale" if name.endswith("_norm.weight") else name
 
 
 def _bfl_flux(config) -> list[Rule]:
     """BFL names of a ``FluxTransformer2DModel``; q, k, v (and a single block's MLP input) are one
     fused linear, in the order of the tables (``_PART_ORDER``)."""
-    alt = lambda table: "|".join(re.escape(k) for k in sorted(table, key=len, reverse=True))  # noqa: E731
     return [
-        (rf"transformer_blocks\.(\d+)\.({alt(_FLUX_NORMS)})\.weight", lambda m: _flux_norm(m, False)),
-        (r"single_transformer_blocks\.(\d+)\.(attn\.norm_[qk])\.weight", lambda m: _flux_norm(m, True)),
-        (rf"transformer_blocks\.(\d+)\.({alt(_FLUX_DOUBLE)})\.(weight|bias)", lambda m: f"double_blocks.{m[1]}.{_FLUX_DOUBLE[m[2]]}.{m[3]}"),
-        (rf"single_transformer_blocks\.(\d+)\.({alt(_FLUX_SINGLE)})\.(weight|bias)", lambda m: f"single_blocks.{m[1]}.{_FLUX_SINGLE[m[2]]}.{m[3]}"),
-        (rf"({alt(_FLUX_OUTER)})\.(weight|bias)", lambda m: f"{_FLUX_OUTER[m[1]]}.{m[2]}"),
+        (rf"transformer_blocks\.(\d+)\.({_alt(_FLUX_DOUBLE)})\.(weight|bias)", lambda m: _bfl("double_blocks", _FLUX_DOUBLE, m)),
+        (rf"single_transformer_blocks\.(\d+)\.({_alt(_FLUX_SINGLE)})\.(weight|bias)", lambda m: _bfl("single_blocks", _FLUX_SINGLE, m)),
+        (rf"({_alt(_FLUX_OUTER)})\.(weight|bias)", lambda m: f"{_FLUX_OUTER[m[1]]}.{m[2]}"),
     ]
 
 
-def _flux_fix(key: str, t: torch.Tensor) -> torch.Tensor:
-    """diffusers' final AdaLayerNorm emits (scale, shift), BFL's (shift, scale)."""
-    return torch.cat(t.chunk(2)[::-1]) if key.startswith("final_layer.adaLN_modulation") else t
+def _swap_halves(key: str, t: torch.Tensor, config) -> torch.Tensor:
+    """diffusers' AdaLayerNormContinuous emits (scale, shift), BFL's / SAI's final layer (shift, scale);
+    so does SD3's last block, whose context stream only modulates (``context_pre_only``)."""
+    last = f"joint_blocks.{getattr(config, 'num_layers', 0) - 1}.context_block.adaLN_modulation"
+    return torch.cat(t.chunk(2)[::-1]) if key.startswith(("final_layer.adaLN_modulation", last)) else t
+
+
+# SD3 / SD3.5 (SAI's MMDiT): diffusers module -> SAI module, per joint block / outside the blocks
+_SD3_BLOCK = {
+    **dict.fromkeys(("attn.to_q", "attn.to_k", "attn.to_v"), "x_block.attn.qkv"), "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+    "attn.to_out.0": "x_block.attn.proj", "norm1.linear": "x_block.adaLN_modulation.1", "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+    **dict.fromkeys(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "context_block.attn.qkv"), "attn.norm_added_q": "context_block.attn.ln_q",
+    "attn.norm_added_k": "context_block.attn.ln_k", "attn.to_add_out": "context_block.attn.proj", "norm1_context.linear": "context_block.adaLN_modulation.1",
+    "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2",
+    **dict.fromkeys(("attn2.to_q", "attn2.to_k", "attn2.to_v"), "x_block.attn2.qkv"), "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k", "attn2.to_out.0": "x_block.attn2.proj",
+}
+_SD3_OUTER = {
+    "pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder", "proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0", "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+}
+
+
+def _sai_sd3(config) -> list[Rule]:
+    """SAI's names of an ``SD3Transformer2DModel`` (``joint_blocks.i.x_block`` / ``.context_block``; SD3.5's
+    second attention ``x_block.attn2``); q, k, v are one ``qkv`` linear."""
+    return [
+        (r"pos_embed\.pos_embed", "pos_embed"),
+        (rf"transformer_blocks\.(\d+)\.({_alt(_SD3_BLOCK)})\.(weight|bias)", lambda m: f"joint_blocks.{m[1]}.{_SD3_BLOCK[m[2]]}.{m[3]}"),
+        (rf"({_alt(_SD3_OUTER)})\.(weight|bias)", lambda m: f"{_SD3_OUTER[m[1]]}.{m[2]}"),
+    ]
 
 
 # the order of the parts of a fused tensor (by the diffusers module name they come from)
-_PART_ORDER = ("to_q", "q_proj", "add_q_proj", "to_k", "k_proj", "add_k_proj", "to_v", "v_proj", "add_v_proj", "proj_mlp")
+_PART_ORDER = {name: i for i, name in enumerate(("to_q", "q_proj", "add_q_proj", "to_k", "k_proj", "add_k_proj", "to_v", "v_proj", "add_v_proj", "proj_mlp"))}
 
 _SD_UNET_VAE = [("unet", "model.diffusion_model.", _ldm_unet, None), ("vae", "first_stage_model.", _ldm_vae, _vae_fix)]
 # pipeline class -> (component, prefix in the file, rules of the component's config, fix)
@@ -166,16 +195,12 @@ LAYOUTS: dict[str, list[tuple[str, str, Callable, Fix | None]]] = {
     "StableDiffusionXLPipeline": [
         *_SD_UNET_VAE, ("text_encoder", "conditioner.embedders.0.transformer.", _hf_clip, None), ("text_encoder_2", "conditioner.embedders.1.model.", _open_clip, _open_clip_fix),
     ],
-    "FluxPipeline": [("transformer", "", _bfl_flux, _flux_fix)],
+    "StableDiffusion3Pipeline": [("transformer", "", _sai_sd3, _swap_halves)],
+    "FluxPipeline": [("transformer", "", _bfl_flux, _swap_halves)],
 }
 
 
-def _part(key: str) -> int:
-    name = key.rsplit(".", 2)[-2]
-    return _PART_ORDER.index(name) if name in _PART_ORDER else 0
-
-
-def convert(state: dict[str, torch.Tensor], rules: list[Rule], prefix: str = "", fix: Fix | None = None) -> dict[str, torch.Tensor]:
+def convert(state: dict[str, torch.Tensor], rules: list[Rule], prefix: str = "", fix: Fix | None = None, config=None) -> dict[str, torch.Tensor]:
     """A diffusers state dict -> original keys (``prefix`` + the first rule matching each key); keys
     mapped to one original key are concatenated along dim 0 in ``_PART_ORDER``. KeyError for a key no
     rule matches (a layout this table does not know must not be written with holes)."""
@@ -184,14 +209,14 @@ def convert(state: dict[str, torch.Tensor], rules: list[Rule], prefix: str = "",
         for pattern, repl in rules:
             if m := re.fullmatch(pattern, key):
                 new = repl(m) if callable(repl) else m.expand(repl)
-                parts.setdefault(new, []).append((_part(key), t))
+                parts.setdefault(new, []).append((_PART_ORDER.get(key.rsplit(".", 2)[-2], 0), t))
                 break
         else:
             raise KeyError(f"{key}: no original (single-file) name for this diffusers key")
     out = {}
     for new, ts in parts.items():
         t = torch.cat([t for _, t in sorted(ts, key=lambda p: p[0])]) if len(ts) > 1 else ts[0][1]
-        out[prefix + new] = (fix(new, t) if fix else t).detach().float().cpu().contiguous()
+        out[prefix + new] = (fix(new, t, config) if fix else t).detach().float().cpu().contiguous()
     return out
 
 
@@ -203,7 +228,7 @@ def single_file_state(pipe) -> dict[str, torch.Tensor] | None:
     out = {}
     for name, prefix, rules, fix in layout:
         model = getattr(pipe, name)
-        out.update(convert(model.state_dict(), rules(model.config), prefix, fix))
+        out.update(convert(model.state_dict(), rules(model.config), prefix, fix, model.config))
     return out
 
 
