@@ -54,6 +54,7 @@ FAMILIES = _options("model")  # pixel_ddpm, latent_sd, latent_sdxl, autoencoder
 LATENT = ["model=latent_sd"]
 NEEDS_ROOT = {"image_folder": ["data.root=/nonexistent"],  # data=image_folder has no default folder
               "shards": ["data.root=/nonexistent"],  # nor data=shards (a prepared shard set)
+              "preference": ["data.root=/nonexistent"],  # nor data=preference (a folder of pairs)
               "dreambooth": ["data.instance_dir=/nonexistent", "data.instance_prompt=a sks dog", "data.class_prompt=a dog"]}
 
 
