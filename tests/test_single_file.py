@@ -76,7 +76,8 @@ def test_sdxl_single_file_reads_back_in_diffusers(tmp_path):
     np.testing.assert_allclose(_images(back), _images(pipe), atol=1e-6)
 
 
-def test_no_layout_writes_nothing_and_a_failed_write_keeps_the_old_file(tmp_path):
+def test_no_layout_writes_nothing_and_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch, caplog):
+    import safetensors.torch
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     path = tmp_path / single_file.SINGLE_FILE
@@ -85,9 +86,17 @@ def test_no_layout_writes_nothing_and_a_failed_write_keeps_the_old_file(tmp_path
     pipe = StableDiffusionPipeline.from_pretrained(build(tmp_path / "tiny_sd", "sd"))
     single_file.save(pipe, path)
     before = path.read_bytes()
-    pipe.unet.register_parameter("extra", torch.nn.Parameter(torch.zeros(1)))  # a key with no original name
-    with pytest.raises(KeyError, match="extra"):
+
+    def disk_full(state, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
         single_file.save(pipe, path)
+    monkeypatch.undo()
+    pipe.unet.register_parameter("extra", torch.nn.Parameter(torch.zeros(1)))  # a module with no original name
+    assert single_file.save(pipe, path) is None and "extra" in caplog.text
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -158,3 +167,49 @@ def test_sd3_transformer_single_file_reads_back_in_diffusers(tmp_path):
     assert state == {}
     ours, theirs = model.state_dict(), back.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def _real_size(kind: str):
+    """SD 1.5 / SDXL base / FLUX.1-dev at their real sizes (shapes only: build under init_empty_weights)."""
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if kind == "flux":
+        return FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=FluxTransformer2DModel(guidance_embeds=True))
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2)
+    clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12))
+    if kind == "sd":
+        return StableDiffusionPipeline(vae, clip_l, None, UNet2DConditionModel(cross_attention_dim=768), None, None, None, requires_safety_checker=False)
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280))
+    unet = UNet2DConditionModel(
+        block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    )
+    return StableDiffusionXLPipeline(vae, clip_l, clip_g, None, None, unet, None)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "flux"])
+def test_real_size_files_are_what_diffusers_detects_and_reads(kind):
+    """At the real models' sizes (on the meta device): diffusers' own detection names the file's model
+    (what ``from_single_file`` without ``config`` goes by) and its readers map the file back onto
+    exactly the models' keys."""
+    from accelerate import init_empty_weights
+    from diffusers.loaders import single_file_utils as sfu
+
+    with init_empty_weights():
+        pipe = _real_size(kind)
+    state = single_file.single_file_state(pipe)
+    assert sfu.infer_diffusers_model_type(state) == {"sd": "v1", "sdxl": "xl_base", "flux": "flux-dev"}[kind]
+    if kind == "flux":
+        read = sfu.convert_flux_transformer_checkpoint_to_diffusers(state)
+        assert state == {} and read.keys() == pipe.transformer.state_dict().keys()
+        return
+    assert sfu.CHECKPOINT_KEY_NAMES["v1" if kind == "sd" else "clip_sdxl"] in state
+    assert sfu.convert_ldm_unet_checkpoint(state, pipe.unet.config).keys() == pipe.unet.state_dict().keys()
+    assert sfu.convert_ldm_vae_checkpoint(state, pipe.vae.config).keys() == pipe.vae.state_dict().keys()
+    assert {k.removeprefix("text_model.") for k in sfu.convert_ldm_clip_checkpoint(state)} == pipe.text_encoder.state_dict().keys()
+    if kind == "sdxl":
+        assert sfu.convert_open_clip_checkpoint(pipe.text_encoder_2, state, "conditioner.embedders.1.model.").keys() == pipe.text_encoder_2.state_dict().keys()
+    parts = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if kind == "sdxl" else ())
+    assert sum(t.numel() for t in state.values()) == sum(t.numel() for n in parts for t in getattr(pipe, n).state_dict().values())  # no unread key

@@ -37,8 +37,7 @@ Fix = Callable[[str, torch.Tensor, object], torch.Tensor]
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 
 
-def _sub(table: dict[str, str], rest: str) -> str:
-    """``rest`` with its first path component renamed by ``table`` (kept when absent)."""
+def _sub(table: dict[str, str], rest: str) -> str:  # ``rest`` with its first path component renamed by ``table``
     head, _, tail = rest.partition(".")
     return f"{table.get(head, head)}.{tail}"
 
@@ -91,8 +90,7 @@ def _vae_fix(key: str, t: torch.Tensor, config) -> torch.Tensor:
     return t[:, :, None, None] if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", key) and t.ndim == 2 else t
 
 
-def _hf_clip(config) -> list[Rule]:
-    """transformers' CLIP names, under ``text_model.`` (transformers >= 5.6 drops it from ``CLIPTextModel``)."""
+def _hf_clip(config) -> list[Rule]:  # transformers' CLIP names under ``text_model.`` (5.6+ drops it from CLIPTextModel)
     return [(r"(text_model\..+)", r"\1"), (r"(.+)", r"text_model.\1")]
 
 
@@ -100,8 +98,7 @@ _OPEN_CLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc
 
 
 def _open_clip(config) -> list[Rule]:
-    """OpenCLIP names of a ``CLIPTextModelWithProjection`` (SDXL's second encoder): q, k, v are one
-    ``attn.in_proj_*``, the projection is a ``[hidden, proj]`` matrix."""
+    """OpenCLIP names of a ``CLIPTextModelWithProjection`` (SDXL's 2nd encoder): q, k, v are one ``attn.in_proj_*``."""
     return [
         (r"text_model\.embeddings\.token_embedding\.(.+)", r"token_embedding.\1"),
         (r"text_model\.embeddings\.position_embedding\.weight", "positional_embedding"),
@@ -112,7 +109,7 @@ def _open_clip(config) -> list[Rule]:
     ]
 
 
-def _open_clip_fix(key: str, t: torch.Tensor, config) -> torch.Tensor:
+def _open_clip_fix(key: str, t: torch.Tensor, config) -> torch.Tensor:  # OpenCLIP's projection is x @ P, [hidden, proj]
     return t.T.contiguous() if key == "text_projection" else t
 
 
@@ -143,8 +140,7 @@ def _bfl(blocks: str, table: dict[str, str], m: re.Match) -> str:
 
 
 def _bfl_flux(config) -> list[Rule]:
-    """BFL names of a ``FluxTransformer2DModel``; q, k, v (and a single block's MLP input) are one
-    fused linear, in the order of the tables (``_PART_ORDER``)."""
+    """BFL names of a ``FluxTransformer2DModel``; q, k, v (and a single block's MLP input) are one linear."""
     return [
         (rf"transformer_blocks\.(\d+)\.({_alt(_FLUX_DOUBLE)})\.(weight|bias)", lambda m: _bfl("double_blocks", _FLUX_DOUBLE, m)),
         (rf"single_transformer_blocks\.(\d+)\.({_alt(_FLUX_SINGLE)})\.(weight|bias)", lambda m: _bfl("single_blocks", _FLUX_SINGLE, m)),
@@ -196,7 +192,7 @@ LAYOUTS: dict[str, list[tuple[str, str, Callable, Fix | None]]] = {
         *_SD_UNET_VAE, ("text_encoder", "conditioner.embedders.0.transformer.", _hf_clip, None), ("text_encoder_2", "conditioner.embedders.1.model.", _open_clip, _open_clip_fix),
     ],
     "StableDiffusion3Pipeline": [("transformer", "", _sai_sd3, _swap_halves)],
-    "FluxPipeline": [("transformer", "", _bfl_flux, _swap_halves)],
+    **dict.fromkeys(("FluxPipeline", "FluxKontextPipeline"), [("transformer", "", _bfl_flux, _swap_halves)]),
 }
 
 
@@ -216,14 +212,14 @@ def convert(state: dict[str, torch.Tensor], rules: list[Rule], prefix: str = "",
     out = {}
     for new, ts in parts.items():
         t = torch.cat([t for _, t in sorted(ts, key=lambda p: p[0])]) if len(ts) > 1 else ts[0][1]
-        out[prefix + new] = (fix(new, t, config) if fix else t).detach().float().cpu().contiguous()
+        out[prefix + new] = fix(new, t, config) if fix else t
     return out
 
 
 def single_file_state(pipe) -> dict[str, torch.Tensor] | None:
-    """The single-file state dict of a diffusers pipeline (``LAYOUTS``); None for a pipeline class without one."""
-    layout = LAYOUTS.get(type(pipe).__name__)
-    if layout is None:
+    """The single-file state dict of a diffusers pipeline (``LAYOUTS``; the tensors' dtype and device as the
+    pipeline's, meta included); None for a pipeline class without one."""
+    if (layout := LAYOUTS.get(type(pipe).__name__)) is None:
         return None
     out = {}
     for name, prefix, rules, fix in layout:
@@ -233,16 +229,21 @@ def single_file_state(pipe) -> dict[str, torch.Tensor] | None:
 
 
 def save(pipe, path: str | Path) -> Path | None:
-    """Write ``pipe`` as one original-layout ``.safetensors`` at ``path`` (atomically: an existing file
-    is replaced only once the new one is whole). None (and a log line) for a family without a layout."""
+    """Write ``pipe`` as one original-layout ``.safetensors`` at ``path`` (atomically: an existing file is
+    replaced only once the new one is whole). None (and a log line) for a family without a layout or a
+    module the layout has no name for."""
     from safetensors.torch import save_file
 
     from diffusion_lab.utils.io import atomic_file
 
-    state = single_file_state(pipe)
+    try:
+        state = single_file_state(pipe)
+    except KeyError as e:  # a module this layout has no name for: the pipeline folder is still the export
+        log.warning("no single-file checkpoint: %s (%s's original layout)", e.args[0], type(pipe).__name__)
+        return None
     if state is None:
         log.info("no single-file checkpoint for %s (layouts: %s)", type(pipe).__name__, ", ".join(LAYOUTS))
         return None
     with atomic_file(path) as tmp:
-        save_file(state, tmp, metadata={"format": "pt", "written_by": "diffusion_lab"})
+        save_file({k: t.detach().float().cpu().contiguous() for k, t in state.items()}, tmp, metadata={"format": "pt", "written_by": "diffusion_lab"})
     return Path(path)
