@@ -163,7 +163,6 @@ def test_grpo_without_reward_or_on_edm_is_a_config_error(train_cfg):
         train(cfg)
 
 
-@pytest.mark.slow
 def test_grpo_resume_is_exact(train_cfg, tmp_path):
     """4 steps straight == 2 steps, stop, resume to 4 (trajectories reused across 2 updates sit in the checkpoint)."""
     common = [*TOY, "process=flow_matching", "method.updates_per_sample=2", "method.timesteps_per_step=2",
@@ -180,3 +179,26 @@ def test_grpo_resume_is_exact(train_cfg, tmp_path):
     a, b = straight["model"].backbone.state_dict(), resumed["model"].backbone.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_grpo_lora_on_a_text_to_image_model_with_prompted_rewards(tmp_path):
+    """adapter=lora on tiny SD (vp: the DDIM eta step): prompts are the batch's captions, the digit
+    reward reads the prompted digit, the reference is the base with the adapter off."""
+    from diffusion_lab.components import tiny
+    from diffusion_lab.methods.base import has_adapter
+    from tests.conftest import compose_cfg
+
+    start = tiny.build(tmp_path / "tiny_sd")
+    cfg = compose_cfg("train", ["experiment=sd_finetune_tiny", "adapter=lora", "method=grpo", "reward=digit_classifier", "data=digits_captioned",
+                                "data.resolution=32", "data.batch_size=2", "data.num_workers=0", f"model.pretrained={start}", "trainer.max_steps=2",
+                                "trainer.log_every_n_steps=1", "method.group_size=2", "method.num_inference_steps=3", "method.kl_weight=0.1",
+                                "model.optimizer.lr=1e-2", "callbacks.sample_grid=null", "callbacks.ema=null", "callbacks.progress_bar=null",
+                                "callbacks.noising_strip=null", "trainer.limit_val_batches=0"], tmp_path / "run")  # fmt: skip
+    _, objects = train(cfg)
+    module, grpo = objects["model"], objects["model"].method
+    assert grpo.reference.copy is None and has_adapter(module.base_backbone)
+    buf = grpo._buffer
+    assert buf["cond_batch"]["caption"][0] == buf["cond_batch"]["caption"][1]  # a group shares its prompt
+    assert buf["rewards"].shape == (4,) and 0 <= float(buf["rewards"].min()) <= float(buf["rewards"].max()) <= 1
+    assert float(objects["trainer"].logged_metrics["train/kl"]) > 0
