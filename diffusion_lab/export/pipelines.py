@@ -4,7 +4,7 @@
 |---|---|---|
 | pixel (``DiffusionModule``) | ``DDPMPipeline`` folder | - |
 | class-conditional DiT (``backbone=dit_*``) | ``DiTPipeline`` folder (pixel: no VAE) | - |
-| ``LatentDiffusion`` (every text-to-image family) | the family's pipeline folder (``family.pipeline_class``) | ``pytorch_lora_weights.safetensors`` by the pipeline's ``save_lora_weights`` (+ ``lora_kohya.safetensors`` for SD 1.x, SDXL, FLUX.1: ``export/kohya.py``) [+ ``fused/``] |
+| ``LatentDiffusion`` (every text-to-image family) | the family's pipeline folder (``family.pipeline_class``) + ``<run>/model.safetensors`` in the A1111 / ComfyUI layout for SD 1.x, SDXL, SD3, FLUX.1 (``export/single_file.py``) | ``pytorch_lora_weights.safetensors`` by the pipeline's ``save_lora_weights`` (+ ``lora_kohya.safetensors`` for SD 1.x, SDXL, FLUX.1: ``export/kohya.py``) [+ ``fused/``] |
 | ``AutoencoderModule`` (VAE stage) | ``AutoencoderKL`` folder, measured ``scaling_factor`` | - |
 
 Every folder loads in plain diffusers (``DiffusionPipeline.from_pretrained``, ``load_lora_weights``)
