@@ -8,7 +8,7 @@ BASE / TUNED: pipeline folders (``save_pretrained``, as a full fine-tune exports
 a ``.safetensors`` file or a folder holding ``pytorch_lora_weights.safetensors`` (diffusers' layout, or
 a kohya / A1111 one that diffusers' ``load_lora_weights`` converts), with an optional ``:WEIGHT``.
 ``merge`` writes a full pipeline folder (and with ``--single-file`` the same weights as one original-layout
-``.safetensors``, ``export/single_file.py``: SD 1.x, SDXL, FLUX.1's transformer); ``extract`` writes a LoRA folder that
+``.safetensors``, ``export/single_file.py``: SD 1.x, SDXL; SD3's, FLUX.1's transformer); ``extract`` writes a LoRA folder that
 ``pipe.load_lora_weights(OUT)`` reads. The work is done in ``diffusion_lab/export/lora_tools.py``.
 """
 

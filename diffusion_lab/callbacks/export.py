@@ -17,7 +17,7 @@ class ExportCallback(pl.Callback):
     """Calls ``diffusion_lab.export.export(pl_module, dirpath)`` inside the EMA scope at the end of
     ``fit``; the model family decides the format (DDPMPipeline, StableDiffusionPipeline, LoRA files).
     ``single_file``: a full pipeline is also written as ``<dirpath>/../model.safetensors`` in the
-    original layout A1111 / ComfyUI read (SD 1.x, SDXL, FLUX.1's transformer: ``export/single_file.py``)."""
+    original layout A1111 / ComfyUI read (SD 1.x, SDXL; SD3's, FLUX.1's transformer: ``export/single_file.py``)."""
 
     def __init__(self, dirpath: str, on_interrupt: bool = False, lora_format: str = "both", single_file: bool = True) -> None:
         self.dirpath = dirpath
