@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -231,3 +232,30 @@ def test_distill_refuses_a_many_step_sampler(teacher_pipeline, tmp_path):
     cfg = compose_cfg("train", ["experiment=distill_digits", f"model.pretrained={teacher_pipeline}", "sampler=dpmpp", "trainer.max_steps=1"], tmp_path / "run")
     with pytest.raises(ConfigError, match="sampler=lcm"):
         train(cfg)
+
+
+def test_lcm_lora_on_a_latent_text_to_image_model(tmp_path):
+    """LCM-LoRA: a tiny SD 1.x (vp, captions -> text states, guided teacher = the base with the adapter
+    off); the LoRA folder records its step count and loads onto the base in plain diffusers with LCMScheduler."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion_lab.components import tiny
+    from diffusion_lab.train import train
+
+    base = tiny.build(tmp_path / "tiny_sd")
+    overrides = [
+        "experiment=sd_finetune_tiny", f"model.pretrained={base}", "method=distill", "sampler=lcm", "adapter=lora",
+        "trainer.max_steps=2", "trainer.limit_val_batches=0", "data.batch_size=2", "model.preview_steps=2",
+        "callbacks.sample_grid.every_n_steps=2", "callbacks.sample_grid.num_images=1", "callbacks.model_checkpoint.every_n_train_steps=2",
+    ]
+    cfg = compose_cfg("train", overrides, tmp_path / "run")
+    _, objs = train(cfg)
+    method = objs["model"].method
+    assert method.target is None and method.teacher.copy is None  # the student is its own target; teacher = adapter off
+    lora = Path(cfg.paths.output_dir) / "lora"
+    assert json.loads((lora / "diffusion_lab.json").read_text()) == {"num_inference_steps": 2}
+    pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(lora))
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    image = pipe("a handwritten digit seven", num_inference_steps=2, guidance_scale=1.0, height=32, width=32, output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
