@@ -55,6 +55,19 @@ def test_sd_single_file_reads_back_in_diffusers(tmp_path):
     np.testing.assert_allclose(_images(back), _images(pipe), atol=1e-6)
 
 
+def test_sd2_single_file_holds_open_clip_and_reads_back(tmp_path):
+    """SD 2.x (a 1024-wide text encoder, as diffusers tells v2 from v1): the text encoder under
+    ``cond_stage_model.model.`` in OpenCLIP's names, read back by diffusers' OpenCLIP reader."""
+    p = StableDiffusionPipeline.from_pretrained(build(tmp_path / "tiny_sd", "sd"))
+    te = tiny_text_encoder(1024, num_hidden_layers=1, num_attention_heads=16)
+    unet = tiny_unet(16, cross_attention_dim=1024, use_linear_projection=True)
+    StableDiffusionPipeline(**{**p.components, "text_encoder": te, "unet": unet}).save_pretrained(tmp_path / "tiny_sd2")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "tiny_sd2")
+    back = _round_trip(pipe, tmp_path / "tiny_sd2", tmp_path, ("unet", "vae", "text_encoder"))
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in load_file(str(tmp_path / single_file.SINGLE_FILE))
+    np.testing.assert_allclose(_images(back), _images(pipe), atol=1e-6)
+
+
 def _sdxl(folder: Path) -> Path:
     """Tiny SDXL with encoders of different widths (32, 48): diffusers' reader tells SDXL's two CLIPs apart
     by width (768 vs 1280 in the real one), so the family's tiny pipeline (both 32) cannot be read back."""
@@ -180,6 +193,10 @@ def _real_size(kind: str):
     clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12))
     if kind == "sd":
         return StableDiffusionPipeline(vae, clip_l, None, UNet2DConditionModel(cross_attention_dim=768), None, None, None, requires_safety_checker=False)
+    if kind == "sd2":
+        clip_h = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu"))
+        unet = UNet2DConditionModel(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+        return StableDiffusionPipeline(vae, clip_h, None, unet, None, None, None, requires_safety_checker=False)
     clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280))
     unet = UNet2DConditionModel(
         block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -189,7 +206,7 @@ def _real_size(kind: str):
     return StableDiffusionXLPipeline(vae, clip_l, clip_g, None, None, unet, None)
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl", "flux"])
+@pytest.mark.parametrize("kind", ["sd", "sd2", "sdxl", "flux"])
 def test_real_size_files_are_what_diffusers_detects_and_reads(kind):
     """At the real models' sizes (on the meta device): diffusers' own detection names the file's model
     (what ``from_single_file`` without ``config`` goes by) and its readers map the file back onto
@@ -200,15 +217,19 @@ def test_real_size_files_are_what_diffusers_detects_and_reads(kind):
     with init_empty_weights():
         pipe = _real_size(kind)
     state = single_file.single_file_state(pipe)
-    assert sfu.infer_diffusers_model_type(state) == {"sd": "v1", "sdxl": "xl_base", "flux": "flux-dev"}[kind]
+    assert sfu.infer_diffusers_model_type(state) == {"sd": "v1", "sd2": "v2", "sdxl": "xl_base", "flux": "flux-dev"}[kind]
     if kind == "flux":
         read = sfu.convert_flux_transformer_checkpoint_to_diffusers(state)
         assert state == {} and read.keys() == pipe.transformer.state_dict().keys()
         return
-    assert sfu.CHECKPOINT_KEY_NAMES["v1" if kind == "sd" else "clip_sdxl"] in state
+    assert sfu.CHECKPOINT_KEY_NAMES[{"sd": "v1", "sd2": "open_clip", "sdxl": "clip_sdxl"}[kind]] in state
     assert sfu.convert_ldm_unet_checkpoint(state, pipe.unet.config).keys() == pipe.unet.state_dict().keys()
     assert sfu.convert_ldm_vae_checkpoint(state, pipe.vae.config).keys() == pipe.vae.state_dict().keys()
-    assert {k.removeprefix("text_model.") for k in sfu.convert_ldm_clip_checkpoint(state)} == pipe.text_encoder.state_dict().keys()
+    if kind == "sd2":
+        read = sfu.convert_open_clip_checkpoint(pipe.text_encoder, state, "cond_stage_model.model.")
+    else:
+        read = sfu.convert_ldm_clip_checkpoint(state)
+    assert {k.removeprefix("text_model.") for k in read} == pipe.text_encoder.state_dict().keys()
     if kind == "sdxl":
         assert sfu.convert_open_clip_checkpoint(pipe.text_encoder_2, state, "conditioner.embedders.1.model.").keys() == pipe.text_encoder_2.state_dict().keys()
     parts = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if kind == "sdxl" else ())

@@ -6,15 +6,14 @@ A1111 / Forge / ComfyUI read a full model as one file whose keys name the origin
 | pipeline | file keys |
 |---|---|
 | ``StableDiffusionPipeline`` (SD 1.x) | ``model.diffusion_model.*`` (LDM UNet), ``first_stage_model.*`` (VAE), ``cond_stage_model.transformer.text_model.*`` (CLIP) |
+| ``StableDiffusionPipeline`` (SD 2.x: 1024-wide text) | UNet + VAE as above, ``cond_stage_model.model.*`` (OpenCLIP-H) |
 | ``StableDiffusionXLPipeline`` | SGM UNet + VAE as above, ``conditioner.embedders.0.transformer.*`` (CLIP-L), ``conditioner.embedders.1.model.*`` (OpenCLIP-G) |
 | ``StableDiffusion3Pipeline`` / ``FluxPipeline`` | the transformer only: SAI's (``joint_blocks.*``) / BFL's names (``double_blocks.*``, ``single_blocks.*``), as ``flux1-dev.safetensors`` |
 
-Each table is the inverse of diffusers' reader (``loaders/single_file_utils.py``: ``convert_ldm_unet_checkpoint``,
-``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``,
-``convert_sd3_transformer_checkpoint_to_diffusers``, ``convert_flux_transformer_checkpoint_to_diffusers``). Two
-limits of that reader, not of the files: it tells SDXL's two CLIPs apart by width, and it splits FLUX's ``linear1``
-at FLUX.1's width (3072), so toys narrower than the real models do not read back. Other families (Sana,
-Qwen-Image, ...) have no single file here: ``save`` logs it and returns None.
+Each table inverts a reader of diffusers' ``loaders/single_file_utils.py`` (``convert_ldm_unet_checkpoint``, ``_vae_``,
+``_clip_``, ``convert_open_clip_checkpoint``, ``convert_sd3_`` / ``convert_flux_transformer_checkpoint_to_diffusers``),
+which tells SDXL's two CLIPs apart by width and splits FLUX's ``linear1`` at FLUX.1's width (3072): toys narrower than
+the real models do not read back. Other families (Sana, Qwen-Image, ...) have none: ``save`` logs it, returns None.
 """
 
 from __future__ import annotations
@@ -69,8 +68,7 @@ _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_ou
 
 
 def _ldm_vae(config) -> list[Rule]:
-    """LDM VAE names of an ``AutoencoderKL``: the decoder's up blocks count from the bottom
-    (diffusers' ``up_blocks.i`` = ``up.{n-1-i}``); the mid attention is ``mid.attn_1``."""
+    """LDM VAE names of an ``AutoencoderKL``: the decoder's up blocks count from the bottom (``up_blocks.i`` = ``up.{n-1-i}``)."""
     top = len(config.up_block_types) - 1
     short = {"conv_shortcut": "nin_shortcut"}
     return [
@@ -85,8 +83,7 @@ def _ldm_vae(config) -> list[Rule]:
     ]
 
 
-def _vae_fix(key: str, t: torch.Tensor, config) -> torch.Tensor:
-    """The LDM VAE's attention projections are 1x1 convs ``[C, C, 1, 1]`` (diffusers: Linear ``[C, C]``)."""
+def _vae_fix(key: str, t: torch.Tensor, config) -> torch.Tensor:  # LDM's attention: 1x1 convs [C, C, 1, 1]
     return t[:, :, None, None] if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", key) and t.ndim == 2 else t
 
 
@@ -98,14 +95,14 @@ _OPEN_CLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc
 
 
 def _open_clip(config) -> list[Rule]:
-    """OpenCLIP names of a ``CLIPTextModelWithProjection`` (SDXL's 2nd encoder): q, k, v are one ``attn.in_proj_*``."""
+    """OpenCLIP names (SDXL's 2nd encoder, SD 2.x's only one; ``text_model.`` optional): q, k, v are one ``attn.in_proj_*``."""
     return [
-        (r"text_model\.embeddings\.token_embedding\.(.+)", r"token_embedding.\1"),
-        (r"text_model\.embeddings\.position_embedding\.weight", "positional_embedding"),
-        (r"text_model\.final_layer_norm\.(.+)", r"ln_final.\1"),
+        (r"(?:text_model\.)?embeddings\.token_embedding\.(.+)", r"token_embedding.\1"),
+        (r"(?:text_model\.)?embeddings\.position_embedding\.weight", "positional_embedding"),
+        (r"(?:text_model\.)?final_layer_norm\.(.+)", r"ln_final.\1"),
         (r"text_projection\.weight", "text_projection"),
-        (r"text_model\.encoder\.layers\.(\d+)\.self_attn\.[qkv]_proj\.(weight|bias)", r"transformer.resblocks.\1.attn.in_proj_\2"),
-        (r"text_model\.encoder\.layers\.(\d+)\.(layer_norm[12]|mlp\.fc[12]|self_attn\.out_proj)\.(.+)", lambda m: f"transformer.resblocks.{m[1]}.{_OPEN_CLIP[m[2]]}.{m[3]}"),
+        (r"(?:text_model\.)?encoder\.layers\.(\d+)\.self_attn\.[qkv]_proj\.(weight|bias)", r"transformer.resblocks.\1.attn.in_proj_\2"),
+        (r"(?:text_model\.)?encoder\.layers\.(\d+)\.(layer_norm[12]|mlp\.fc[12]|self_attn\.out_proj)\.(.+)", lambda m: f"transformer.resblocks.{m[1]}.{_OPEN_CLIP[m[2]]}.{m[3]}"),
     ]
 
 
@@ -188,6 +185,7 @@ _SD_UNET_VAE = [("unet", "model.diffusion_model.", _ldm_unet, None), ("vae", "fi
 # pipeline class -> (component, prefix in the file, rules of the component's config, fix)
 LAYOUTS: dict[str, list[tuple[str, str, Callable, Fix | None]]] = {
     "StableDiffusionPipeline": [*_SD_UNET_VAE, ("text_encoder", "cond_stage_model.transformer.", _hf_clip, None)],
+    "StableDiffusionPipeline/v2": [*_SD_UNET_VAE, ("text_encoder", "cond_stage_model.model.", _open_clip, _open_clip_fix)],
     "StableDiffusionXLPipeline": [
         *_SD_UNET_VAE, ("text_encoder", "conditioner.embedders.0.transformer.", _hf_clip, None), ("text_encoder_2", "conditioner.embedders.1.model.", _open_clip, _open_clip_fix),
     ],
@@ -197,9 +195,8 @@ LAYOUTS: dict[str, list[tuple[str, str, Callable, Fix | None]]] = {
 
 
 def convert(state: dict[str, torch.Tensor], rules: list[Rule], prefix: str = "", fix: Fix | None = None, config=None) -> dict[str, torch.Tensor]:
-    """A diffusers state dict -> original keys (``prefix`` + the first rule matching each key); keys
-    mapped to one original key are concatenated along dim 0 in ``_PART_ORDER``. KeyError for a key no
-    rule matches (a layout this table does not know must not be written with holes)."""
+    """A diffusers state dict -> original keys (``prefix`` + the first rule matching each key); keys mapped to one
+    original key are concatenated along dim 0 in ``_PART_ORDER``. KeyError for a key no rule matches."""
     parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for key, t in state.items():
         for pattern, repl in rules:
@@ -219,7 +216,10 @@ def convert(state: dict[str, torch.Tensor], rules: list[Rule], prefix: str = "",
 def single_file_state(pipe) -> dict[str, torch.Tensor] | None:
     """The single-file state dict of a diffusers pipeline (``LAYOUTS``; the tensors' dtype and device as the
     pipeline's, meta included); None for a pipeline class without one."""
-    if (layout := LAYOUTS.get(type(pipe).__name__)) is None:
+    name = type(pipe).__name__
+    if name == "StableDiffusionPipeline" and pipe.unet.config.cross_attention_dim == 1024:  # SD 2.x, as diffusers tells v2
+        name += "/v2"
+    if (layout := LAYOUTS.get(name)) is None:
         return None
     out = {}
     for name, prefix, rules, fix in layout:
