@@ -113,9 +113,11 @@ def test_no_layout_writes_nothing_and_a_failed_write_keeps_the_old_file(tmp_path
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_full_finetune_run_writes_the_single_file(tmp_path):
+@pytest.mark.parametrize("on", [True, False])
+def test_full_finetune_run_writes_the_single_file(on, tmp_path):
     """A real 2-step full fine-tune (experiment=sd_finetune_tiny): <run>/model.safetensors beside
-    <run>/pipeline, read back with the run's pipeline folder as config, gives the pipeline's images."""
+    <run>/pipeline, read back with the run's pipeline folder as config, gives the pipeline's images;
+    ``callbacks.export.single_file=false``: no file."""
     from diffusion_lab.train import train
     from tests.conftest import compose_cfg
 
@@ -123,7 +125,10 @@ def test_full_finetune_run_writes_the_single_file(tmp_path):
     out = tmp_path / "run"
     steps = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "data.batch_size=2", "model.preview_steps=2"]
     grid = ["callbacks.sample_grid.every_n_steps=2", "callbacks.sample_grid.num_images=1", "callbacks.model_checkpoint.every_n_train_steps=2"]
-    train(compose_cfg("train", ["experiment=sd_finetune_tiny", f"model.pretrained={base}", *steps, *grid], out))
+    train(compose_cfg("train", ["experiment=sd_finetune_tiny", f"model.pretrained={base}", f"callbacks.export.single_file={str(on).lower()}", *steps, *grid], out))
+    assert (out / "pipeline" / "model_index.json").is_file() and (out / single_file.SINGLE_FILE).is_file() == on
+    if not on:
+        return
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
     back = StableDiffusionPipeline.from_single_file(str(out / single_file.SINGLE_FILE), config=str(out / "pipeline"), local_files_only=True)
     assert not all(torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), StableDiffusionPipeline.from_pretrained(base).unet.parameters()))
