@@ -5,8 +5,10 @@ wiring for flow matching and vp, exact resume."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from omegaconf import open_dict
 
@@ -147,8 +149,6 @@ def test_grpo_two_step_run_logs_and_exports(train_cfg, process):
         assert key in logged and torch.isfinite(torch.as_tensor(logged[key])), key
     assert float(logged["train/kl"]) > 0  # the policy moved away from the reference after one step
     run = objects["trainer"].default_root_dir
-    from pathlib import Path
-
     assert (Path(run) / "pipeline" / "model_index.json").is_file() and list((Path(run) / "samples").glob("*.png"))
 
 
@@ -202,3 +202,30 @@ def test_grpo_lora_on_a_text_to_image_model_with_prompted_rewards(tmp_path):
     assert buf["cond_batch"]["caption"][0] == buf["cond_batch"]["caption"][1]  # a group shares its prompt
     assert buf["rewards"].shape == (4,) and 0 <= float(buf["rewards"].min()) <= float(buf["rewards"].max()) <= 1
     assert float(objects["trainer"].logged_metrics["train/kl"]) > 0
+
+
+class SaveRewards(pl.Callback):
+    """Each rank writes the rewards of its last sampled groups and a checksum of its weights."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        weights = sum(p.detach().double().sum() for p in pl_module.backbone.parameters())
+        torch.save({"rewards": pl_module.method._buffer["rewards"], "weights": weights}, self.dirpath / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_grpo_under_two_process_ddp(tmp_path):
+    """trainer=ddp_cpu: each rank samples its own groups (different rewards), weights stay identical."""
+    from tests.multiproc import run_cli, tiny
+
+    out = tmp_path / "run"
+    args = tiny("trainer=ddp_cpu", *TOY, "process=flow_matching", "trainer.max_steps=2", f"+reward._target_={__name__}.Brightness",
+                f"+callbacks.save_rewards._target_={__name__}.SaveRewards", f"+callbacks.save_rewards.dirpath={out / 'probe'}", f"hydra.run.dir={out}")  # fmt: skip
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(out / "probe" / f"rank{k}.pt") for k in (0, 1))
+    assert not torch.equal(r0["rewards"], r1["rewards"])
+    assert float(r0["weights"]) == float(r1["weights"])
