@@ -4,9 +4,10 @@ embedding of a new token in each text encoder the family's loader can carry it f
 New placeholder tokens are added to each tokenizer, their rows of the encoder's token embedding are
 initialised from an existing word, and only those rows train: backbone, VAE and the rest of the text
 encoders stay frozen. As in diffusers' ``examples/textual_inversion``, every other row is restored after
-each optimizer step (masking gradients alone would let AdamW's weight decay move them). SD 1.x has one
-encoder; SDXL two (diffusers' ``textual_inversion_sdxl.py`` learns both). The export is
-``export/embeddings.py``.
+each optimizer step (the gradients of the other rows are masked too, but AdamW's weight decay would move them). SD 1.x has one
+encoder; SDXL two (diffusers' ``textual_inversion_sdxl.py`` learns both); SD3 two CLIPs and FLUX.1 one, plus
+their T5 with ``adapter.t5=true`` (else T5 reads the placeholder as plain text, as the pipeline does once the
+CLIP embeddings are loaded). The export is ``export/embeddings.py``.
 """
 
 from __future__ import annotations
@@ -58,19 +59,30 @@ class TokenEmbedding(torch.nn.Module):
         placeholder_token: the new token (``"<thick>"``); the training captions must contain it.
         initializer_token: an existing one-token word whose embedding is the starting point.
         num_vectors: embedding vectors behind the placeholder (``<tok>``, ``<tok>_1``, ...).
+        t5: also learn the token in a T5 encoder (SD3's ``text_encoder_3``, FLUX.1's ``text_encoder_2``); False:
+            only the CLIP encoders learn it.
     """
 
-    def __init__(self, placeholder_token: str, initializer_token: str, num_vectors: int = 1) -> None:
+    def __init__(self, placeholder_token: str, initializer_token: str, num_vectors: int = 1, t5: bool = False) -> None:
         super().__init__()
         if num_vectors < 1:
             raise ConfigError(f"adapter.num_vectors={num_vectors} must be >= 1.")
-        self.placeholder_token, self.initializer_token, self.num_vectors = placeholder_token, initializer_token, num_vectors
+        self.placeholder_token, self.initializer_token, self.num_vectors, self.t5 = placeholder_token, initializer_token, num_vectors, t5
         self.names: list[str] = []
         self.encoders: list[torch.nn.Module] = []  # not children: they belong to the conditioner
 
     def attach(self, slots) -> None:
-        """Add the tokens to each ``(component name, tokenizer, text encoder)`` and make only their rows trainable."""
+        """Add the tokens to each ``(component name, tokenizer, text encoder)`` and make only their rows trainable
+        (a T5 encoder's only with ``t5``)."""
         for name, tokenizer, encoder in slots:
+            if getattr(encoder.config, "model_type", None) == "t5" and not self.t5:
+                if self.num_vectors > 1:
+                    raise ConfigError(
+                        f"adapter.num_vectors={self.num_vectors} with adapter.t5=false: the pipeline expands {self.placeholder_token} into its "
+                        f"vectors only for the tokenizers that learned it, so the T5 encoder ({name}) would read another prompt than in "
+                        f"training; set adapter.num_vectors=1 or adapter.t5=true."
+                    )
+                continue
             if encoder.dtype != torch.float32:
                 raise ConfigError(f"text_encoder.dtype={encoder.dtype} but textual inversion trains its token embedding: use text_encoder.dtype=float32.")
             ids = add_placeholder_tokens(tokenizer, encoder, self.placeholder_token, self.initializer_token, self.num_vectors)
@@ -82,6 +94,9 @@ class TokenEmbedding(torch.nn.Module):
             self.register_buffer(f"ids_{k}", torch.tensor(ids), persistent=False)
             self.register_buffer(f"frozen_{k}", frozen, persistent=False)
             self.register_buffer(f"original_{k}", weight.detach().clone(), persistent=False)
+            # only the placeholder rows get gradients: Adam's moments (and an EMA of the table, which a callback updates
+            # before ``restore`` runs) never see the other caption tokens move
+            weight.register_hook(lambda grad, k=k: grad * (~getattr(self, f"frozen_{k}")).to(grad)[:, None])
             self.names.append(name)
             self.encoders.append(encoder)
 

@@ -105,7 +105,7 @@ class Family:
         if method == "edit" and not self.edits:
             return "a text-to-image family: edit pairs (a source image per example) train an edit family (latent_flux_kontext, latent_qwen_image_edit)"
         if method == "textual_inversion":
-            return "textual inversion here trains CLIP token embeddings and exports what SD / SDXL pipelines' load_textual_inversion reads (TextualInversionLoaderMixin); this pipeline has no such loader"
+            return f"textual inversion is wired for the CLIP token tables of SD 1.x, SDXL, SD3 and FLUX.1 (and their loaders), not for {self.pipeline_class}"
         return None
 
     def control_input(self, module, images: torch.Tensor) -> torch.Tensor:

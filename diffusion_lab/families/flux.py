@@ -54,6 +54,7 @@ class Flux(StableDiffusion3):
     encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
     cfg = False  # FluxPipeline samples without classifier-free guidance; guidance_scale is embedded
+    refuses = {"textual_inversion": None}  # its CLIP learns the token (and T5 with adapter.t5): FluxPipeline.load_textual_inversion
     packing = 2
 
     def __init__(self, guidance: float = 3.5, sample_guidance: float = 3.5) -> None:

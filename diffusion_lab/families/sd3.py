@@ -19,6 +19,9 @@ class StableDiffusion3(Family):
     encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizer_names = ("tokenizer", "tokenizer_2", "tokenizer_3")
     text_keys = ("encoder_hidden_states", "pooled_projections")
+    # adapter=textual_inversion: both CLIPs learn the token (and T5 with adapter.t5); StableDiffusion3Pipeline has no
+    # load_textual_inversion: export/embeddings.load_embeddings runs diffusers' loader on each encoder
+    refuses = {"textual_inversion": None}
     # 2x2 latent patches packed into the channels (FLUX); 1 = the latents as they are
     packing = 1
 
