@@ -196,3 +196,33 @@ def test_init_from_refuses_another_family_a_non_lora_and_another_rank(sd_lora_ru
             _module(tmp_path, folder, f"adapter.init_from={wrong}")
     with pytest.raises(ConfigError, match=r"has rank 4 at .* but adapter.rank=8; set adapter.rank=4"):
         _module(tmp_path, folder, f"adapter.init_from={lora_dir / LORA_FILE}", "adapter.rank=8")
+
+
+# ---- LoKr in LyCORIS keys, where diffusers reads them back (FLUX.2 [klein], Z-Image) ---------------------
+@pytest.mark.parametrize("rank", [2, 4])  # 2: peft stores the second factor as w2_a @ w2_b (alpha / r applies); 4: full factors
+@pytest.mark.parametrize("kind", ["flux2", "z_image"])
+def test_lokr_lycoris_file_loads_in_diffusers_like_the_trained_lokr(kind, rank, tmp_path):
+    import importlib
+
+    from safetensors.torch import load_file
+
+    from diffusion_lab.export.kohya import save_lycoris
+
+    build = importlib.import_module(f"diffusion_lab.testing.{kind}").tiny_pipeline
+    targets = ("to_q", "to_k", "to_v", "to_out.0")
+    trained = build()
+    add_lora(trained.transformer, lora_config(rank=rank, alpha=8, variant="lokr", target_modules=targets))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # every factor non-zero (peft starts one at zero)
+        for name, p in trained.transformer.named_parameters():
+            if "lokr_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    assert save_lycoris(_family(kind).pipeline_class, str(tmp_path), trained.transformer) is not None
+    keys = load_file(tmp_path / KOHYA_FILE)
+    assert any(k.endswith(".lokr_w2_a" if rank == 2 else ".lokr_w2") for k in keys) and not any(k.endswith(".alpha") for k in keys)
+    loaded = build()
+    loaded.load_lora_weights(tmp_path, weight_name=KOHYA_FILE)
+    run = _family_images(kind)
+    base, want, got = run(build()), run(trained), run(loaded)
+    assert np.abs(want - base).max() > 1e-3
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)

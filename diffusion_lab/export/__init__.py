@@ -23,7 +23,7 @@ def export(module, out_dir: str, lora_format: str = "both") -> None:
     if is_textual_inversion(module):
         return save_textual_inversion(module, out_dir)
     if is_adapter_variant(module):
-        return export_adapter_variant(module, out_dir)
+        return export_adapter_variant(module, out_dir, lora_format)
     return export_pipeline(module, out_dir, lora_format)
 
 

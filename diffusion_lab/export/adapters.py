@@ -5,6 +5,10 @@
 | LoKr | ``pytorch_lora_weights.safetensors`` (peft keys ``...to_q.lokr_w1``, config in the header) | ``pipe.unet.load_lora_adapter(dir, prefix=None, weight_name="pytorch_lora_weights.safetensors")`` (``pipe.transformer`` for transformer families) |
 | LoKr, LoHa | ``unet/`` or ``transformer/`` (+ ``text_encoder/``): ``adapter_config.json`` + ``adapter_model.safetensors`` | ``PeftModel.from_pretrained(pipe.unet, dir / "unet")`` (``.merge_and_unload()``) |
 | LoKr, LoHa | ``fused/`` (``adapter.export_fused``) | ``DiffusionPipeline.from_pretrained(dir / "fused")`` |
+| LoKr (FLUX.2 [klein], Z-Image) | ``lora_kohya.safetensors``: LyCORIS keys (``lycoris_transformer_blocks_0_attn_to_q.lokr_w1``; Z-Image: ``diffusion_model.layers.0.attention.to_q.lokr_w1``) | ``pipe.load_lora_weights(dir, weight_name="lora_kohya.safetensors")`` (``export/kohya.py``) |
+
+``callbacks.export.lora_format``: ``diffusers`` = the peft files above, ``kohya`` = the LyCORIS file only (LoKr on
+FLUX.2 [klein] / Z-Image; refused before training elsewhere), ``both`` = each where it can be written.
 
 ``pipe.load_lora_weights`` refuses both (diffusers 0.42 reads LoRA/DoRA keys only); the UNet-level
 ``load_lora_adapter`` reads LoKr. LoRA and DoRA go through ``pipelines.save_lora``.
@@ -41,8 +45,15 @@ def save_peft_folder(model: torch.nn.Module, out_dir: str | Path) -> None:
     save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def save_adapter_variant(module, out_dir: str | Path) -> None:
-    """A LoKr/LoHa run's adapter into ``out_dir`` (table above; ``fused/`` is the caller's)."""
+def save_adapter_variant(module, out_dir: str | Path, lora_format: str = "both") -> None:
+    """A LoKr/LoHa run's adapter into ``out_dir`` in ``lora_format`` (table above; ``fused/`` is the caller's)."""
+    from diffusion_lab.export.kohya import save_lycoris
+
+    lycoris = None
+    if lora_format != "diffusers" and adapter_variant(module.base_backbone) == "lokr":
+        lycoris = save_lycoris(module.family.pipeline_class, str(out_dir), module.base_backbone)
+    if lora_format == "kohya" and lycoris is not None:
+        return
     parts = peft_parts(module)
     for name, model in parts.items():
         save_peft_folder(model, Path(out_dir) / name)
@@ -71,12 +82,12 @@ def is_adapter_variant(module) -> bool:
     return unet is not None and adapter_variant(unet) in ("lokr", "loha")
 
 
-def export_adapter_variant(module, out_dir: str | Path) -> None:
+def export_adapter_variant(module, out_dir: str | Path, lora_format: str = "both") -> None:
     """``out_dir`` (atomically): ``save_adapter_variant`` and, with ``adapter.export_fused``, ``fused/``."""
     from diffusion_lab.export.pipelines import build_pipeline
     from diffusion_lab.utils.io import atomic_dir
 
     with atomic_dir(out_dir) as tmp:
-        save_adapter_variant(module, tmp)
+        save_adapter_variant(module, tmp, lora_format)
         if module.hparams.get("export_fused"):
             build_pipeline(module, fused=True).save_pretrained(Path(tmp) / "fused", safe_serialization=True)

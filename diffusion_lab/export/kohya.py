@@ -234,6 +234,57 @@ LORA_FORMATS: tuple[str, ...] = ("diffusers", "kohya", "both")
 FORMAT_KEY = "callbacks.export.lora_format"
 
 
+# ---- LoKr in LyCORIS keys (``.lokr_w1`` / ``.lokr_w2`` or their ``_a`` / ``_b`` factors) --------------------
+_LOKR_FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+# module path -> LyCORIS key prefix, for the pipelines whose loader reads LyCORIS LoKr keys back
+LOKR_NAMES: dict[str, Callable[[str], str]] = {
+    "Flux2KleinPipeline": lambda path: "lycoris_" + path.replace(".", "_"),  # LyCORIS on the diffusers model
+    "ZImagePipeline": lambda path: "diffusion_model." + path,  # ai-toolkit: the diffusers paths
+}
+
+
+def lokr_state(pipeline_class: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s LoKr (adapter ``default``) as LyCORIS keys ``<name>.lokr_w1`` ... with peft's scale
+    alpha / r baked into the first factor and no ``.alpha`` key (LyCORIS then applies none), read back through
+    ``<pipeline_class>.lora_state_dict`` when written. ValueError: no LyCORIS reader for the pipeline, a
+    Tucker (conv) factor, or a name the reader does not map back."""
+    import diffusers
+    from peft.tuners.lokr.layer import LoKrLayer
+
+    if pipeline_class not in LOKR_NAMES:
+        raise ValueError(f"{pipeline_class} has no LyCORIS LoKr reader in diffusers to check a file against (LyCORIS files: {', '.join(LOKR_NAMES)})")
+    name, out, paths = LOKR_NAMES[pipeline_class], {}, []
+    for path, m in model.named_modules():
+        if not isinstance(m, LoKrLayer) or "default" not in m.lokr_w2 and "default" not in m.lokr_w2_a:
+            continue
+        if "default" in m.lokr_t2:
+            raise ValueError(f"{path}: a Tucker-decomposed (conv) LoKr factor has no checked LyCORIS layout here")
+        factors = {f: getattr(m, f)["default"].detach().float().cpu() for f in _LOKR_FACTORS if "default" in getattr(m, f)}
+        first = "lokr_w1" if "lokr_w1" in factors else "lokr_w1_a"
+        factors[first] = factors[first] * float(m.scaling["default"])
+        out.update({f"{name(path)}.{f}": w.contiguous() for f, w in factors.items()})
+        paths.append(path)
+    read = getattr(diffusers, pipeline_class).lora_state_dict(dict(out))
+    lost = [p for p in paths if not any(k.startswith(f"transformer.{p}.lokr_") for k in read)]
+    if lost:
+        raise ValueError(f"no LyCORIS name {pipeline_class} reads back for the LoKr of {', '.join(lost[:3])} (adapter.target_modules)")
+    return out
+
+
+def save_lycoris(pipeline_class: str, out_dir: str, model: torch.nn.Module) -> Path | None:
+    """``<out_dir>/lora_kohya.safetensors`` of a LoKr run (LyCORIS keys); None with a warning where none can be written."""
+    from safetensors.torch import save_file
+
+    try:
+        state = lokr_state(pipeline_class, model)
+    except ValueError as e:
+        log.warning("no %s: %s", KOHYA_FILE, e)
+        return None
+    path = Path(out_dir) / KOHYA_FILE
+    save_file(state, str(path), metadata={"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "lokr"}'})
+    return path
+
+
 def kohya_state(pipeline_class: str, backbone: torch.nn.Module, encoders: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
     """The kohya state dict of a ``pipeline_class`` run's LoRA; ValueError when the family has no kohya
     layout here, for DoRA, or for a target without a kohya name."""
@@ -288,13 +339,16 @@ def check_lora_format(lora_format: str, module) -> None:
     if lora_format != "kohya" or backbone is None or not has_lora(backbone) or not hasattr(module, "family"):
         return
     family, variant = module.family, adapter_variant(backbone)
-    if variant in ("lokr", "loha"):
+    if variant == "loha" or variant == "lokr" and family.pipeline_class not in LOKR_NAMES:
         raise ConfigError(
-            f"{FORMAT_KEY}=kohya with adapter={variant}: no LyCORIS file is written here (no reader in diffusers or peft "
-            f"checks one); use {FORMAT_KEY}=diffusers (peft folders + fused/)."
+            f"{FORMAT_KEY}=kohya with adapter={variant} and model={family.name}: no LyCORIS file is written here (no reader "
+            f"in diffusers or peft checks one; LoKr: {', '.join(LOKR_NAMES)} only); use {FORMAT_KEY}=diffusers (peft folders + fused/)."
         )
     try:
-        kohya_state(family.pipeline_class, backbone, lora_encoders(module))
+        if variant == "lokr":
+            lokr_state(family.pipeline_class, backbone)
+        else:
+            kohya_state(family.pipeline_class, backbone, lora_encoders(module))
     except ValueError as e:
         raise ConfigError(
             f"{FORMAT_KEY}=kohya cannot be written for model={family.name} ({e}). Use {FORMAT_KEY}=diffusers (or both, "
