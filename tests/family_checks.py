@@ -6,6 +6,20 @@ import numpy as np
 import torch
 
 
+def tiny_folders(root):
+    """``get(kind)`` -> the tiny pipeline folder of ``kind`` under ``root`` (``tiny_sd --kind``), built on first use."""
+    from diffusion_lab.components import tiny
+
+    built = {}
+
+    def get(kind: str) -> str:
+        if kind not in built:
+            built[kind] = str(tiny.build(root / kind, kind=kind))
+        return built[kind]
+
+    return get
+
+
 def assert_exported_like_the_module(pipe, base, generate, own: np.ndarray, frozen=("text_encoder", "vae"), atol: float = 1e-5) -> None:
     """The exported pipeline's backbone trained, its frozen parts are the base's, and it samples what the
     module's own sampler does (``own``) and not what the base does."""

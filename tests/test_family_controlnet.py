@@ -13,13 +13,12 @@ import torch
 from hydra.utils import instantiate
 
 from diffusion_lab.callbacks.ema import ema_weights
-from diffusion_lab.components import tiny
 from diffusion_lab.components.controlnet import Z_IMAGE_SHARED, controlnet_from_backbone
 from diffusion_lab.export.controlnet import save_controlnet
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError
 from tests.conftest import compose_cfg
-from tests.family_checks import assert_controlnet_samples_like_the_module
+from tests.family_checks import assert_controlnet_samples_like_the_module, tiny_folders
 
 KINDS = ["qwen_image", "sana", "z_image"]
 CONTROLNET = ["controlnet=from_backbone", "++data.control=edges"]
@@ -27,14 +26,7 @@ CONTROLNET = ["controlnet=from_backbone", "++data.control=edges"]
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root, built = tmp_path_factory.mktemp("tiny"), {}
-
-    def get(kind: str) -> str:
-        if kind not in built:
-            built[kind] = str(tiny.build(root / kind, kind=kind))
-        return built[kind]
-
-    return get
+    return tiny_folders(tmp_path_factory.mktemp("tiny"))
 
 
 def _load(run_dir, folder, family):

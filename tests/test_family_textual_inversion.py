@@ -13,11 +13,11 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from diffusion_lab.callbacks.ema import ema_weights
-from diffusion_lab.components import tiny
 from diffusion_lab.export.embeddings import load_embeddings, save_textual_inversion
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError
 from tests.conftest import compose_cfg
+from tests.family_checks import tiny_folders
 
 TOKEN = "<thick>"
 PROMPT = f"a handwritten digit seven {TOKEN}"
@@ -36,14 +36,7 @@ IDS = [f"{k}-t5" if t5 else k for k, t5 in CASES]
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root, built = tmp_path_factory.mktemp("tiny"), {}
-
-    def get(kind: str) -> str:
-        if kind not in built:
-            built[kind] = str(tiny.build(root / kind, kind=kind))
-        return built[kind]
-
-    return get
+    return tiny_folders(tmp_path_factory.mktemp("tiny"))
 
 
 def overrides(kind: str, folder: str, t5: bool) -> list[str]:
