@@ -66,11 +66,13 @@ def test_unknown_lora_format_is_refused(tmp_path):
         _train(tmp_path, "experiment=sd_finetune_tiny", "adapter=lora", f"model.pretrained={folder}", "callbacks.export.lora_format=safetensors")
 
 
-def test_trained_run_with_kohya_format_exports_the_kohya_file_only(tmp_path):
-    folder = tiny.build(tmp_path / "tiny", kind="sd")
-    _train(tmp_path, "experiment=sd_finetune_tiny", "adapter=lora", f"model.pretrained={folder}", "callbacks.export.lora_format=kohya")
+@pytest.mark.parametrize(("kind", "adapter"), [("sd", "lora"), ("z_image", "lokr")])
+def test_trained_run_with_kohya_format_exports_the_kohya_file_only(kind, adapter, tmp_path):
+    """Through the real configs and the export callback: 4 steps, then the kohya (LoRA) or LyCORIS (LoKr) file alone."""
+    folder = tiny.build(tmp_path / "tiny", kind=kind)
+    _train(tmp_path, f"experiment={kind}_finetune_tiny", f"adapter={adapter}", f"model.pretrained={folder}", "callbacks.export.lora_format=kohya")
     (lora_dir,) = {p.parent for p in (tmp_path / "run").rglob(KOHYA_FILE)}
-    assert not (lora_dir / LORA_FILE).exists()
+    assert {p.name for p in lora_dir.iterdir()} - {"fused"} == {KOHYA_FILE}  # fused/: adapter.export_fused (LoKr's default)
 
 
 # ---- kohya files of the families beyond SD / SDXL / FLUX.1, read back by diffusers' own readers -------

@@ -21,9 +21,12 @@ A1111, Forge and ComfyUI read LoRA files whose keys name the *original* (non-dif
   their readers split back at the underscores they know; each name is read back when written.
 - No kohya file: SD3 / SD3.5 and Sana (diffusers 0.42 has no non-diffusers reader for them to check one).
 
+LoKr (``lokr_state``): LyCORIS keys for FLUX.2 [klein] and Z-Image, whose loaders read them back.
+
 ``save_lora_files`` writes a run's files in ``callbacks.export.lora_format`` (``diffusers|kohya|both``);
 ``check_lora_format`` refuses, before training, a kohya-only export that cannot be written. Not for
-DoRA (no reader here checks a kohya ``dora_scale`` against peft's magnitude vector) or LoKr / LoHa.
+DoRA (diffusers 0.42's pipelines drop a kohya ``dora_scale`` on load, so nothing here can check one),
+LoHa (no ``hada_*`` reader in diffusers), or LoKr on the other families (no LyCORIS reader for them).
 """
 
 from __future__ import annotations
