@@ -228,3 +228,25 @@ def test_lokr_lycoris_file_loads_in_diffusers_like_the_trained_lokr(kind, rank, 
     base, want, got = run(build()), run(trained), run(loaded)
     assert np.abs(want - base).max() > 1e-3
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+def test_init_from_a_dora_file_keeps_its_magnitudes_and_refuses_a_lora_run(tmp_path):
+    """A DoRA file (diffusers' layout, magnitude vectors included) continued by adapter=dora gives its images;
+    adapter=lora on it is refused (the magnitudes would be lost)."""
+    from diffusion_lab.export.pipelines import build_pipeline
+
+    folder = tiny.build(tmp_path / "tiny", kind="sd")
+    trained = tiny.tiny_sd_pipeline()
+    add_lora(trained.unet, lora_config(rank=4, alpha=8, init=False, variant="dora"))
+    with torch.no_grad():
+        for name, p in trained.unet.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.5)  # magnitudes away from the base weight's norms
+    save_lora_files(StableDiffusion(), str(tmp_path / "dora"), trained.unet, {}, "diffusers")
+    file = tmp_path / "dora" / LORA_FILE
+    module = _module(tmp_path, folder, "adapter=dora", "adapter.train_text_encoder=false", f"adapter.init_from={file}")
+    want = images(trained)
+    assert np.abs(want - images(tiny.tiny_sd_pipeline())).max() > 1e-3
+    np.testing.assert_allclose(images(build_pipeline(module)), want, atol=ATOL, rtol=0)
+    with pytest.raises(ConfigError, match=r"is a DoRA file but the run trains adapter=lora; use adapter=dora"):
+        _module(tmp_path, folder, "adapter.train_text_encoder=false", f"adapter.init_from={file}")

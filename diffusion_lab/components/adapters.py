@@ -189,8 +189,17 @@ def init_lora_from(path: str, pipe, parts: dict[str, torch.nn.Module]) -> int:
                 if a.shape != m.lora_A["default"].weight.shape:
                     bad_rank.append((f"{part}.{name}", a.shape[0], m.lora_A["default"].weight.shape[0]))
                     continue
+                dora = {k: bool(m.use_dora.get(k)) for k in (INIT_ADAPTER, "default")}
+                if dora[INIT_ADAPTER] != dora["default"]:
+                    kinds = {True: "DoRA", False: "LoRA"}
+                    raise ConfigError(
+                        f"{where} is a {kinds[dora[INIT_ADAPTER]]} file but the run trains adapter={kinds[dora['default']].lower()}; "
+                        f"use adapter={kinds[dora[INIT_ADAPTER]].lower()} to continue from it."
+                    )
                 m.lora_A["default"].weight.copy_(a)
                 m.lora_B["default"].weight.copy_(b * (m.scaling[INIT_ADAPTER] / m.scaling["default"]))
+                if dora["default"]:  # DoRA: the magnitude of each output row too
+                    m.lora_magnitude_vector["default"].weight.copy_(m.lora_magnitude_vector[INIT_ADAPTER].weight)
                 moved += 1
             _delete_adapter(model, INIT_ADAPTER)
     if bad_rank:
