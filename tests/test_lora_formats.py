@@ -250,3 +250,37 @@ def test_init_from_a_dora_file_keeps_its_magnitudes_and_refuses_a_lora_run(tmp_p
     np.testing.assert_allclose(images(build_pipeline(module)), want, atol=ATOL, rtol=0)
     with pytest.raises(ConfigError, match=r"is a DoRA file but the run trains adapter=lora; use adapter=dora"):
         _module(tmp_path, folder, "adapter.train_text_encoder=false", f"adapter.init_from={file}")
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "flux", "qwen_image", "flux2"])
+def test_init_lora_from_a_kohya_file_of_each_family(kind, tmp_path):
+    """``init_lora_from`` through the family's own pipeline loader: a fresh LoRA (B = 0) set from another
+    LoRA's kohya file gives that LoRA's images (SDXL's SGM names, FLUX's fused qkv split back, ...)."""
+    import importlib
+
+    from peft import LoraConfig
+
+    from diffusion_lab.components.adapters import init_lora_from
+    from diffusion_lab.families.flux import Flux
+    from diffusion_lab.families.sdxl import StableDiffusionXL
+    from tests.test_kohya import FLUX_TARGETS
+
+    if kind in ("sdxl", "flux"):
+        build = {"sdxl": tiny.tiny_sdxl_pipeline, "flux": tiny.tiny_flux_pipeline}[kind]
+        family = {"sdxl": StableDiffusionXL, "flux": Flux}[kind]()
+        run = (lambda pipe: images(pipe)) if kind == "sdxl" else _family_images("chroma")  # chroma's call = FLUX.1's
+    else:
+        build, family, run = importlib.import_module(f"diffusion_lab.testing.{kind}").tiny_pipeline, _family(kind), _family_images(kind)
+    name = family.backbone_name
+    targets = {"flux": FLUX_TARGETS, "qwen_image": TARGETS["qwen_image"], "flux2": TARGETS["flux2"]}.get(kind, ["to_q", "to_k", "to_v", "to_out.0"])
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    trained = build()
+    add_lora(getattr(trained, name), LoraConfig(r=4, lora_alpha=2, init_lora_weights=False, target_modules=targets))  # another alpha than the run's
+    save_lora_files(family, str(tmp_path), getattr(trained, name), {}, "kohya")
+    fresh = build()
+    add_lora(getattr(fresh, name), config)
+    before = run(fresh)
+    assert init_lora_from(str(tmp_path / KOHYA_FILE), fresh, {name: getattr(fresh, name)}) > 0
+    want = run(trained)
+    assert np.abs(want - before).max() > 1e-3
+    np.testing.assert_allclose(run(fresh), want, atol=ATOL, rtol=0)
