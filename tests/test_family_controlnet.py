@@ -61,6 +61,11 @@ def test_an_untrained_controlnet_exports_and_samples_like_the_module(kind, folde
         assert keys and not any(k.split(".")[0] in Z_IMAGE_SHARED for k in keys)
     pipe, base = _load(tmp_path / "controlnet", folder, module.family)
     assert_controlnet_samples_like_the_module(kind, module, pipe, base)
+    # controlnet.pretrained=<run>/controlnet goes on training it: the same weights (Z-Image's again on the backbone's parts)
+    again = controlnet_from_backbone(module.base_backbone, module.codec.downsample_factor, pretrained=str(tmp_path / "controlnet"))
+    assert type(again) is type(module.controlnet) and again.state_dict().keys() == module.controlnet.state_dict().keys()
+    for name, p in again.state_dict().items():
+        torch.testing.assert_close(p, module.controlnet.state_dict()[name], rtol=0, atol=0)
 
 
 def test_sana_transformers_its_controlnet_cannot_mirror_are_config_errors():
