@@ -66,7 +66,7 @@ def test_unknown_lora_format_is_refused(tmp_path):
         _train(tmp_path, "experiment=sd_finetune_tiny", "adapter=lora", f"model.pretrained={folder}", "callbacks.export.lora_format=safetensors")
 
 
-@pytest.mark.parametrize(("kind", "adapter"), [("sd", "lora"), ("z_image", "lokr")])
+@pytest.mark.parametrize(("kind", "adapter"), [("sd", "lora"), ("qwen_image", "lora"), ("z_image", "lokr")])
 def test_trained_run_with_kohya_format_exports_the_kohya_file_only(kind, adapter, tmp_path):
     """Through the real configs and the export callback: 4 steps, then the kohya (LoRA) or LyCORIS (LoKr) file alone."""
     folder = tiny.build(tmp_path / "tiny", kind=kind)
