@@ -164,8 +164,9 @@ def test_grpo_without_reward_or_on_edm_is_a_config_error(train_cfg):
 
 
 def test_grpo_resume_is_exact(train_cfg, tmp_path):
-    """4 steps straight == 2 steps, stop, resume to 4 (trajectories reused across 2 updates sit in the checkpoint)."""
-    common = [*TOY, "process=flow_matching", "method.updates_per_sample=2", "method.timesteps_per_step=2",
+    """3 steps straight == 1 step, stop, resume to 3: the trajectories reused across 2 updates and the
+    KL's reference (the starting weights, not the resumed ones) sit in the checkpoint."""
+    common = [*TOY, "process=flow_matching", "method.updates_per_sample=2", "method.timesteps_per_step=2", "method.kl_weight=1.0", "model.optimizer.lr=1e-3", "model.lr_scheduler=null",
               "callbacks.model_checkpoint.every_n_train_steps=1", "trainer.val_check_interval=100", "trainer.limit_val_batches=0"]  # fmt: skip
     _, straight = train(_with_reward(train_cfg(*common, "trainer.max_steps=3")))
     first = _with_reward(train_cfg(*common, "trainer.max_steps=1"))
