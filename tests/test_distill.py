@@ -134,7 +134,7 @@ class ExactDenoiser(torch.nn.Module):
         return SimpleNamespace(sample=exact + extra)
 
 
-def _toy_module(kind: str) -> DiffusionModule:
+def _toy_module(kind: str, lcm_grid: int = 10) -> DiffusionModule:
     points = torch.tensor([[0.8, 0.8, -0.8, -0.8], [-0.8, 0.8, 0.8, -0.8], [0.0, -0.8, 0.0, 0.8]]).view(3, 1, 2, 2)
     if kind == "flow_matching":
         process, alphas = FlowMatchingProcess(FlowMatchEulerDiscreteScheduler(), density="uniform"), None
@@ -142,10 +142,18 @@ def _toy_module(kind: str) -> DiffusionModule:
         process = VPProcess(DDPMScheduler(beta_schedule="squaredcos_cap_v2"), prediction_type="epsilon")
         alphas = process.scheduler.alphas_cumprod
     method = Distill(num_solver_steps=10, loss="l2", target_decay=0.9, num_inference_steps=2)  # a coarse grid distills fast
+    sampler = load_sampler("lcm")
+    sampler.options["vp"] = {"original_inference_steps": lcm_grid}  # LCMScheduler samples on the grid distilled on
     return DiffusionModule(
-        ExactDenoiser(points, kind, alphas), process, load_sampler("lcm"), partial(torch.optim.Adam, lr=3e-3),
+        ExactDenoiser(points, kind, alphas), process, sampler, partial(torch.optim.Adam, lr=3e-3),
         codec=IdentityCodec(1), resolution=2, val_buckets=0, method=method,
     )
+
+
+def test_vp_student_and_lcm_scheduler_must_share_the_grid():
+    module = _toy_module("vp", lcm_grid=50)  # distilled on 10 points, sampled on LCMScheduler's 50
+    with pytest.raises(ConfigError, match="original_inference_steps=10"):
+        module.method.setup(module)
 
 
 def _nearest_distance(samples: torch.Tensor, points: torch.Tensor) -> tuple[float, torch.Tensor]:

@@ -83,6 +83,12 @@ class Distill(Method):
                 f"method=distill with sampler={module.sampler.name}: the student is a consistency model and samples in "
                 f"{self.num_inference_steps} steps with sampler=lcm (the export carries it); set sampler=lcm."
             )
+        lcm_grid = module.sampling_scheduler().config.get("original_inference_steps")
+        if kind == "vp" and lcm_grid != self.num_solver_steps:
+            raise ConfigError(
+                f"method.num_solver_steps={self.num_solver_steps} but LCMScheduler samples on a {lcm_grid}-point grid: "
+                f"set sampler.options.vp.original_inference_steps={self.num_solver_steps} (or method.num_solver_steps={lcm_grid})."
+            )
         self.grid = C.solver_grid(module.process, self.num_solver_steps)
         self.teacher = frozen_reference(module)
         if self.target_decay > 0 and not has_adapter(module.base_backbone):
