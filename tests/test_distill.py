@@ -212,9 +212,17 @@ def test_distill_run_exports_a_two_step_pipeline(teacher_pipeline, tmp_path, cap
     assert isinstance(module.method, Distill) and module.method.target is not None
     run = Path(cfg.paths.output_dir)
     assert json.loads((run / "pipeline" / "diffusion_lab.json").read_text()) == {"num_inference_steps": 2}
-    # the checkpoint holds the target network (an exact resume continues its EMA)
+    # the checkpoint holds the target network and the teacher; a resume continues from both, and the
+    # teacher stays the starting model (not a copy of the restored student)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert set(ckpt["diffusion_lab_method"]["target"]) == set(module.base_backbone.state_dict())
+    resumed_cfg = compose_cfg("train", [*overrides, "trainer.max_steps=3", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"], tmp_path / "resumed")
+    _, resumed = train(resumed_cfg)
+    start = UNet2DModel.from_pretrained(teacher_pipeline / "unet").state_dict()
+    teacher = resumed["model"].method.teacher.copy.state_dict()
+    assert all(torch.equal(teacher[k].cpu(), v) for k, v in start.items())
+    student = resumed["model"].base_backbone.state_dict()
+    assert not all(torch.equal(student[k].cpu(), v) for k, v in start.items())  # the student has moved
     # plain diffusers (diffusion_lab unimportable) loads it with the few-step scheduler and samples it
     code = (
         "import sys; sys.modules['diffusion_lab'] = None\n"

@@ -72,6 +72,7 @@ class Distill(Method):
         self.teacher: frozen_reference | None = None
         self.target: frozen_reference | None = None
         self._saved_target: dict | None = None
+        self._saved_teacher: dict | None = None
         self._updated_at = 0
 
     def setup(self, module: "DiffusionModule") -> None:
@@ -91,6 +92,8 @@ class Distill(Method):
             )
         self.grid = C.solver_grid(module.process, self.num_solver_steps)
         self.teacher = frozen_reference(module)
+        if self.teacher.copy is not None and self._saved_teacher is not None:  # resumed: the starting model, not the restored student
+            self.teacher.copy.load_state_dict(self._saved_teacher)
         if self.target_decay > 0 and not has_adapter(module.base_backbone):
             self.target = frozen_reference(module)  # a copy of the student, moved towards it by EMA
             if self._saved_target is not None:
@@ -149,13 +152,13 @@ class Distill(Method):
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"updated_at": self._updated_at}
-        if self.target is not None:
-            state["target"] = {k: v.detach().cpu() for k, v in self.target.copy.state_dict().items()}
+        # a full fine-tune's teacher is a copy taken at the start: a resume must not copy the student instead
+        for key, ref in (("target", self.target), ("teacher", self.teacher)):
+            if ref is not None and ref.copy is not None:
+                state[key] = {k: v.detach().cpu() for k, v in ref.copy.state_dict().items()}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # called before ``setup`` on resume (Lightning restores the checkpoint before on_fit_start)
         self._updated_at = state.get("updated_at", 0)
-        self._saved_target = state.get("target")
-        if self.target is not None and self._saved_target is not None:
-            self.target.copy.load_state_dict(self._saved_target)
+        self._saved_target, self._saved_teacher = state.get("target"), state.get("teacher")
