@@ -364,7 +364,10 @@ def check_controlnet(family: Family, backbone_lora, text_lora, conditioner) -> N
     """ConfigError before training: a family without a ControlNet, or an adapter / trained text encoder beside it."""
     reason = family.supports("controlnet")
     if reason:
-        raise ConfigError(f"controlnet=from_backbone cannot be used with model={family.name}: {reason}. Use controlnet=none, or a family with one (latent_sd, latent_sdxl, latent_sd3, latent_flux).")
+        from diffusion_lab.families.matrix import families, support
+
+        able = ", ".join(option for option, cls in families().items() if support(cls, "controlnet") is None)
+        raise ConfigError(f"controlnet=from_backbone cannot be used with model={family.name}: {reason}. Use controlnet=none, or a family with one ({able}).")
     if backbone_lora is not None or text_lora is not None:
         raise ConfigError("controlnet=from_backbone trains only the ControlNet (backbone and text encoder stay frozen, as in diffusers' train_controlnet.py); use adapter=none.")
     if not conditioner.frozen:
