@@ -4,9 +4,13 @@
 composes with every model the project trains (pixel or latent, any process, full or LoRA, one or
 many devices) without a subclass per model:
 
-    on_fit_start      -> method.setup(module)           # reference model, data checks (ConfigError)
+    setup("fit")      -> method.setup(module)           # reference model, data checks (ConfigError)
     training_step     -> method.training_step(module, batch, batch_idx) -> loss
     on_save_checkpoint / on_load_checkpoint -> method.state_dict() / load_state_dict()
+
+``setup`` runs before Lightning restores a checkpoint and before the module is moved to its
+device: the module holds the starting weights there, on a resume too, and ``load_state_dict``
+(a resume) comes after it. Move what a method holds to ``module.device`` when it is used.
 
 A method reaches the model only through the module's public pieces: ``module.encode`` /
 ``conditioning`` / ``process`` / ``denoise`` / ``generate`` / ``log``. The frozen *reference*
@@ -33,8 +37,8 @@ class Method:
     name: str = "method"
 
     def setup(self, module: "DiffusionModule") -> None:
-        """Before the first step (``on_fit_start``): build what the method needs, refuse what it cannot
-        train with a ``ConfigError`` naming the key."""
+        """Before the first step (the module's ``setup("fit")``, before a checkpoint is restored): build
+        what the method needs, refuse what it cannot train with a ``ConfigError`` naming the key."""
 
     def training_step(self, module: "DiffusionModule", batch: dict, batch_idx: int) -> torch.Tensor:
         raise NotImplementedError
@@ -70,7 +74,7 @@ class frozen_reference:  # noqa: N801 - used as ``with reference(): ...``
     - full fine-tune: a frozen deep copy of the backbone taken when this is built, swapped in
       inside the block.
 
-    Build it in ``Method.setup`` (the module's weights are the starting ones then)."""
+    Build it in ``Method.setup`` (the module's weights are the starting ones then, on a resume too)."""
 
     def __init__(self, module: "DiffusionModule") -> None:
         self.module = module

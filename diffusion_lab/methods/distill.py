@@ -71,8 +71,6 @@ class Distill(Method):
         self.num_inference_steps = num_inference_steps
         self.teacher: frozen_reference | None = None
         self.target: frozen_reference | None = None
-        self._saved_target: dict | None = None
-        self._saved_teacher: dict | None = None
         self._updated_at = 0
 
     def setup(self, module: "DiffusionModule") -> None:
@@ -91,13 +89,9 @@ class Distill(Method):
                 f"set sampler.options.vp.original_inference_steps={self.num_solver_steps} (or method.num_solver_steps={lcm_grid})."
             )
         self.grid = C.solver_grid(module.process, self.num_solver_steps)
-        self.teacher = frozen_reference(module)
-        if self.teacher.copy is not None and self._saved_teacher is not None:  # resumed: the starting model, not the restored student
-            self.teacher.copy.load_state_dict(self._saved_teacher)
+        self.teacher = frozen_reference(module)  # before a checkpoint is restored: the starting model
         if self.target_decay > 0 and not has_adapter(module.base_backbone):
-            self.target = frozen_reference(module)  # a copy of the student, moved towards it by EMA
-            if self._saved_target is not None:
-                self.target.copy.load_state_dict(self._saved_target)
+            self.target = frozen_reference(module)  # a copy of the student, moved towards it by EMA (resumed by load_state_dict)
 
     def _update_target(self, module: "DiffusionModule") -> None:
         """EMA of the student's weights after each optimizer step: target <- decay target + (1 - decay) student."""
@@ -151,14 +145,14 @@ class Distill(Method):
         return module.guide(out_c, out_u, w) if module.guide is not None else out_u + w * (out_c - out_u)
 
     def state_dict(self) -> dict[str, Any]:
+        """The EMA target's weights (trained state; the teacher is rebuilt by ``setup``)."""
         state: dict[str, Any] = {"updated_at": self._updated_at}
-        # a full fine-tune's teacher is a copy taken at the start: a resume must not copy the student instead
-        for key, ref in (("target", self.target), ("teacher", self.teacher)):
-            if ref is not None and ref.copy is not None:
-                state[key] = {k: v.detach().cpu() for k, v in ref.copy.state_dict().items()}
+        if self.target is not None and self.target.copy is not None:
+            state["target"] = {k: v.detach().cpu() for k, v in self.target.copy.state_dict().items()}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # called before ``setup`` on resume (Lightning restores the checkpoint before on_fit_start)
+        # a resume: after ``setup`` (which built the target from the starting weights)
         self._updated_at = state.get("updated_at", 0)
-        self._saved_target, self._saved_teacher = state.get("target"), state.get("teacher")
+        if state.get("target") is not None and self.target is not None:
+            self.target.copy.load_state_dict(state["target"])

@@ -84,7 +84,6 @@ class GRPO(Method):
         self.reference: frozen_reference | None = None
         self._buffer: dict[str, Any] | None = None  # the trajectories being trained on
         self._uses = 0
-        self._reference_state: dict[str, torch.Tensor] | None = None
 
     # ---- Method ---------------------------------------------------------------------------------
     def setup(self, module) -> None:
@@ -97,25 +96,14 @@ class GRPO(Method):
             raise ConfigError(f"method.eta={self.eta}: GRPO needs a stochastic DDIM step (eta > 0) for process=vp.")
         if module.process.kind == "flow_matching" and self.noise_level <= 0:
             raise ConfigError(f"method.noise_level={self.noise_level}: GRPO needs a stochastic step (noise_level > 0) for process=flow_matching.")
-        self.reference = frozen_reference(module)
-        if self._reference_state is not None and self.reference.copy is not None:
-            # a resumed full fine-tune: setup runs after the checkpoint is restored, so the copy just
-            # taken holds the resumed weights; the starting ones come from the checkpoint
-            self.reference.copy.load_state_dict(self._reference_state)
-        self._reference_state = None
-        self.reward.to(module.device)
+        self.reference = frozen_reference(module)  # before a checkpoint is restored: the starting weights
 
     def state_dict(self) -> dict[str, Any]:
-        """Trajectories in use, and (full fine-tunes) the reference's weights: Lightning restores a
-        checkpoint before ``setup``, so the starting weights must travel in it (checkpoints hold the
-        backbone twice; with an adapter the reference is the base, nothing extra is stored)."""
-        copy = self.reference.copy if self.reference is not None else None
-        reference = {k: v.detach().cpu() for k, v in copy.state_dict().items()} if copy is not None else None
-        return {"buffer": self._buffer, "uses": self._uses, "reference": reference}
+        """The trajectories in use and how many updates they have had (the reference is rebuilt by ``setup``)."""
+        return {"buffer": self._buffer, "uses": self._uses}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._buffer, self._uses = state.get("buffer"), int(state.get("uses", 0))
-        self._reference_state = state.get("reference")
 
     def training_step(self, module, batch: dict, batch_idx: int) -> torch.Tensor:
         if self._buffer is None or self._uses >= self.updates_per_sample:
@@ -198,6 +186,7 @@ class GRPO(Method):
             log_probs.append(sde.gaussian_log_prob(x, mean, std) if std > 0 else torch.zeros(n, device=x.device))
             xs.append(x)
         images = module.decode(x).float().clamp(-1, 1)
+        self.reward.to(module.device)  # setup ran before the module reached its device
         rewards = torch.as_tensor(self.reward(images, prompts), dtype=torch.float32).flatten().cpu()
         if len(rewards) != n:
             raise ConfigError(f"reward={getattr(self.reward, 'name', type(self.reward).__name__)} returned {len(rewards)} scores for {n} images; a reward returns one score per image.")

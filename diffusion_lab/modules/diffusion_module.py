@@ -147,8 +147,10 @@ class DiffusionModule(pl.LightningModule):
         if self.method is not None and "diffusion_lab_method" in checkpoint:
             self.method.load_state_dict(checkpoint["diffusion_lab_method"])
 
-    def on_fit_start(self) -> None:
-        if self.method is not None:
+    def setup(self, stage: str) -> None:
+        """Fitting with a method: its ``setup`` runs here, before Lightning restores a checkpoint, so a
+        reference copy is the starting model on a resume too (a checkpoint's method state comes after)."""
+        if stage == "fit" and self.method is not None:
             self.method.setup(self)
 
     @classmethod

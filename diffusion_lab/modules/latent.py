@@ -292,8 +292,7 @@ class LatentDiffusion(DiffusionModule):
 
     def on_fit_start(self) -> None:
         """Edit pairs for a family that takes none are a ConfigError; with a ControlNet: keep the first
-        training controls and captions for previews; then the method's own setup."""
-        super().on_fit_start()
+        training controls and captions for previews."""
         dm = self.trainer.datamodule
         if self.text_embedding is not None:
             check_placeholder_in_captions(dm, self.text_embedding.placeholder_token)
