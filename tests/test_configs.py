@@ -163,7 +163,8 @@ CONTEXTS = {
     "callbacks": lambda o: [("train", ["model=autoencoder"] if o == "autoencoder" else [])],
     "conditioning": lambda o: [("train", ["backbone.num_class_embeds=10"] if o == "class_labels" else [])],
     "controlnet": lambda o: [("train", LATENT)],
-    "method": lambda o: [("train", []), ("train", LATENT)],  # every method composes with pixel and latent models
+    "method": lambda o: [("train", _needs_reward(o)), ("train", LATENT + _needs_reward(o))],  # pixel and latent models
+    "reward": lambda o: [("train", ["method=grpo"])],  # read by method=grpo
     "data": lambda o: [("train", NEEDS_ROOT.get(o, []))],
     "debug": lambda o: [("train", [])],
     "experiment": lambda o: [("train", [])],
@@ -248,6 +249,15 @@ def _check_conditioning(cfg, option, overrides):
     assert cfg.model.conditioner._target_ == cfg.conditioning._target_
     if option == "class_labels":
         assert _resolved(cfg, "conditioning.num_classes") == 10
+
+
+def _needs_reward(method: str) -> list[str]:
+    return ["reward=digit_classifier"] if method == "grpo" else []
+
+
+def _check_reward(cfg, option, overrides):
+    """method=grpo receives the chosen reward."""
+    assert _resolved(cfg, "model.method")["reward"]["_target_"] == cfg.reward._target_
 
 
 def _check_method(cfg, option, overrides):
@@ -337,6 +347,7 @@ CHECKS = {
     "conditioning": _check_conditioning,
     "adapter": _check_adapter,
     "method": _check_method,
+    "reward": _check_reward,
     "data": _check_data,
     "model": _check_model,
     "backbone": _check_unet,
