@@ -117,6 +117,7 @@ class DiffusionModule(pl.LightningModule):
             if not getattr(backbone, "_supports_gradient_checkpointing", False):
                 raise ConfigError(f"model.gradient_checkpointing=true: {type(backbone).__name__} has no gradient checkpointing; set it to false.")
             backbone.enable_gradient_checkpointing()  # diffusers' own: UNet2D(Condition)Model, DiT, SD3, Flux
+        backbone.train()  # from_pretrained (backbone=pixel_pretrained, ...) returns eval mode; Lightning keeps the mode it finds
         self.backbone = torch.compile(backbone) if compile_backbone else backbone
         self.process = process
         self.sampler = sampler
