@@ -547,6 +547,7 @@ SHRINK: dict[str, list[str]] = {
     "dit_digits_latent": ["backbone.num_layers=1", "stack_dir={digits_stack}"],
     "grpo_digits": ["backbone=tiny", "process=flow_matching"],  # a second stage: its backbone and schedule come from model.pretrained
     "distill_digits": ["backbone=tiny", "process=flow_matching"],  # a second stage, as grpo_digits
+    "dpo_digits": ["backbone=tiny", "process=flow_matching"],  # a second stage, as grpo_digits
     "dreambooth_digits": ["stack_dir={digits_stack}", "backbone=ldm_digits", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
     "dreambooth_sd15": ["model.pretrained={tiny_sd}", "data.resolution=32", "data.instance_dir=/nonexistent",
                         "data.instance_prompt=a sks dog", "data.class_prompt=a dog"],
