@@ -2,14 +2,14 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python experiments/reward/dpo_score.py \
         demo=outputs/ddpm_digits/runs/<date>/pipeline beta500=outputs/dpo_digits/beta500/pipeline \
-        --out experiments/reward/results/dpo
+        --out experiments/reward/results/dpo   # without --out: a new outputs/experiments/reward_dpo/<date>_<time>/
 
 For each ``label=pipeline``: ``--num-images`` unconditional samples (the pipeline's own sampler,
 ``--steps``, one seed: the same starting noise for every pipeline), scored by the digit classifier
 trained on real digits (``diffusion_lab.metrics.digits``): mean max-class confidence, how many
 samples fall in each class, and FID in the classifier's features against all 1,797 real digits
 (``metrics/distribution.fid``, as ``metrics/digit_quality.py`` scores modules). Writes results.json,
-results.md and ``samples_<label>.png`` (the first 100) into ``--out``.
+results.md and ``samples_<label>.png`` (the first 100) into ``--out`` (default: a new run folder).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -26,6 +25,7 @@ from diffusion_lab.inference.generate import load_pixel_model
 from diffusion_lab.metrics.digits import DIGIT_NAMES, real_digits, score_digit_samples
 from diffusion_lab.metrics.distribution import fid
 from diffusion_lab.metrics.features import DigitFeatures
+from diffusion_lab.utils.outputs import add_out_argument, run_dir
 
 
 def score_pipeline(pipeline: str, extractor: DigitFeatures, real_features, num_images: int, steps: int, seed: int) -> tuple[dict, object]:
@@ -47,11 +47,10 @@ def main() -> None:
     p.add_argument("--num-images", type=int, default=500)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    add_out_argument(p, "reward_dpo", "experiments/reward/results/dpo")
     args = p.parse_args()
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_dir(args.out, "reward_dpo")
     extractor = DigitFeatures()
     real, _ = real_digits("all", 8)
     real_features, _ = extractor.extract(real, desc="real digit features")

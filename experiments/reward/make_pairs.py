@@ -8,7 +8,9 @@ order (samples 2i and 2i+1), and prefers the one the digit classifier trained on
 (``diffusion_lab.metrics.digits``) is more confident about (higher max-class probability). Writes
 ``<out>/images/*.png`` and ``<out>/metadata.jsonl`` in Pick-a-Pic's columns (``jpg_0``, ``jpg_1``,
 ``label_0`` = 1 when jpg_0 wins, 0.5 on an exact tie, ``caption``), plus each image's confidence
-(``conf_0``, ``conf_1``) for inspection.
+(``conf_0``, ``conf_1``) for inspection. ``--pairing same_digit`` pairs only samples the classifier
+reads as the same digit (in order within each digit; an odd one out is dropped), so the ranking
+cannot prefer one digit over another.
 """
 
 from __future__ import annotations
@@ -30,9 +32,24 @@ def preference_labels(conf_0: torch.Tensor, conf_1: torch.Tensor) -> list[float]
     return [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(conf_0.tolist(), conf_1.tolist())]
 
 
-def make_pairs(images: torch.Tensor, out: Path, classifier: DigitClassifier, caption: str = "a handwritten digit") -> dict:
-    """Pair ``images`` ``[2P, C, H, W]`` in [-1, 1] in order, rank by ``classifier`` and write the folder."""
-    conf = classifier.predict_proba(images).max(dim=1).values
+def same_digit_order(digits: torch.Tensor) -> torch.Tensor:
+    """Indices that put samples of the same ``digits`` ``[N]`` next to each other (in order within a
+    digit, an odd one out of each digit dropped): consecutive indices then form same-digit pairs."""
+    order = []
+    for d in digits.unique().tolist():
+        idx = (digits == d).nonzero().flatten()
+        order.append(idx[: len(idx) // 2 * 2])
+    return torch.cat(order)
+
+
+def make_pairs(images: torch.Tensor, out: Path, classifier: DigitClassifier, caption: str = "a handwritten digit", same_digit: bool = False) -> dict:
+    """Pair ``images`` ``[2P, C, H, W]`` in [-1, 1] in order (``same_digit``: within each predicted
+    digit), rank by ``classifier`` and write the folder."""
+    probs = classifier.predict_proba(images)
+    if same_digit:
+        order = same_digit_order(probs.argmax(dim=1))
+        images, probs = images[order], probs[order]
+    conf = probs.max(dim=1).values
     conf_0, conf_1 = conf[0::2], conf[1::2]
     labels = preference_labels(conf_0, conf_1)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -55,13 +72,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=1, help="of the samples (the study scores with seed 0: other images)")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--pairing", choices=["order", "same_digit"], default="order", help="order: samples 2i and 2i+1; same_digit: two samples of one predicted digit")
     p.add_argument("--out", required=True, help="the preference folder to write (data.root)")
     args = p.parse_args()
 
     model = load_pixel_model(OmegaConf.create({"pipeline": args.pipeline, "local_files_only": True}))
     images = model.generate(2 * args.pairs, args.batch_size, args.steps, args.seed, "cpu")
-    stats = make_pairs(images, Path(args.out), DigitClassifier.load_or_train(verbose=False))
-    stats.update(source=args.pipeline, steps=args.steps, seed=args.seed)
+    stats = make_pairs(images, Path(args.out), DigitClassifier.load_or_train(verbose=False), same_digit=args.pairing == "same_digit")
+    stats.update(source=args.pipeline, steps=args.steps, seed=args.seed, pairing=args.pairing)
     (Path(args.out) / "pairs.json").write_text(json.dumps(stats, indent=2))
     print(json.dumps(stats, indent=2))
 
