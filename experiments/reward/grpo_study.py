@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # variant -> train overrides (on top of experiment=grpo_digits)
 VARIANTS: dict[str, list[str]] = {
     "kl0": ["method.kl_weight=0.0"],
+    "kl0.1": ["method.kl_weight=0.1"],
+    "kl0.3": ["method.kl_weight=0.3"],
     "kl1": ["method.kl_weight=1.0"],
 }
 COMMON = ["logger=csv", "trainer.log_every_n_steps=1", "callbacks.progress_bar=null"]
@@ -56,7 +58,7 @@ def reward_curve(run: Path, window: int = 10) -> dict:
     kls = [float(r["train/kl"]) for r in rows if r.get("train/kl")]
     if not values:
         return {}
-    return {"steps": len(values), "sde_reward_first": sum(values[:window]) / len(values[:window]), "sde_reward_last": sum(values[-window:]) / len(values[-window:]),
+    return {"train_steps": len(values), "sde_reward_first": sum(values[:window]) / len(values[:window]), "sde_reward_last": sum(values[-window:]) / len(values[-window:]),
             "kl_last": sum(kls[-window:]) / max(1, len(kls[-window:]))}
 
 
