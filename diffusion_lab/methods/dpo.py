@@ -75,7 +75,7 @@ class DPO(Method):
     image, ``loser_pixel_values``: the rejected one, ``caption``).
 
     The reference is ``frozen_reference(module)``: with an adapter (``adapter=lora``) the same backbone
-    with the adapter off, else a frozen copy of the backbone taken at fit start. Text conditioning is
+    with the adapter off, else a frozen copy of the starting backbone (taken before a checkpoint is restored). Text conditioning is
     computed once per pair (one caption dropout draw) and given to both images and to the reference.
 
     Args:
