@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python experiments/lora_vs_full/run.py train --stack outputs/ldm_digits --max-steps 600
     OMP_NUM_THREADS=1 .venv/bin/python experiments/lora_vs_full/run.py extract --stack outputs/ldm_digits
     OMP_NUM_THREADS=1 .venv/bin/python experiments/lora_vs_full/run.py score --stack outputs/ldm_digits --out experiments/lora_vs_full/results
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/lora_vs_full/run.py compare PIPELINE_A PIPELINE_B   # L1 of two pipelines' samples
 
 The concept fine-tune of experiment=ldm_digits_lora (``data=digits_concept``: each digit plain and
 drawn thick, the thick ones captioned with the trigger "thick"), on the base pipeline
@@ -14,13 +15,17 @@ drawn thick, the thick ones captioned with the trigger "thick"), on the base pip
 | lora_r{4,16,64} | a LoRA of rank r on the UNet attention (to_q/k/v/out), alpha = r (scale 1) | ``--lora-lr`` (1e-3, the experiment's) |
 | extracted_r{4,16,64} | nothing: the SVD of full - base, every Linear / 1x1-conv layer, rank r (``diffusion_lab.lora extract``) | - |
 
+The digits UNet is 32 / 64 channels wide, so rank 64 is at or above every layer's size: lora_r64
+holds more numbers than the attention weights it adapts, and extracted_r64 is each layer's full
+rank (``extract --energy 1.0``; ``--rank 64`` is refused above the smallest layer).
+
 Per variant: parameters (trainable, or held by the LoRA file), step time (median of batch /
 ``train/images_per_sec`` over the logged steps), peak memory (max ``train/peak_memory_mb``: the
 process's max RSS on CPU), the run's CPU and wall seconds (``os.wait4``), sizes on disk (the last
 checkpoint; the export: the LoRA file, or the full UNet's weights), and, scored like
 experiments/concepts/run.py (``--per-class`` samples per digit, 20 DPM-Solver++ steps, guidance 3,
 seed 0, each variant loaded through diffusers: ``from_pretrained`` / ``load_lora_weights``): the thick
-rate with the trigger, digit accuracy with and without it, and the distance of each variant's samples
+rate with the trigger (and the share both thick and read as the right digit), digit accuracy with and without it, and the distance of each variant's samples
 to the full fine-tune's for the same seeds and prompts (mean |pixel difference| in [0, 1]; the
 base pipeline's distance is the yardstick). Writes results.json, results.md, lora_vs_full.png and
 samples.png to ``--out``.
@@ -182,6 +187,7 @@ def score(args) -> None:
         plain, concept = sample(pipe, TEMPLATE), sample(pipe, f"{TEMPLATE} {TRIGGER}")
         samples[name] = (plain, concept)
         v = {"without": c.table(classifier, plain, args.per_class, threshold), "with": c.table(classifier, concept, args.per_class, threshold)}
+        v["with"]["thick_and_right_digit"] = thick_and_right(classifier, concept, args.per_class, threshold)
         if name == "full":
             weights = runs / "full" / "export" / "unet" / "diffusion_pytorch_model.safetensors"
             v |= run_costs(runs / name) | {"params": safetensors_params(weights), "export_mb": weights.stat().st_size / 2**20}
@@ -225,6 +231,35 @@ def labelled_grid(grid, names: list[str], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def thick_and_right(classifier, images: torch.Tensor, per_class: int, threshold: float) -> float:
+    """Share of samples that are thick (the thick-rate test) *and* read as the prompted digit: mean
+    ink alone also counts washed-out blobs as thick."""
+    labels = torch.arange(10).repeat_interleave(per_class)
+    right = classifier.predict_proba(images).argmax(-1) == labels
+    thick = (images.mean(dim=(1, 2, 3)) + 1) / 2 > threshold
+    return float((right & thick).float().mean())
+
+
+def compare(args) -> None:
+    """L1 between two pipeline folders' samples (same prompts and seeds): e.g. two full fine-tunes,
+    the yardstick for "close to the full fine-tune"."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion_lab.diffusion.sampling import load_sampler
+
+    ldm = concepts().ldm_score()
+    out = {}
+    for template in (TEMPLATE, f"{TEMPLATE} {TRIGGER}"):
+        images = []
+        for path in args.pipelines:
+            pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+            pipe.scheduler = load_sampler("dpmpp").scheduler(pipe.scheduler)
+            pipe.set_progress_bar_config(disable=True)
+            images.append(ldm.generate(pipe, ldm.prompts_for(template), args.per_class, 20, 3.0, 0, args.batch_size))
+        out["l1_with" if TRIGGER in template else "l1_without"] = float((images[0] - images[1]).abs().mean() / 2)
+    print(json.dumps({"pipelines": args.pipelines, "per_class": args.per_class, **out}))
+
+
 def fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -235,15 +270,15 @@ def markdown(r: dict) -> str:
          f"(real plain digits {r['real_plain']:.3f}, real thick {r['real_thick']:.3f}); L1 = mean |pixel difference| in [0, 1] to the full "
          "fine-tune's samples for the same seeds and prompts."),
         "",
-        "| variant | params | s/step | peak MB | CPU s | checkpoint MB | export MB | thick rate with trigger | accuracy with | thick rate without | accuracy without | L1 to full, with | L1 to full, without |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | params | s/step | peak MB | CPU s | checkpoint MB | export MB | thick rate with trigger | thick & right digit, with | accuracy with | thick rate without | accuracy without | L1 to full, with | L1 to full, without |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in r["variants"].items():
         extra = f" (keeps {100 * v['share_of_full_delta']:.0f}% of the update)" if "share_of_full_delta" in v else ""
         rows.append(
             f"| {name}{extra} | {fmt(v.get('params'), ',')} | {fmt(v.get('s_per_step'), '.3f')} | {fmt(v.get('peak_memory_mb'), '.0f')} | "
             f"{fmt(v.get('cpu_seconds'), '.0f')} | {fmt(v.get('checkpoint_mb'), '.2f')} | {fmt(v.get('export_mb'), '.3f')} | "
-            f"**{v['with']['thick_rate']:.2f}** | {v['with']['overall']:.3f} | {v['without']['thick_rate']:.2f} | {v['without']['overall']:.3f} | "
+            f"**{v['with']['thick_rate']:.2f}** | {v['with']['thick_and_right_digit']:.2f} | {v['with']['overall']:.3f} | {v['without']['thick_rate']:.2f} | {v['without']['overall']:.3f} | "
             f"{fmt(v.get('l1_to_full_with'), '.4f')} | {fmt(v.get('l1_to_full_without'), '.4f')} |"
         )
     return "\n".join(rows) + "\n"
@@ -265,27 +300,27 @@ def plot(r: dict, path: Path) -> None:
         params = [v[n]["params"] for n in names]
         label = "trained LoRA" if kind == "lora" else "extracted from full"
         axes[0].plot(params, [v[n]["with"]["thick_rate"] for n in names], marker, label=label)
-        axes[1].plot(params, [v[n]["without"]["overall"] for n in names], marker, label=label)
+        axes[1].plot(params, [v[n]["with"]["thick_and_right_digit"] for n in names], marker, label=label)
         if "l1_to_full_with" in v[names[0]]:
             axes[2].plot(params, [v[n]["l1_to_full_with"] for n in names], marker, label=f"{label}, with trigger")
             axes[2].plot(params, [v[n]["l1_to_full_without"] for n in names], marker, alpha=0.5, label=f"{label}, without")
         for n, x, y in zip(names, params, [v[n]["with"]["thick_rate"] for n in names]):
             axes[0].annotate(n.rsplit("_", 1)[1], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    for key, ax, sub in (("thick_rate", axes[0], "with"), ("overall", axes[1], "without")):
+    for key, ax, sub in (("thick_rate", axes[0], "with"), ("thick_and_right_digit", axes[1], "with")):
         if "full" in v:
             ax.plot([v["full"]["params"]], [v["full"][sub][key]], "r*", ms=10, label=f"full fine-tune ({v['full']['params']:,} params)")
             ax.axhline(v["full"][sub][key], color="r", lw=0.8)
         ax.axhline(v["base"][sub][key], color="k", ls=":", lw=1, label="base pipeline")
     if "l1_to_full_with" in v["base"]:
         axes[2].axhline(v["base"]["l1_to_full_with"], color="k", ls=":", lw=1, label="base pipeline, with trigger")
-    for ax, title in zip(axes, ("thick rate with the trigger", "digit accuracy without the trigger", "L1 to the full fine-tune's samples")):
+    for ax, title in zip(axes, ("thick rate with the trigger", "thick and the right digit, with the trigger", "L1 to the full fine-tune's samples")):
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("parameters (LoRA file; full: the UNet)")
         ax.set_title(title)
-        ax.legend(fontsize=7)
-    axes[0].set_ylim(0, 1)
-    axes[1].set_ylim(0, 1)
+        ax.legend(fontsize=7, loc="lower right" if ax is not axes[2] else "upper right")
+    axes[0].set_ylim(0, 1.08)
+    axes[1].set_ylim(0, 1.08)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -294,7 +329,8 @@ def main() -> None:
     from diffusion_lab.utils.outputs import add_out_argument
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["train", "extract", "score"])
+    p.add_argument("command", choices=["train", "extract", "score", "compare"])
+    p.add_argument("pipelines", nargs="*", help="compare: two pipeline folders")
     p.add_argument("--stack", default="outputs/ldm_digits", help="stack_dir of experiment=ldm_digits (holds pipeline/)")
     p.add_argument("--runs", default="outputs/lora_vs_full", help="where the runs, their exports and the extracted LoRAs go")
     p.add_argument("--only", nargs="*", help="train a subset: full, lora_r4, lora_r16, lora_r64")
@@ -306,7 +342,7 @@ def main() -> None:
     add_out_argument(p, "lora_vs_full", "experiments/lora_vs_full/results")
     args = p.parse_args()
     torch.set_num_threads(1)
-    {"train": train, "extract": extract, "score": score}[args.command](args)
+    {"train": train, "extract": extract, "score": score, "compare": compare}[args.command](args)
 
 
 if __name__ == "__main__":
