@@ -60,7 +60,7 @@ class PreferencePairs(Dataset):
     def paired_keys(self) -> tuple[str, ...]:
         return (LOSER_KEY,)
 
-    def _open(self, source: Any) -> Image.Image:
+    def _open_pair(self, winner: Any, loser: Any) -> tuple[Image.Image, Image.Image]:
         raise NotImplementedError
 
     def _keep(self, image_0: Any, image_1: Any, label: float, caption: str | None) -> None:
@@ -80,7 +80,7 @@ class PreferencePairs(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         winner, loser, caption = self.pairs[i]
-        w, l = self._open(winner), self._open(loser)
+        w, l = self._open_pair(winner, loser)
         geometry = self.transform.draw(w.size)  # one draw: both images get the same resize, crop and flip
         item = {"pixel_values": self.transform.apply(w, geometry), LOSER_KEY: self.transform.apply(l, geometry)}
         if caption is not None:
@@ -132,7 +132,11 @@ class PreferenceFolder(PreferencePairs):
             raise DataError(f"{where}: cannot read {column} {file} ({type(e).__name__}: {e}); replace it with a readable image.") from e
         return file
 
-    def _open(self, source: Path) -> Image.Image:
+    def _open_pair(self, winner: Path, loser: Path) -> tuple[Image.Image, Image.Image]:
+        return self._open(winner), self._open(loser)
+
+    @staticmethod
+    def _open(source: Path) -> Image.Image:
         with Image.open(source) as im:
             return im.copy()
 
@@ -166,9 +170,13 @@ class PreferenceHF(PreferencePairs):
             self._keep((i, IMAGE_COLUMNS[0]), (i, IMAGE_COLUMNS[1]), check_label(label, f"{where}, row {i}"), None if caption is None else str(caption))
         self._check_not_empty(where)
 
-    def _open(self, source: tuple[int, str]) -> Image.Image:
-        i, column = source
-        value = self.ds[i][column]
+    def _open_pair(self, winner: tuple[int, str], loser: tuple[int, str]) -> tuple[Image.Image, Image.Image]:
+        i = winner[0]
+        row = self.ds[i]  # one read of the row: both images of the pair
+        return self._decode(row[winner[1]], i, winner[1]), self._decode(row[loser[1]], i, loser[1])
+
+    @staticmethod
+    def _decode(value: Any, i: int, column: str) -> Image.Image:
         if isinstance(value, Image.Image):
             return value
         if isinstance(value, dict):  # the datasets Image feature undecoded: {"bytes": ..., "path": ...}
