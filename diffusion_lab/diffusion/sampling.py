@@ -146,15 +146,21 @@ def sample(
         x_in = scale(x, t).to(dtype)
         t_batch = t.expand(x.shape[0]) if t.ndim == 0 else t
         if use_cfg:
-            both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-            out_u, out_c = denoise(torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), **both).chunk(2)
-            out = guide(out_c, out_u, guidance_scale) if guide is not None else out_u + guidance_scale * (out_c - out_u)
+            out, out_c = guided(denoise, x_in, t_batch, cond, uncond, guidance_scale, guide)
             if guidance_rescale > 0:
                 out = rescale_noise_cfg(out, out_c, guidance_rescale=guidance_rescale)
         else:
             out = denoise(x_in, t_batch, **cond)
         x = scheduler.step(out.float(), t, x, **step_kwargs).prev_sample
     return x
+
+
+def guided(denoise: DenoiseFn, x: torch.Tensor, t: torch.Tensor, cond: dict, uncond: dict, scale: float, guide: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(classifier-free guided output, conditional output): both halves in one batched call, combined
+    by the family's ``guide(c, u, w)`` or ``u + w (c - u)`` (Ho & Salimans 2022)."""
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    out_u, out_c = denoise(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
+    return (guide(out_c, out_u, scale) if guide is not None else out_u + scale * (out_c - out_u)), out_c
 
 
 def sample_batches(

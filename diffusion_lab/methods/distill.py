@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from diffusion_lab.diffusion import consistency as C
+from diffusion_lab.diffusion.sampling import guided
 from diffusion_lab.methods.base import Method, frozen_reference, has_adapter
 from diffusion_lab.utils.errors import ConfigError
 
@@ -140,9 +141,7 @@ class Distill(Method):
             return module.denoise(x_t, t, **cond)
         lo, hi = self.guidance
         w = lo + (hi - lo) * torch.rand(()).item()
-        both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-        out_u, out_c = module.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), **both).chunk(2)
-        return module.guide(out_c, out_u, w) if module.guide is not None else out_u + w * (out_c - out_u)
+        return guided(module.denoise, x_t, t, cond, uncond, w, module.guide)[0]
 
     def state_dict(self) -> dict[str, Any]:
         """The EMA target's weights (trained state; the teacher is rebuilt by ``setup``)."""
