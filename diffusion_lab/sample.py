@@ -51,10 +51,10 @@ def run(cfg: DictConfig) -> Path:
 
 
 def trained_steps(cfg: DictConfig, module=None) -> int:
-    """The step count the model was trained to sample with: a method's ``num_inference_steps``
+    """The step count the model was trained to sample with: a method's ``sample_steps``
     (distillation), read from the checkpoint's method or from ``diffusion_lab.json`` in the pipeline
     or LoRA folder (``export/pipelines.py`` writes it); else 50."""
-    steps = getattr(getattr(module, "method", None), "num_inference_steps", None)
+    steps = getattr(getattr(module, "method", None), "sample_steps", None)
     for folder in (cfg.pipeline, cfg.get("lora")):
         record = Path(folder) / "diffusion_lab.json" if folder else None
         if steps is None and record is not None and record.is_file():

@@ -150,6 +150,8 @@ def test_grpo_two_step_run_logs_and_exports(train_cfg, process):
     assert float(logged["train/kl"]) > 0  # the policy moved away from the reference after one step
     run = objects["trainer"].default_root_dir
     assert (Path(run) / "pipeline" / "model_index.json").is_file() and list((Path(run) / "samples").glob("*.png"))
+    # GRPO's num_inference_steps is its training sampler's: the export records no sampling default (distill's does)
+    assert not (Path(run) / "pipeline" / "diffusion_lab.json").exists()
 
 
 def test_grpo_without_reward_or_on_edm_is_a_config_error(train_cfg):

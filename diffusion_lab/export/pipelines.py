@@ -116,9 +116,9 @@ def export(module, out_dir: str, lora_format: str = "both"):
 
 
 def _record_steps(module, out_dir: str) -> None:
-    """``diffusion_lab.json`` with the step count the method trained for (``method.num_inference_steps``:
+    """``diffusion_lab.json`` with the step count the method trained for (``Method.sample_steps``:
     a distilled student's 2), which ``diffusion_lab.sample`` uses when no steps are given."""
-    steps = getattr(getattr(module, "method", None), "num_inference_steps", None)
+    steps = getattr(getattr(module, "method", None), "sample_steps", None)
     if steps:
         (Path(out_dir) / "diffusion_lab.json").write_text(json.dumps({"num_inference_steps": int(steps)}) + "\n")
 

@@ -35,6 +35,9 @@ class Method:
     """Base class; ``name`` is the ``method=`` option (for messages)."""
 
     name: str = "method"
+    # the step count its exports sample with by default (``diffusion_lab.json``; None: the sampler's 50).
+    # Distillation sets it to the student's; GRPO's own ``num_inference_steps`` is its training sampler's, not this.
+    sample_steps: int | None = None
 
     def setup(self, module: "DiffusionModule") -> None:
         """Before the first step (the module's ``setup("fit")``, before a checkpoint is restored): build

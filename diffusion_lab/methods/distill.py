@@ -69,7 +69,7 @@ class Distill(Method):
             )
         self.num_solver_steps, self.loss, self.huber_c = num_solver_steps, loss, huber_c
         self.target_decay, self.guidance = target_decay, (guidance_min, guidance_max)
-        self.num_inference_steps = num_inference_steps
+        self.num_inference_steps = self.sample_steps = num_inference_steps
         self.teacher: frozen_reference | None = None
         self.target: frozen_reference | None = None
         self._updated_at = 0
