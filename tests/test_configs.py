@@ -548,6 +548,7 @@ SHRINK: dict[str, list[str]] = {
     "grpo_digits": ["backbone=tiny", "process=flow_matching"],  # a second stage: its backbone and schedule come from model.pretrained
     "distill_digits": ["backbone=tiny", "process=flow_matching"],  # a second stage, as grpo_digits
     "dpo_digits": ["backbone=tiny", "process=flow_matching"],  # a second stage, as grpo_digits
+    **{f"{m}_ldm_digits": ["stack_dir={digits_stack}"] for m in ("distill", "grpo", "dpo")},  # second stages of the digits stack: every part from its pipeline
     "dreambooth_digits": ["stack_dir={digits_stack}", "backbone=ldm_digits", "text_encoder=vocab", "process=vp", "sampler=dpmpp"],
     "dreambooth_sd15": ["model.pretrained={tiny_sd}", "data.resolution=32", "data.instance_dir=/nonexistent",
                         "data.instance_prompt=a sks dog", "data.class_prompt=a dog"],
