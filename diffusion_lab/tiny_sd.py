@@ -9,7 +9,7 @@
     python -m diffusion_lab.tiny_sd outputs/tiny_flux --kind flux      # FLUX.1-dev layout (guidance embedding)
     python -m diffusion_lab.tiny_sd outputs/tiny_qwen_image --kind qwen_image   # any family with a builder in diffusion_lab/testing/
 
-The command line only: the parts and the pipelines are built by ``diffusion_lab.components.tiny``,
+The command line only: the parts and the pipelines are built by ``diffusion_lab.testing.tiny``,
 whose factories are also the ``_target_`` of ``vae=tiny``, ``text_encoder=tiny`` and
 ``backbone=sd_tiny``, so the saved folder and the config groups are the same models.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from diffusion_lab.components.tiny import SD15_SPLIT_VAE, build, kinds
+from diffusion_lab.testing.tiny import SD15_SPLIT_VAE, build, kinds
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -8,7 +8,7 @@ import torch
 
 def tiny_folders(root):
     """``get(kind)`` -> the tiny pipeline folder of ``kind`` under ``root`` (``tiny_sd --kind``), built on first use."""
-    from diffusion_lab.components import tiny
+    from diffusion_lab.testing import tiny
 
     built = {}
 

@@ -566,7 +566,7 @@ SHRINK: dict[str, list[str]] = {
 def digits_stack_dir(tmp_path_factory) -> str:
     """A stack_dir as the digits latent stack leaves it: vae/ (experiment=vae_digits: 16 px RGB ->
     8x8x4) and pipeline/ (experiment=ldm_digits), tiny random ones of those shapes."""
-    from diffusion_lab.components import tiny
+    from diffusion_lab.testing import tiny
 
     stack = tmp_path_factory.mktemp("tiny") / "ldm_digits"
     tiny.tiny_vae(sample_size=16).save_pretrained(stack / "vae")
@@ -582,28 +582,28 @@ def test_experiments_are_checked_with_the_vae_they_name():
 
 @pytest.fixture(scope="module")
 def tiny_sd_dir(tmp_path_factory) -> str:
-    from diffusion_lab.components import tiny
+    from diffusion_lab.testing import tiny
 
     return str(tiny.build(tmp_path_factory.mktemp("tiny") / "tiny_sd"))
 
 
 @pytest.fixture(scope="module")
 def tiny_sdxl_dir(tmp_path_factory) -> str:
-    from diffusion_lab.components import tiny
+    from diffusion_lab.testing import tiny
 
     return str(tiny.build(tmp_path_factory.mktemp("tiny") / "tiny_sdxl", kind="sdxl"))
 
 
 @pytest.fixture(scope="module")
 def tiny_sd3_dir(tmp_path_factory) -> str:
-    from diffusion_lab.components import tiny
+    from diffusion_lab.testing import tiny
 
     return str(tiny.build(tmp_path_factory.mktemp("tiny") / "tiny_sd3", kind="sd3"))
 
 
 @pytest.fixture(scope="module")
 def tiny_flux_dir(tmp_path_factory) -> str:
-    from diffusion_lab.components import tiny
+    from diffusion_lab.testing import tiny
 
     return str(tiny.build(tmp_path_factory.mktemp("tiny") / "tiny_flux", kind="flux"))
 
@@ -611,7 +611,7 @@ def tiny_flux_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """``kind -> folder`` of a newer family's tiny pipeline, built once."""
-    from diffusion_lab.components import tiny
+    from diffusion_lab.testing import tiny
 
     root, built = tmp_path_factory.mktemp("tiny_families"), {}
 

@@ -17,7 +17,7 @@ from PIL import Image
 from scipy.ndimage import binary_dilation, binary_erosion
 
 from diffusion_lab.callbacks.ema import ema_weights
-from diffusion_lab.components import tiny
+from diffusion_lab.testing import tiny
 from diffusion_lab.data.control import (
     CONTROL_KEY,
     ControlMaps,

@@ -183,7 +183,7 @@ def test_bf16_mixed_on_cpu(train_cfg):
 def test_latent_module_two_processes(tmp_path):
     """The tiny Stable Diffusion fine-tune (VAE + CLIP text encoder frozen, UNet trained) under
     2-process DDP: same weights and EMA on both ranks, one pipeline, one set of checkpoints."""
-    from diffusion_lab.components.tiny import build
+    from diffusion_lab.testing.tiny import build
 
     pretrained = build(tmp_path / "tiny_sd")
     run_dir = tmp_path / "run"

@@ -255,7 +255,7 @@ def test_lcm_lora_on_a_latent_text_to_image_model(tmp_path):
     off); the LoRA folder records its step count and loads onto the base in plain diffusers with LCMScheduler."""
     from diffusers import StableDiffusionPipeline
 
-    from diffusion_lab.components import tiny
+    from diffusion_lab.testing import tiny
     from diffusion_lab.train import train
 
     base = tiny.build(tmp_path / "tiny_sd")

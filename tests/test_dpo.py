@@ -127,7 +127,7 @@ def test_dpo_digits_runs_from_a_pretrained_pipeline_keeps_the_reference_and_expo
 def test_dpo_lora_on_a_latent_model_uses_the_base_as_reference(tmp_path):
     """adapter=lora on tiny SD: the reference is the same backbone with the adapter off (no copy),
     which gives the base output while the adapter is trained."""
-    from diffusion_lab.components import tiny
+    from diffusion_lab.testing import tiny
 
     start = tiny.build(tmp_path / "tiny_sd")
     root = tmp_path / "pairs"

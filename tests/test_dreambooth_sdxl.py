@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from diffusion_lab.components import tiny
+from diffusion_lab.testing import tiny
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError
 from tests.conftest import compose_cfg

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_lab.callbacks.ema import EMACallback, ema_parameters, ema_weights
-from diffusion_lab.components import tiny
+from diffusion_lab.testing import tiny
 from diffusion_lab.components.adapters import lora_state_dict
 from diffusion_lab.inference.checkpoints import load_module
 from diffusion_lab.train import train

@@ -64,7 +64,7 @@ def tiny_clip(tmp_path_factory):
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from diffusion_lab.components.tiny import tiny_clip_tokenizer
+    from diffusion_lab.testing.tiny import tiny_clip_tokenizer
 
     tok = tiny_clip_tokenizer()
     text = dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
@@ -206,7 +206,7 @@ def test_more_sampler_steps_are_not_worse_than_very_few(trained_pipeline, digit_
 
 
 def test_text_to_image_gets_clip_score_and_prompt_accuracy(tiny_clip, tmp_path):
-    from diffusion_lab.components import tiny
+    from diffusion_lab.testing import tiny
 
     sd = tiny.build(tmp_path / "sd")
     cfg = _eval_cfg(

@@ -12,7 +12,7 @@ from diffusers import ChromaPipeline, DiffusionPipeline
 from safetensors.torch import load_file
 
 from diffusion_lab.callbacks.ema import ema_weights
-from diffusion_lab.components import tiny
+from diffusion_lab.testing import tiny
 from diffusion_lab.components.vae import VAECodec
 from diffusion_lab.families.chroma import Chroma, ChromaTextConditioner
 from diffusion_lab.testing import chroma

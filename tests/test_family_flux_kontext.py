@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from diffusion_lab.callbacks.ema import ema_weights
-from diffusion_lab.components import tiny
+from diffusion_lab.testing import tiny
 from diffusion_lab.components.text_mmdit import FluxTextConditioner
 from diffusion_lab.components.vae import VAECodec
 from diffusion_lab.families.flux_kontext import FluxKontext

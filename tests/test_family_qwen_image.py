@@ -195,7 +195,7 @@ def test_a_text_encoder_lora_is_refused_naming_the_key(folder, tmp_path):
 
 # ---- wrong family, other process --------------------------------------------------------------------------
 def test_a_folder_of_another_family_is_a_config_error_naming_it(folder, tmp_path):
-    from diffusion_lab.components import tiny
+    from diffusion_lab.testing import tiny
 
     flux = tiny.build(tmp_path / "tiny_flux", kind="flux")
     with pytest.raises(Exception) as excinfo:

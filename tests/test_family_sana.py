@@ -224,7 +224,7 @@ def test_gpu_lora_recipe_runs_a_step_on_the_tiny_pipeline(folder, tmp_path):
 def test_another_familys_folder_and_refused_methods_are_config_errors(folder, tmp_path):
     """(f) a FLUX folder for model=latent_sana names what it is and the option that trains it; textual inversion
     is refused with the reason (ControlNet is not); resolutions the pipeline refuses are refused before training."""
-    from diffusion_lab.components import tiny
+    from diffusion_lab.testing import tiny
 
     flux = tiny.build(tmp_path / "tiny_flux", kind="flux")
     with pytest.raises(Exception) as excinfo:

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from diffusion_lab.callbacks.ema import ema_weights
-from diffusion_lab.components import tiny
+from diffusion_lab.testing import tiny
 from diffusion_lab.families.z_image import ZImage, ZImageTextConditioner
 from diffusion_lab.testing.z_image import tiny_pipeline
 from diffusion_lab.train import train
@@ -222,7 +222,7 @@ def test_dreambooth_trains_z_image_with_its_own_class_images(folder, tmp_path):
 def test_a_pipeline_folder_diffusers_itself_wrote_with_other_dims(tmp_path):
     """ZImagePipeline.save_pretrained of other tiny dims than the project's: a 3-level VAE (factor 4) with
     4 latent channels, a 16-wide Qwen3; trains from a kohya folder and samples like its export."""
-    from diffusion_lab.components.tiny import tiny_vae
+    from diffusion_lab.testing.tiny import tiny_vae
     from diffusion_lab.testing import z_image
 
     tokenizer = z_image.tiny_qwen_tokenizer()

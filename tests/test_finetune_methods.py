@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffusion_lab.components import tiny
+from diffusion_lab.testing import tiny
 from diffusion_lab.data.dreambooth import DreamBoothDataset
 from diffusion_lab.data.transforms import ImageTransform
 from diffusion_lab.export import build_pipeline

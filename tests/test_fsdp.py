@@ -146,7 +146,7 @@ def test_lora_trains_under_fsdp_and_its_export_loads_in_plain_diffusers(tmp_path
     StableDiffusionPipeline and changes its images."""
     from diffusers import StableDiffusionPipeline
 
-    from diffusion_lab.components.tiny import build
+    from diffusion_lab.testing.tiny import build
 
     pretrained = build(tmp_path / "tiny_sd")
     run_dir = tmp_path / "run"
@@ -172,7 +172,7 @@ def test_lora_trains_under_fsdp_and_its_export_loads_in_plain_diffusers(tmp_path
 
 # ---- every backbone family is wrapped block by block -----------------------------------------------------
 def _backbones() -> dict[str, torch.nn.Module]:
-    from diffusion_lab.components import tiny
+    from diffusion_lab.testing import tiny
     from diffusion_lab.components.backbones import dit_transformer
     from diffusers import UNet2DModel
 

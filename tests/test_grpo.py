@@ -188,7 +188,7 @@ def test_grpo_resume_is_exact(train_cfg, tmp_path):
 def test_grpo_lora_on_a_text_to_image_model_with_prompted_rewards(tmp_path):
     """adapter=lora on tiny SD (vp: the DDIM eta step): prompts are the batch's captions, the digit
     reward reads the prompted digit, the reference is the base with the adapter off."""
-    from diffusion_lab.components import tiny
+    from diffusion_lab.testing import tiny
     from diffusion_lab.methods.base import has_adapter
     from tests.conftest import compose_cfg
 

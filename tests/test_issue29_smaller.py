@@ -62,7 +62,7 @@ def test_hub_ids_follow_interpolations_to_the_key_a_user_sets(tmp_path):
 def test_local_copies_and_cached_repos_pass(tmp_path, empty_hub_cache):
     """Local folders and local files are never hub ids; a repo in the hub cache (with the subfolders
     used) is fine offline; local_files_only=true alone is offline for its own keys."""
-    import diffusion_lab.components.tiny as tiny
+    import diffusion_lab.testing.tiny as tiny
 
     folder = tiny.build(tmp_path / "tiny_sd")
     (tmp_path / "parquet").mkdir()
@@ -158,7 +158,7 @@ def test_frozen_parts_in_eval_mode_are_not_reported_and_hold_no_trainable_parame
 
     import pytorch_lightning as pl
 
-    import diffusion_lab.components.tiny as tiny
+    import diffusion_lab.testing.tiny as tiny
     import diffusion_lab.train as entry
     from diffusion_lab.utils.quiet import quiet_known_noise
 

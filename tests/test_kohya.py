@@ -11,7 +11,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
-from diffusion_lab.components import tiny
+from diffusion_lab.testing import tiny
 from diffusion_lab.components.adapters import KOHYA_FILE, add_lora, lora_config
 from diffusion_lab.export.kohya import flux_kohya, lora_layers, save_lora_files
 from diffusion_lab.families.flux import Flux

@@ -5,7 +5,7 @@ import torch
 from hydra.utils import instantiate
 from transformers import CLIPTokenizer
 
-from diffusion_lab.components import tiny
+from diffusion_lab.testing import tiny
 from diffusion_lab.components.pretrained import from_pretrained, load_scheduler
 from diffusion_lab.components.vae import VAECodec
 from diffusion_lab.utils.errors import ConfigError, DiffusionLabError

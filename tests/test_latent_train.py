@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from diffusion_lab.components import tiny
+from diffusion_lab.testing import tiny
 from diffusion_lab.components.adapters import KOHYA_FILE
 from diffusion_lab.export import build_pipeline
 from diffusion_lab.sample import run as run_sample

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffusion_lab.components.vae import VAECodec
-from diffusion_lab.components.vocab import caption_words, save_text_model, vocab_text_encoder, vocab_tokenizer
+from diffusion_lab.testing.vocab import caption_words, save_text_model, vocab_text_encoder, vocab_tokenizer
 from diffusion_lab.metrics.digits import real_digits
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import DiffusionLabError

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_lab.components import tiny
+from diffusion_lab.testing import tiny
 from diffusion_lab.components.adapters import KOHYA_FILE, add_lora, lora_config
 from diffusion_lab.export.kohya import save_lora_files
 from diffusion_lab.export.lora_tools import LORA_FILE

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from diffusion_lab.components.adapters import KOHYA_FILE, add_lora, lora_config
 from diffusion_lab.export.kohya import save_lora_files
-from diffusion_lab.components.tiny import build
+from diffusion_lab.testing.tiny import build
 from diffusion_lab.export import lora_tools
 from diffusion_lab.families.sd import StableDiffusion
 from diffusion_lab.lora import main
@@ -155,7 +155,7 @@ def test_bad_inputs_name_the_file(base, loras, tuned, tmp_path):
     # another base: the same layer names, other shapes (a UNet 2x as wide)
     wide = build(tmp_path / "wide", "sd")
     pipe = _pipe(wide)
-    from diffusion_lab.components.tiny import tiny_unet
+    from diffusion_lab.testing.tiny import tiny_unet
 
     pipe.unet = tiny_unet(block_out_channels=(64, 128))
     add_lora(pipe.unet, lora_config(rank=4, init=False))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_lab.components import tiny
+from diffusion_lab.testing import tiny
 from diffusion_lab.families.matrix import METHODS, families, support, table
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError

@@ -152,7 +152,7 @@ def test_tiny_component_factories_leave_the_run_seed_in_charge(tmp_path):
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
-    from diffusion_lab.components.tiny import tiny_unet, tiny_vae
+    from diffusion_lab.testing.tiny import tiny_unet, tiny_vae
 
     cfg = compose_cfg("train", ["model=latent_sd", "vae=tiny", "text_encoder=tiny", "backbone=sd_tiny"], tmp_path)
     draws = []
@@ -189,7 +189,7 @@ def _captioned_folder(root, columns: dict[str, str] | None) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_sd_folder(tmp_path_factory):
-    from diffusion_lab.components.tiny import build
+    from diffusion_lab.testing.tiny import build
 
     return str(build(tmp_path_factory.mktemp("tiny") / "tiny_sd", resolution=16))
 

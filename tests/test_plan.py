@@ -44,7 +44,7 @@ def test_frozen_parts_count_their_published_sizes():
 
 @pytest.fixture(scope="module")
 def tiny_flux(tmp_path_factory):
-    from diffusion_lab.components.tiny import build
+    from diffusion_lab.testing.tiny import build
 
     return build(tmp_path_factory.mktemp("plan") / "tiny_flux", "flux")
 

@@ -206,7 +206,7 @@ def test_noising_strip_of_every_process(process, tmp_path):
 
 
 def test_latent_sd_refuses_flow_matching_before_training(tmp_path):
-    from diffusion_lab.components import tiny
+    from diffusion_lab.testing import tiny
 
     folder = tiny.build(tmp_path / "tiny_sd")
     cfg = compose_cfg("train", ["experiment=sd_finetune_tiny", f"model.pretrained={folder}", "process=flow_matching"], tmp_path / "run")

@@ -11,7 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from hydra.utils import instantiate
 
-from diffusion_lab.components import tiny
+from diffusion_lab.testing import tiny
 from diffusion_lab.components.quantization import is_quantized
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from diffusion_lab.callbacks.ema import ema_weights
-from diffusion_lab.components import tiny
+from diffusion_lab.testing import tiny
 from diffusion_lab.components.mmdit import load_flow_scheduler
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from diffusion_lab.callbacks.ema import ema_weights
-from diffusion_lab.components import tiny
+from diffusion_lab.testing import tiny
 from diffusion_lab.components.checks import check_sdxl_parts
 from diffusion_lab.data.caching import cache_latents
 from diffusion_lab.sample import run as run_sample

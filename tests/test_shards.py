@@ -239,7 +239,7 @@ def test_sigkilled_run_on_shards_resumes_bit_identical(folder_shards, tmp_path, 
 def test_sdxl_trains_on_encoded_bucketed_shards(tmp_path):
     """SDXL on a captioned folder of six shapes, data.buckets=true, prepare.encode=true: both text
     states stored, and each batch's time ids carry its images' original sizes."""
-    from diffusion_lab.components import tiny as tiny_parts
+    from diffusion_lab.testing import tiny as tiny_parts
     from tests.test_buckets_masks import _masked_bucketed_folder
 
     pipeline = tiny_parts.build(tmp_path / "tiny_sdxl", kind="sdxl")

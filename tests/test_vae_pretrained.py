@@ -15,7 +15,7 @@ from tests.conftest import compose_cfg
 
 
 def _kl16():
-    from diffusion_lab.components.tiny import tiny_vae
+    from diffusion_lab.testing.tiny import tiny_vae
 
     return tiny_vae(latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611)
 

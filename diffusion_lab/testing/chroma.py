@@ -3,7 +3,7 @@
 Chroma (lodestones/Chroma1-HD) is FLUX.1-schnell's layout with the per-block modulation replaced by
 one small MLP (the "approximator", ``distilled_guidance_layer``) and no CLIP: T5 only, with an
 attention mask. The tiny parts reuse FLUX's tiny VAE (16 channels, FLUX's scaling and shift),
-T5 encoder and ``T5TokenizerFast`` (``components/tiny.py``), so a Chroma folder and a FLUX folder
+T5 encoder and ``T5TokenizerFast`` (``testing/tiny.py``), so a Chroma folder and a FLUX folder
 differ exactly where the real models do.
 
     tiny_pipeline(32).save_pretrained(DIR)     # python -m diffusion_lab.tiny_sd DIR --kind chroma
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusion_lab.components.tiny import FLUX_VAE, flux_scheduler, tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae
+from diffusion_lab.testing.tiny import FLUX_VAE, flux_scheduler, tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae
 
 
 def tiny_transformer(in_channels: int = 64, joint_attention_dim: int = 64, seed: int = 0, **kwargs):

@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from diffusion_lab.components.tiny import CORPUS
+from diffusion_lab.testing.tiny import CORPUS
 
 # QwenImagePipeline.prompt_template_encode and QwenImageEditPipeline's, whose prefixes the pipelines drop
 TEMPLATE_WORDS = (

@@ -43,7 +43,7 @@ def _gemma_vocab(vocab_size: int = 1000) -> tuple[dict[str, int], list[tuple[str
 
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-    from diffusion_lab.components.tiny import CORPUS
+    from diffusion_lab.testing.tiny import CORPUS
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tokenizer.normalizer = normalizers.Replace(" ", "▁")  # GemmaTokenizer's own normalizer

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusion_lab.components.tiny import FLUX_VAE, tiny_vae
+from diffusion_lab.testing.tiny import FLUX_VAE, tiny_vae
 
 
 def tiny_qwen_tokenizer():

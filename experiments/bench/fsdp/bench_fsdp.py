@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE)
     args = ap.parse_args()
     work = REPO / "outputs" / "experiments" / "bench_fsdp" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    from diffusion_lab.components.tiny import build
+    from diffusion_lab.testing.tiny import build
 
     pipelines = {kind: build(work / f"tiny_{kind}", kind=kind) for kind in set(PIPELINE.values())}
     results: dict[str, dict[str, list[dict]]] = {b: {"ddp_cpu": [], "fsdp_cpu": []} for b in BACKBONES}

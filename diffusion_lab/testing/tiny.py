@@ -1,13 +1,13 @@
 """Tiny random Stable Diffusion parts and pipelines, built offline, for tests and benchmarks.
 
 Real diffusers/transformers classes with tiny configs, and a real ``CLIPTokenizer`` whose
-byte-level BPE vocab/merges are learned from a small caption corpus (``components/vocab.py``, no
+byte-level BPE vocab/merges are learned from a small caption corpus (``testing/vocab.py``, no
 download). These functions are the ``_target_`` of ``vae=tiny``, ``text_encoder=tiny`` and
 ``backbone=sd_tiny``, and ``build`` saves the same models as a pipeline folder
 (``python -m diffusion_lab.tiny_sd``), so the folder and the config groups are the same models.
 SD3 and Flux pipelines (``--kind sd3|flux``) add MMDiT transformers (``backbone=sd3_tiny|flux_tiny``),
 flow-matching schedulers and a T5 encoder whose real ``T5TokenizerFast`` has a unigram vocabulary
-learned offline with the ``tokenizers`` library (``components/vocab.t5_vocab``).
+learned offline with the ``tokenizers`` library (``testing/vocab.t5_vocab``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from diffusion_lab.components.vocab import clip_text_encoder, clip_vocab, t5_text_encoder, t5_tokenizer
+from diffusion_lab.testing.vocab import clip_text_encoder, clip_vocab, t5_text_encoder, t5_tokenizer
 
 # words the tiny tokenizer learns merges for (captions of data=digits_captioned and a few more)
 CORPUS = (
@@ -167,7 +167,7 @@ def _t5_vocab_words() -> tuple[str, ...]:
 
 
 def tiny_t5_tokenizer(model_max_length: int = 512):
-    """A real ``T5TokenizerFast`` (unigram vocabulary learned on ``CORPUS``, ``components/vocab.py``)."""
+    """A real ``T5TokenizerFast`` (unigram vocabulary learned on ``CORPUS``, ``testing/vocab.py``)."""
     return t5_tokenizer(_t5_vocab_words(), vocab_size=200, model_max_length=model_max_length)
 
 

@@ -8,7 +8,7 @@ The tokenizer is a real ``CLIPTokenizer`` (byte-level BPE): its merges are learn
 BPE (``learn_merges``) until every caption word is a single token, so "a handwritten digit seven"
 is four tokens; any other word still tokenizes, byte by byte. ``model_max_length`` is short
 (captions are a few words), which keeps the text encoder and cross-attention cheap.
-``components/tiny.py`` builds the tiny SD tokenizer and text encoders with the same
+``testing/tiny.py`` builds the tiny SD tokenizer and text encoders with the same
 ``clip_vocab`` and ``clip_text_encoder``.
 """
 
