@@ -11,6 +11,27 @@ from omegaconf import OmegaConf
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.safe_load import check_config, load_checkpoint
 
+# Modules that moved after checkpoints were written: a stored config naming the old path is read as
+# naming the new one (#28: the tiny test/demo builders left ``components/`` for ``testing/``).
+MOVED = {
+    "diffusion_lab.components.tiny.": "diffusion_lab.testing.tiny.",
+    "diffusion_lab.components.vocab.": "diffusion_lab.testing.vocab.",
+}
+
+
+def moved_paths(node):
+    """``node`` (a plain container) with every string that starts with an old path in ``MOVED``
+    renamed to the new one; a new container, ``node`` is left as it is."""
+    if isinstance(node, dict):
+        return {k: moved_paths(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(moved_paths(v) for v in node)
+    if isinstance(node, str):
+        for old, new in MOVED.items():
+            if node.startswith(old):
+                return new + node[len(old) :]
+    return node
+
 
 def load_module(ckpt_path: str, use_ema: bool = True, map_location: str = "cpu", trust: bool = False):
     """The ``DiffusionModule`` saved in ``ckpt_path``: built from the resolved config stored in the
@@ -26,6 +47,7 @@ def load_module(ckpt_path: str, use_ema: bool = True, map_location: str = "cpu",
     config = ckpt.get("diffusion_lab_config") if isinstance(ckpt, dict) else None
     if not isinstance(config, dict):
         raise ConfigError(f"{ckpt_path} has no 'diffusion_lab_config': it was not written by diffusion_lab.train. Use pipeline=<folder> instead.")
+    config = moved_paths(config)
     if not trust:
         check_config(config.get("model"), ckpt_path)
     cfg = OmegaConf.create(config)
