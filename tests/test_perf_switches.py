@@ -9,7 +9,8 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 from torch.utils.data import Subset
 
-from diffusion_lab.components import speed, tiny
+from diffusion_lab.components import speed
+from diffusion_lab.testing import tiny
 from diffusion_lab.testing.tiny import tiny_unet
 from diffusion_lab.data.caching import cache_latents
 from diffusion_lab.metrics import profiling

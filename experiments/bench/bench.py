@@ -57,7 +57,8 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 import diffusion_lab  # noqa: E402,F401  (config resolvers)
-from diffusion_lab.components import speed, tiny  # noqa: E402
+from diffusion_lab.components import speed  # noqa: E402
+from diffusion_lab.testing import tiny  # noqa: E402
 from diffusion_lab.metrics import profiling  # noqa: E402
 from diffusion_lab.modules import LatentDiffusion  # noqa: E402
 from diffusion_lab.modules.diffusion_module import batch_len  # noqa: E402
