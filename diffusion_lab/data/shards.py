@@ -46,6 +46,7 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from diffusion_lab.compat.litdata import allow_http_endpoints, loader_resume_state, read_whole_chunks
 from diffusion_lab.data.datamodule import DiffusionDataModule, bucket_ids_of
 from diffusion_lab.data.sources import MASK_KEY
 from diffusion_lab.data.transforms import ImageTransform, to_pil, to_uint8
@@ -255,16 +256,6 @@ def peek_manifest(root: str) -> dict | None:
     return _PEEKED[key]
 
 
-# ---- litdata's private API used for object stores (0.2.76; tests/test_shards_s3.py fails if it changes) ----
-def _allow_http_endpoints() -> None:
-    """litdata fetches chunks with obstore, whose client refuses a plain-http endpoint (a MinIO on the
-    local network, a test server) unless ``allow_http`` is set; litdata builds every store from this
-    module-level options dict. Harmless for https endpoints."""
-    from litdata.streaming import downloader
-
-    downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = True
-
-
 # ---- identity of the frozen parts, manifest -----------------------------------------------------
 def fingerprint(module: torch.nn.Module) -> str:
     """sha256 of a module's state dict (names, dtypes, shapes and values): which frozen VAE or text
@@ -462,7 +453,7 @@ def _dataset_class():
 
     class ShardDataset(StreamingDataset):
         """litdata's ``StreamingDataset`` whose items go through ``items`` (with litdata's epoch).
-        ``allow_http``: the chunks come from a plain-http object store (``_allow_http_endpoints``,
+        ``allow_http``: the chunks come from a plain-http object store (``compat.litdata.allow_http_endpoints``,
         set in each process that downloads). An item read by index from an object store comes from
         its whole chunk, downloaded to the cache: litdata's default there, a ranged read of the one
         item, assumes a row layout that its Arrow chunks (what ``ShardWriter``'s dicts are stored
@@ -471,7 +462,7 @@ def _dataset_class():
         def __init__(self, input_dir: str, items: ShardItems, allow_http: bool = False, **kwargs) -> None:
             super().__init__(input_dir, **kwargs)
             self.items, self.allow_http = items, allow_http
-            self._on_demand_bytes = False  # the cache litdata creates on first use reads whole chunks
+            read_whole_chunks(self)  # the cache litdata creates on first use reads whole chunks
 
         @property
         def on_demand_bytes(self) -> bool:
@@ -483,12 +474,12 @@ def _dataset_class():
 
         def __iter__(self):
             if self.allow_http:
-                _allow_http_endpoints()
+                allow_http_endpoints()
             return super().__iter__()
 
         def __getitem__(self, index):
             if self.allow_http:
-                _allow_http_endpoints()
+                allow_http_endpoints()
             if not self.items.bucketed:
                 return self.items(super().__getitem__(index), int(self.current_epoch))
             # bucketed flips come from Python's global RNG, seeded per item (SeededItems); litdata's
@@ -531,11 +522,7 @@ def _loader_class():
             if batches <= 0:
                 self.current_epoch = epoch  # __iter__ adds one: litdata counts epochs from 1
                 return
-            state = super().state_dict()
-            samples = batches * self.batch_size
-            state.update(current_epoch=epoch + 1, num_samples_yielded=samples, latest_worker_idx=(batches - 1) % max(self.num_workers, 1))
-            state["dataset"].update(current_epoch=epoch + 1, num_samples_yielded=samples, sample_in_epoch=samples * world_size)
-            super().load_state_dict(state)
+            super().load_state_dict(loader_resume_state(super().state_dict(), epoch + 1, batches, self.batch_size, self.num_workers, world_size))
 
     return ShardLoader
 
