@@ -12,11 +12,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from diffusion_lab.compat.lightning import collect_rng_states, set_rng_states
 from diffusion_lab.utils.errors import TrainingError
 
 
@@ -72,7 +72,7 @@ class RNGStateCallback(pl.Callback):
         self._rank = trainer.global_rank
 
     def state_dict(self) -> dict:
-        state = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        state = collect_rng_states(include_cuda=torch.cuda.is_available())
         # NumPy's key array as a tensor: Lightning resumes with torch.load(weights_only=True)
         name, keys, pos, has_gauss, gauss = state["numpy"]
         state["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
@@ -94,7 +94,7 @@ class RNGStateCallback(pl.Callback):
                 state = dict(self._pending[self._rank])
                 name, keys, pos, has_gauss, gauss = state["numpy"]
                 state["numpy"] = (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
-                _set_rng_states(state)
+                set_rng_states(state)
             self._pending = None
 
 

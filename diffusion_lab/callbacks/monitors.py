@@ -8,9 +8,11 @@ from datetime import timedelta
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor as _LightningLRMonitor
-from pytorch_lightning.callbacks import RichProgressBar, Timer
+from pytorch_lightning.callbacks import Timer
 from rich.progress import ProgressColumn
 from rich.text import Text
+
+from diffusion_lab.compat.lightning import RichProgressBarHooks, timer_limit_seconds
 
 
 class LearningRateMonitor(_LightningLRMonitor):
@@ -50,7 +52,7 @@ class _RateColumn(ProgressColumn):
         return Text(f"{rate:.2f}it/s" if rate >= 1 else f"{1 / rate:.1f}s/it", style=self.style)
 
 
-class StepProgressBar(RichProgressBar):
+class StepProgressBar(RichProgressBarHooks):
     """Rich progress bar that, on step-bounded runs (``trainer.max_steps``, ``max_epochs=-1``),
     is one bar over the whole run: ``step k/N`` (plus ``trainer.max_time`` when set) instead of
     Lightning's per-epoch ``Epoch 0/-2``. Epoch-bounded runs look as in Lightning."""
@@ -73,11 +75,11 @@ class StepProgressBar(RichProgressBar):
     def total_train_batches(self):
         return self.trainer.max_steps if _steps_bounded(self.trainer) else super().total_train_batches
 
-    def _get_train_description(self, current_epoch: int) -> str:
+    def train_description(self, current_epoch: int) -> str:
         if not _steps_bounded(self.trainer):
-            return super()._get_train_description(current_epoch)
+            return super().train_description(current_epoch)
         timer = next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
-        limit = timer._duration if timer is not None else None  # trainer.max_time, in seconds
+        limit = timer_limit_seconds(timer) if timer is not None else None  # trainer.max_time, in seconds
         return "step" + (f" (time limit {timedelta(seconds=int(limit))})" if limit is not None else "")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -91,9 +93,9 @@ class StepProgressBar(RichProgressBar):
         if not _steps_bounded(trainer):
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not self.is_disabled and self.train_progress_bar_id is None:
-            self._initialize_train_progress_bar_id()
-        self._update(self.train_progress_bar_id, trainer.global_step)
-        self._update_metrics(trainer, pl_module)
+            self.start_train_bar()
+        self.update_bar(self.train_progress_bar_id, trainer.global_step)
+        self.update_bar_metrics(trainer, pl_module)
         self.refresh()
 
     def configure_columns(self, trainer) -> list:

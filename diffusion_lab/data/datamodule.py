@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from diffusion_lab.compat.lightning import batches_done_this_epoch
 from diffusion_lab.data.buckets import bucket_batches
 from diffusion_lab.utils.errors import ConfigError
 
@@ -254,7 +255,7 @@ class DiffusionDataModule(pl.LightningDataModule):
         batch progress, not from the sampler, which runs ahead by the prefetched batches."""
         state = {"shuffle_seed": self.shuffle_seed}
         if self.trainer is not None:
-            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            done = batches_done_this_epoch(self.trainer)
             state.update(epoch=self.trainer.current_epoch, samples=done * self.batch_size)
         return state
 

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from diffusion_lab.compat.torchmetrics import clip_scores_per_image
 from diffusion_lab.metrics.clip import _TensorCLIP
 from diffusion_lab.metrics.features import load_clip, to_uint8_rgb
 from diffusion_lab.rewards.base import Reward
@@ -14,12 +15,9 @@ from diffusion_lab.utils.errors import ConfigError
 
 def per_image_clip_scores(images_uint8: torch.Tensor, prompts: list[str], model, processor) -> torch.Tensor:
     """``[N]`` CLIP scores ``100 cos(image, text)``: torchmetrics' own update function (``CLIPScore``
-    keeps only their sum, and clamps the mean at 0; a reward keeps negative scores, which still rank). The one place this private function is called; the reward
-    test fails if torchmetrics moves it."""
-    from torchmetrics.functional.multimodal.clip_score import _clip_score_update
-
-    scores, _ = _clip_score_update(list(images_uint8), prompts, model, processor)
-    return scores
+    keeps only their sum, and clamps the mean at 0; a reward keeps negative scores, which still rank):
+    ``compat.torchmetrics.clip_scores_per_image``."""
+    return clip_scores_per_image(images_uint8, prompts, model, processor)
 
 
 class CLIPScoreReward(Reward):

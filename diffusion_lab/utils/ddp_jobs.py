@@ -65,14 +65,10 @@ class LaunchedRanks:
     @contextmanager
     def replacing_lightning_observer(self) -> Iterator["LaunchedRanks"]:
         """While the job runs, Lightning's launcher starts ``watch`` instead of its own observer."""
-        from pytorch_lightning.strategies.launchers import subprocess_script
+        from diffusion_lab.compat.lightning import ddp_process_observer
 
-        original = subprocess_script._launch_process_observer
-        subprocess_script._launch_process_observer = self.watch
-        try:
+        with ddp_process_observer(self.watch):
             yield self
-        finally:
-            subprocess_script._launch_process_observer = original
 
     def watch(self, procs: list[subprocess.Popen]) -> None:
         """Watch ``procs`` (local ranks 1, 2, ...) from a daemon thread until the job is over."""
