@@ -27,9 +27,9 @@ def set_rng_states(state: dict[str, Any]) -> None:
 
 
 def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
-    """The trainer ``module`` is attached to, or None (``module.trainer`` raises when there is none):
-    ``LightningModule._trainer`` (2.6.6)."""
-    return module._trainer
+    """The trainer ``module`` is attached to, or None (``module.trainer`` raises when there is none; None
+    too for a stand-in that is no LightningModule): ``LightningModule._trainer`` (2.6.6)."""
+    return getattr(module, "_trainer", None)
 
 
 def batches_done_this_epoch(trainer: pl.Trainer) -> int:

@@ -22,6 +22,8 @@ from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig, inject_adapter_
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
+from diffusion_lab.compat.diffusers import forget_peft_config
+
 # attention projections: diffusers' UNet names, and CLIP's
 UNET_ATTENTION = ("to_k", "to_q", "to_v", "to_out.0")
 CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -143,8 +145,7 @@ def fused_copy(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> to
     fused = recurse_remove_peft_layers(fused)
     if hasattr(fused, "peft_config"):
         del fused.peft_config
-    if hasattr(fused, "_hf_peft_config_loaded"):
-        fused._hf_peft_config_loaded = False
+    forget_peft_config(fused)
     return fused
 
 

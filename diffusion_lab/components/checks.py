@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+from diffusion_lab.compat.diffusers import pretrained_name
 from diffusion_lab.components.text import DualTextConditioner
 from diffusion_lab.utils.errors import ConfigError
 
 
 def _source(module) -> str:
-    name = getattr(module.config, "_name_or_path", "") or ""
+    name = pretrained_name(module.config)
     return f" (from {name})" if name else ""
 
 

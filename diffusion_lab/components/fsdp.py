@@ -25,6 +25,7 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from diffusion_lab.compat.diffusers import declared_no_split_modules
 from diffusion_lab.components.pretrained import Dtype, torch_dtype
 from diffusion_lab.utils.errors import ConfigError
 
@@ -50,7 +51,7 @@ def no_split_modules(module: torch.nn.Module) -> tuple[str, ...]:
     (Qwen, Gemma) are sharded block by block without listing them here."""
     names: set[str] = set()
     for m in module.modules():
-        names.update(getattr(m, "_no_split_modules", None) or ())
+        names.update(declared_no_split_modules(m))
     return tuple(sorted(names))
 
 

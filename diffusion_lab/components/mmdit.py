@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffusion_lab.compat.diffusers import pretrained_name
 from diffusion_lab.components.pretrained import from_pretrained, resolve
 from diffusion_lab.utils.errors import ConfigError
 
@@ -82,7 +83,7 @@ def load_part(class_name: str, pretrained: str | None, family: str, subfolder: s
 
 
 def _source(module) -> str:
-    name = getattr(module.config, "_name_or_path", "") or ""
+    name = pretrained_name(module.config)
     return f" (from {name})" if name else ""
 
 

@@ -140,7 +140,9 @@ class Family:
         source = (batch or {}).get(self.source_key)
         if source is None and sampling:
             if getattr(self, "_previews", None) is None:
-                datamodule = getattr(getattr(module, "_trainer", None), "datamodule", None)
+                from diffusion_lab.compat.lightning import attached_trainer
+
+                datamodule = getattr(attached_trainer(module), "datamodule", None)
                 if datamodule is not None and hasattr(datamodule, "sample_batch"):
                     self._previews = datamodule.sample_batch(self.preview_sources).get(self.source_key)
             source = getattr(self, "_previews", None)

@@ -10,30 +10,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from diffusion_lab.compat.diffusers import flux_latent_image_ids, flux_pack_latents, flux_unpack_latents
 from diffusion_lab.families.base import Family, control_latents, filter_set_timesteps
 from diffusion_lab.families.sd3 import StableDiffusion3
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
     """Latents ``[N, c, h, w]`` -> tokens ``[N, hw/4, 4c]`` (``FluxPipeline._pack_latents``)."""
-    from diffusers import FluxPipeline
-
     n, c, h, w = x.shape
-    return FluxPipeline._pack_latents(x, n, c, h, w)
+    return flux_pack_latents(x, n, c, h, w)
 
 
 def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Tokens ``[N, hw/4, 4c]`` -> latents ``[N, c, h, w]`` (``FluxPipeline._unpack_latents`` at factor 1)."""
-    from diffusers import FluxPipeline
-
-    return FluxPipeline._unpack_latents(tokens, h, w, 1)
+    return flux_unpack_latents(tokens, h, w, 1)
 
 
 def image_ids(h: int, w: int, device, dtype, first: float = 0.0) -> torch.Tensor:
     """``[hw/4, 3]`` position ids (first axis, row, column) of the packed tokens of ``h x w`` latents."""
-    from diffusers import FluxPipeline
-
-    ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
+    ids = flux_latent_image_ids(1, h // 2, w // 2, device, dtype)
     ids[:, 0] = first
     return ids
 

@@ -31,6 +31,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from diffusion_lab.compat import diffusers as compat
 from diffusion_lab.components.pretrained import Dtype
 from diffusion_lab.components.text import TextConditioner
 from diffusion_lab.components.vae import VAECodec
@@ -79,9 +80,7 @@ class Flux2TextConditioner(TextConditioner):
     def forward(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """Captions -> ``{"encoder_hidden_states": [N, max_sequence_length, hidden_size]}`` (fp32)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            states = _pipe()._get_qwen3_prompt_embeds(
-                self.text_encoder, self.tokenizer, list(captions), max_sequence_length=self.max_sequence_length, hidden_states_layers=self.out_layers
-            )
+            states = compat.flux2_prompt_embeds(self.text_encoder, self.tokenizer, list(captions), self.max_sequence_length, self.out_layers)
         return {"encoder_hidden_states": states.float()}
 
 
@@ -123,14 +122,14 @@ class Flux2Codec(VAECodec):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         dist = DiagonalGaussianDistribution(moments)
-        z = _pipe()._patchify_latents(dist.sample(generator) if sample else dist.mode())
+        z = compat.flux2_patchify_latents(dist.sample(generator) if sample else dist.mode())
         mean, std = self.bn_stats(z)
         return (z - mean) / std
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised patches ``[N, 4c, h, w]`` -> images ``[N, 3, 2hf, 2wf]`` (fp32)."""
         mean, std = self.bn_stats(latents)
-        z = _pipe()._unpatchify_latents(latents * std + mean)
+        z = compat.flux2_unpatchify_latents(latents * std + mean)
         return self.vae.decode(z.to(self.vae.device, self.vae.dtype)).sample.to(latents.device, torch.float32)
 
 
@@ -192,15 +191,15 @@ class Flux2(Family):
         """Latents ``[N, C, h, w]`` at timesteps ``t`` = sigma x 1000 -> velocity ``[N, C, h, w]``, as
         ``Flux2KleinPipeline.__call__``: tokens ``[N, hw, C]`` (``_pack_latents``), 4-axis ids, timestep t / 1000.
         Unpacking is the transpose (``_unpack_latents_with_ids`` scatters the tokens of a full grid to the same places)."""
-        pipe, (n, c, h, w) = _pipe(), x_t.shape
+        n, c, h, w = x_t.shape
         states = encoder_hidden_states.to(x_t.dtype)
         out = backbone(
-            hidden_states=pipe._pack_latents(x_t),
+            hidden_states=compat.flux2_pack_latents(x_t),
             timestep=(t / 1000).to(x_t.dtype),
             guidance=None,
             encoder_hidden_states=states,
-            txt_ids=pipe._prepare_text_ids(states).to(x_t.device),
-            img_ids=pipe._prepare_latent_ids(x_t).to(x_t.device),
+            txt_ids=compat.flux2_text_ids(states).to(x_t.device),
+            img_ids=compat.flux2_latent_ids(x_t).to(x_t.device),
             return_dict=False,
             **extra,
         )[0]

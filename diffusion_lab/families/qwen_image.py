@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from diffusion_lab.compat.diffusers import qwen_pack_latents, qwen_unpack_latents
 from diffusion_lab.components.pretrained import Dtype
 from diffusion_lab.components.text import TextConditioner
 from diffusion_lab.components.vae import VAECodec
@@ -153,18 +154,14 @@ class QwenImageCodec(VAECodec):
 
 def pack(x: torch.Tensor) -> torch.Tensor:
     """Latents ``[N, c, h, w]`` -> tokens ``[N, hw/4, 4c]`` (``QwenImagePipeline._pack_latents``)."""
-    from diffusers import QwenImagePipeline
-
     n, c, h, w = x.shape
-    return QwenImagePipeline._pack_latents(x, n, c, h, w)
+    return qwen_pack_latents(x, n, c, h, w)
 
 
 def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Tokens ``[N, hw/4, 4c]`` -> latents ``[N, c, h, w]`` (``QwenImagePipeline._unpack_latents`` at factor 1,
     frame axis dropped)."""
-    from diffusers import QwenImagePipeline
-
-    return QwenImagePipeline._unpack_latents(tokens, h, w, 1)[:, :, 0]
+    return qwen_unpack_latents(tokens, h, w, 1)[:, :, 0]
 
 
 class QwenImage(Family):

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from diffusion_lab.compat.diffusers import supports_gradient_checkpointing
 from diffusion_lab.memory.budget import Counts
 from diffusion_lab.utils.errors import ConfigError
 
@@ -322,7 +323,7 @@ def trace_activations(arch: Architecture, resolution: int, batch: int = 1, compu
             p.data = p.data.to(torch.float32 if p.requires_grad or compute == "fp32" else base_dtype)
     skip = {_Tally.key(p)[0] for p in model.parameters()} | {_Tally.key(b)[0] for b in model.buffers()}
     tally = _Tally(skip)
-    if getattr(model, "_supports_gradient_checkpointing", False):
+    if supports_gradient_checkpointing(model):
         model.enable_gradient_checkpointing(gradient_checkpointing_func=tally.checkpoint)
     inputs = backbone_inputs(arch, model, batch, resolution, torch.bfloat16 if compute == "bf16" else torch.float32)
     with contextlib.ExitStack() as stack:

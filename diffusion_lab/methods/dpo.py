@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from diffusion_lab.compat.lightning import attached_trainer
 from diffusion_lab.data.preference import LOSER_KEY
 from diffusion_lab.methods.base import Method, frozen_reference
 from diffusion_lab.utils.errors import ConfigError, DataError
@@ -91,7 +92,7 @@ class DPO(Method):
         self.reference: frozen_reference | None = None
 
     def setup(self, module: "DiffusionModule") -> None:
-        dm = module.trainer.datamodule if module._trainer is not None else None
+        dm = module.trainer.datamodule if attached_trainer(module) is not None else None
         keys = getattr(getattr(dm, "dataset", None), "paired_keys", None)
         if keys is not None and LOSER_KEY not in keys:
             raise ConfigError(

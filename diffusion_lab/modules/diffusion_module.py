@@ -22,6 +22,8 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 import torch
 
+from diffusion_lab.compat.diffusers import supports_gradient_checkpointing
+from diffusion_lab.compat.lightning import attached_trainer
 from diffusion_lab.components.conditioning import Unconditional
 from diffusion_lab.components.shapes import sample_size
 from diffusion_lab.components.speed import AttentionBackend, apply_speed_switches, clip_fused_gradients
@@ -114,7 +116,7 @@ class DiffusionModule(pl.LightningModule):
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
         backbone = apply_speed_switches(backbone, channels_last=channels_last, attention=attention)
         if gradient_checkpointing:
-            if not getattr(backbone, "_supports_gradient_checkpointing", False):
+            if not supports_gradient_checkpointing(backbone):
                 raise ConfigError(f"model.gradient_checkpointing=true: {type(backbone).__name__} has no gradient checkpointing; set it to false.")
             backbone.enable_gradient_checkpointing()  # diffusers' own: UNet2D(Condition)Model, DiT, SD3, Flux
         backbone.train()  # from_pretrained (backbone=pixel_pretrained, ...) returns eval mode; Lightning keeps the mode it finds
@@ -134,7 +136,8 @@ class DiffusionModule(pl.LightningModule):
         """Under ``trainer=fsdp`` shard the trained parts (``components/fsdp.py``); a no-op otherwise."""
         from diffusion_lab.components.fsdp import FSDP2Strategy, is_sharded
 
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        strategy = trainer.strategy if trainer is not None else None
         if isinstance(strategy, FSDP2Strategy) and not is_sharded(self):
             strategy.shard(self)
 
@@ -231,7 +234,7 @@ class DiffusionModule(pl.LightningModule):
         if self._t_batch_start is not None and self._logging_step(self.global_step):
             dt = time.perf_counter() - self._t_batch_start
             bs = batch_len(batch)
-            world = self.trainer.world_size if self._trainer is not None else 1
+            world = self.trainer.world_size if attached_trainer(self) is not None else 1
             self.log("train/images_per_sec", bs * world / max(dt, 1e-9), batch_size=bs)
             self.log("train/peak_memory_mb", peak_memory_mb(self.device), batch_size=bs)
 
@@ -319,7 +322,8 @@ class DiffusionModule(pl.LightningModule):
         scheduler = scheduler or self.sampling_scheduler()
         shape, steps = self.latent_shape(n), num_inference_steps or self.hparams.preview_steps
         # bf16 on GPUs, and wherever training runs bf16-mixed (trainer=fsdp gathers bf16 weights, CPU too)
-        bf16 = self.device.type == "cuda" or (self._trainer is not None and self._trainer.precision == "bf16-mixed")
+        trainer = attached_trainer(self)
+        bf16 = self.device.type == "cuda" or (trainer is not None and trainer.precision == "bf16-mixed")
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         with autocast:
             x0 = sample(
