@@ -276,3 +276,22 @@ def test_diffusers_forget_peft_config():
         forget_peft_config(model)
         with pytest.raises(ValueError, match="No adapter loaded"):
             model.active_adapters()
+
+
+# ---- torch ---------------------------------------------------------------------------------------
+def test_torch_dispatch_mode_sees_aten_ops():
+    from diffusion_lab.compat.torch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with adapter("torch.TorchDispatchMode", "torch"):
+        with Seen() as seen:
+            out = torch.ones(2) + 1
+        assert torch.equal(out, torch.full((2,), 2.0)) and "aten.add.Tensor" in seen.ops, seen.ops

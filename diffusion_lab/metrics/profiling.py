@@ -11,8 +11,9 @@ from collections import Counter
 from typing import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from diffusion_lab.compat.torch import TorchDispatchMode
 
 # Dense bf16 tensor-core peak (no sparsity), from NVIDIA's datasheets; the MFU denominator.
 PEAK_BF16_FLOPS = {
