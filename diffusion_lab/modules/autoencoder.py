@@ -58,11 +58,9 @@ def decode(vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 def _patches(vae, z: torch.Tensor) -> torch.Tensor:
     """``AutoencoderKLFlux2``'s latents are normalised as 2x2 patches ``[N, 4c, h/2, w/2]``; others as they are."""
-    if type(vae).__name__ != "AutoencoderKLFlux2":
-        return z
-    from diffusers import Flux2KleinPipeline
+    from diffusion_lab.compat.diffusers import flux2_patchify_latents
 
-    return Flux2KleinPipeline._patchify_latents(z)
+    return flux2_patchify_latents(z) if type(vae).__name__ == "AutoencoderKLFlux2" else z
 
 
 @torch.no_grad()
