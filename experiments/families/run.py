@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -174,6 +175,17 @@ def reconstruction_accuracy(module, classifier, resolution: int) -> float:
     return float((classifier.predict_proba(recon).argmax(-1) == labels).float().mean())
 
 
+@torch.no_grad()
+def text_difference(module) -> float:
+    """How much the frozen text states of "a handwritten digit zero" and of each other digit differ: relative
+    L2 distance of the family's first text input (``text_keys[0]``), averaged over the nine pairs. What the
+    backbone can learn to read from a random text encoder."""
+    from diffusion_lab.metrics.digits import DIGIT_NAMES
+
+    states = module._text([f"a handwritten digit {name}" for name in DIGIT_NAMES])[module.text_keys[0]].float()
+    return float(torch.stack([(states[k] - states[0]).norm() / states[0].norm() for k in range(1, 10)]).mean())
+
+
 def score(args) -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -200,7 +212,7 @@ def score(args) -> None:
         per = [float((pred[labels == k] == k).float().mean()) for k in range(10)]
         cpu = json.loads((run / "train_cpu.json").read_text())
         rows.append({"family": family, "parameters": sum(p.numel() for p in module.base_backbone.parameters()), "train_steps": ckpt["global_step"],
-                     **cpu, "vae_reconstruction_accuracy": recon, "val_loss_before": before, "val_loss_after": after, "prompt_accuracy": float((pred == labels).float().mean()), "per_class": per})
+                     **cpu, "vae_reconstruction_accuracy": recon, "text_difference": text_difference(module), "val_loss_before": before, "val_loss_after": after, "prompt_accuracy": float((pred == labels).float().mean()), "per_class": per})
         order = torch.cat([torch.nonzero(labels == k).flatten()[:1] for k in range(10)])
         grids.append(torch.nn.functional.interpolate(images[order], size=16, mode="area"))  # Sana's 32 px to the others' 16
         print({k: v for k, v in rows[-1].items() if k != "per_class"}, flush=True)
@@ -211,12 +223,13 @@ def score(args) -> None:
         f"{10 * args.per_class} samples per family ({args.per_class} of each \"a handwritten digit k\"), {args.steps} steps of its trained sampler, "
         f"guidance {args.guidance:g}, EMA weights; chance = 0.10",
         "",
-        "| family | backbone parameters | train steps | train CPU min | VAE reconstructions read right | val loss before | val loss after | prompt accuracy | worst digit |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| family | backbone parameters | train steps | train CPU min | VAE reconstructions read right | text states differ | val loss before | val loss after | prompt accuracy | worst digit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    fmt = lambda x: "-" if math.isnan(x) else f"{x:.2f}"  # noqa: E731  (edit families: no text-only states)
     for r in rows:
         worst = min(range(10), key=lambda k: r["per_class"][k])
-        table.append(f"| {r['family']} | {r['parameters'] / 1e6:.2f}M | {r['train_steps']} | {r['cpu_seconds'] / 60:.1f} | {r['vae_reconstruction_accuracy']:.3f} | {r['val_loss_before']:.4f} | "
+        table.append(f"| {r['family']} | {r['parameters'] / 1e6:.2f}M | {r['train_steps']} | {r['cpu_seconds'] / 60:.1f} | {r['vae_reconstruction_accuracy']:.3f} | {fmt(r['text_difference'])} | {r['val_loss_before']:.4f} | "
                      f"{r['val_loss_after']:.4f} | **{r['prompt_accuracy']:.3f}** | {worst}: {r['per_class'][worst]:.2f} |")
     (out / "results.md").write_text("\n".join(table) + "\n")
     image_grid(torch.cat(grids), rows=len(grids)).save(out / "samples.png")
