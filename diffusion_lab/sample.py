@@ -10,7 +10,7 @@ Writes ``<out_dir>/000000.png ...`` (one PNG per image), ``<out_dir>/grid.png`` 
 prompts, ``<out_dir>/prompts.txt`` (file name and prompt per line). With no ``sampler=`` the model
 samples as it was trained to (the pipeline's saved scheduler, or the checkpoint's sampler); with no
 ``num_inference_steps=`` it takes the step count the model was trained for (a distilled pipeline records
-it in ``diffusion_lab.json``: 2), else 50.
+it in ``diffusion_lab.json``: 2), else 50; without ``guidance_scale=`` likewise (a distilled student: 1), else 7.5.
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ def run(cfg: DictConfig) -> Path:
         from diffusion_lab.inference.checkpoints import load_module
 
         module = load_module(cfg.ckpt_path, use_ema=cfg.use_ema, trust=cfg.trust_checkpoint)
-    if cfg.num_inference_steps is None:
-        with open_dict(cfg):
-            cfg.num_inference_steps = trained_steps(cfg, module)
+    with open_dict(cfg):
+        if cfg.num_inference_steps is None:
+            cfg.num_inference_steps = int(trained_value(cfg, module, "num_inference_steps") or 50)
+        if cfg.guidance_scale is None:
+            cfg.guidance_scale = float(trained_value(cfg, module, "guidance_scale") or 7.5)
     pipe = G.load_text_pipeline(cfg, module)
     if pipe is not None:
         return run_text_to_image(cfg, pipe, device)
@@ -50,16 +52,16 @@ def run(cfg: DictConfig) -> Path:
     return grid
 
 
-def trained_steps(cfg: DictConfig, module=None) -> int:
-    """The step count the model was trained to sample with: a method's ``sample_steps``
-    (distillation), read from the checkpoint's method or from ``diffusion_lab.json`` in the pipeline
-    or LoRA folder (``export/pipelines.py`` writes it); else 50."""
-    steps = getattr(getattr(module, "method", None), "sample_steps", None)
+def trained_value(cfg: DictConfig, module=None, key: str = "num_inference_steps"):
+    """What the model was trained to sample with (``num_inference_steps`` / ``guidance_scale``): a method's
+    ``sample_steps`` / ``sample_guidance`` (distillation), read from the checkpoint's method or from
+    ``diffusion_lab.json`` in the pipeline or LoRA folder (``export/pipelines.py`` writes it); else None."""
+    value = getattr(getattr(module, "method", None), {"num_inference_steps": "sample_steps", "guidance_scale": "sample_guidance"}[key], None)
     for folder in (cfg.pipeline, cfg.get("lora")):
         record = Path(folder) / "diffusion_lab.json" if folder else None
-        if steps is None and record is not None and record.is_file():
-            steps = json.loads(record.read_text()).get("num_inference_steps")
-    return int(steps or 50)
+        if value is None and record is not None and record.is_file():
+            value = json.loads(record.read_text()).get(key)
+    return value
 
 
 def run_text_to_image(cfg: DictConfig, pipe, device) -> Path:

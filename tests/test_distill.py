@@ -269,7 +269,7 @@ def test_lcm_lora_on_a_latent_text_to_image_model(tmp_path):
     method = objs["model"].method
     assert method.target is None and method.teacher.copy is None  # the student is its own target; teacher = adapter off
     lora = Path(cfg.paths.output_dir) / "lora"
-    assert json.loads((lora / "diffusion_lab.json").read_text()) == {"num_inference_steps": 2}
+    assert json.loads((lora / "diffusion_lab.json").read_text()) == {"num_inference_steps": 2, "guidance_scale": 1.0}  # guided teacher: unguided student
     pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False)
     pipe.load_lora_weights(str(lora))
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)

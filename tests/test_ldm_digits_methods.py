@@ -49,16 +49,17 @@ def test_distill_ldm_digits_exports_an_lcm_student_that_sample_draws_in_2_steps(
     method = objects["model"].method
     assert method.guidance == (3.0, 3.0) and method.target is not None  # guided teacher, EMA target (full fine-tune)
     run = Path(cfg.paths.output_dir)
-    assert json.loads((run / "pipeline" / "diffusion_lab.json").read_text()) == {"num_inference_steps": 2}
+    assert json.loads((run / "pipeline" / "diffusion_lab.json").read_text()) == {"num_inference_steps": 2, "guidance_scale": 1.0}
     assert json.loads((run / "pipeline" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "LCMScheduler"
     assert _moved(run, stack["root"] / "pipeline")
     # every part but the UNet is the stack's: the pipeline's own tokenizer reads the digit words
     assert (run / "pipeline" / "tokenizer" / "tokenizer.json").read_text() == (stack["root"] / "pipeline" / "tokenizer" / "tokenizer.json").read_text()
     capsys.readouterr()
-    sample_cfg = compose_cfg("sample", [f"pipeline={run / 'pipeline'}", "prompt=a handwritten digit seven", "num_images=2", "guidance_scale=1",
+    sample_cfg = compose_cfg("sample", [f"pipeline={run / 'pipeline'}", "prompt=a handwritten digit seven", "num_images=2",
                                         f"out_dir={tmp_path / 'samples'}"], tmp_path / "samples")  # fmt: skip
     run_sample(sample_cfg)
-    assert "LCMScheduler, 2 steps" in capsys.readouterr().out and len(list((tmp_path / "samples").glob("0*.png"))) == 2
+    # no steps or guidance given: the student's recorded 2 steps, unguided (its teacher's guidance is distilled in)
+    assert "LCMScheduler, 2 steps, guidance 1.0" in capsys.readouterr().out and len(list((tmp_path / "samples").glob("0*.png"))) == 2
 
 
 def test_grpo_ldm_digits_scores_groups_of_the_prompted_digit(stack, tmp_path):  # noqa: F811

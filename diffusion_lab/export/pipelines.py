@@ -116,11 +116,14 @@ def export(module, out_dir: str, lora_format: str = "both"):
 
 
 def _record_steps(module, out_dir: str) -> None:
-    """``diffusion_lab.json`` with the step count the method trained for (``Method.sample_steps``:
-    a distilled student's 2), which ``diffusion_lab.sample`` uses when no steps are given."""
-    steps = getattr(getattr(module, "method", None), "sample_steps", None)
-    if steps:
-        (Path(out_dir) / "diffusion_lab.json").write_text(json.dumps({"num_inference_steps": int(steps)}) + "\n")
+    """``diffusion_lab.json`` with the step count and guidance the method trained for (``Method.sample_steps`` /
+    ``sample_guidance``: a distilled student's 2 steps, guidance 1), which ``diffusion_lab.sample`` uses when
+    none is given."""
+    method = getattr(module, "method", None)
+    steps, guidance = getattr(method, "sample_steps", None), getattr(method, "sample_guidance", None)
+    record = {**({"num_inference_steps": int(steps)} if steps else {}), **({"guidance_scale": float(guidance)} if guidance else {})}
+    if record:
+        (Path(out_dir) / "diffusion_lab.json").write_text(json.dumps(record) + "\n")
 
 
 def save_lora(module, out_dir: str, lora_format: str = "both") -> None:

@@ -38,6 +38,9 @@ class Method:
     # the step count its exports sample with by default (``diffusion_lab.json``; None: the sampler's 50).
     # Distillation sets it to the student's; GRPO's own ``num_inference_steps`` is its training sampler's, not this.
     sample_steps: int | None = None
+    # the guidance weight its exports sample with by default (``diffusion_lab.json``; None: ``guidance_scale``'s 7.5).
+    # Distillation from a guided teacher sets 1: the guidance is in the student.
+    sample_guidance: float | None = None
 
     def setup(self, module: "DiffusionModule") -> None:
         """Before the first step (the module's ``setup("fit")``, before a checkpoint is restored): build

@@ -113,6 +113,8 @@ class Distill(Method):
         n = len(x0)
         cond = module.conditioning(batch, train=False)  # the teacher's guided trajectory: no caption dropout
         uncond = module.sampling_conditioning(batch, n)[1] if self.guidance[1] > 1 else None
+        if uncond is not None:
+            self.sample_guidance = 1.0  # the teacher's guidance is distilled into the student: its exports sample unguided
         g = grid.at(torch.randint(0, len(grid), (n,)), x0.device)
         x_t = C.noisy(x0, process.draw_noise(x0), g.alpha, g.sigma)
 
