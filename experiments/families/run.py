@@ -57,6 +57,7 @@ VARIANTS = {
     "sd3_long": ("sd3", []),  # trained with --cpu-seconds 600: is SD3 only slower to learn?
     "sana_no_instruction": ("sana", ["text_encoder.complex_human_instruction=null"]),  # the 160-token instruction prefix
     "sana_long": ("sana", []),  # --cpu-seconds 600
+    "sana_no_cache": ("sana", ["model.cache=false"]),  # text states encoded every step instead of cached once
     "sana_no_instruction_long": ("sana", ["text_encoder.complex_human_instruction=null"]),  # --cpu-seconds 600
 }
 COMMON = ["data.batch_size=32", "trainer.max_steps=100000", "trainer.max_time=null", "trainer.val_check_interval=100000",
