@@ -654,7 +654,14 @@ def test_experiment_instantiates(experiment, tmp_path, request):
     else:  # a family's own codec (FLUX.2's patchified, Qwen-Image's 5-D, Sana's DC-AE latents): what it reports
         channels, factor = model.codec.latent_channels, model.codec.downsample_factor
     side = cfg.data.resolution // factor
-    assert model.latent_shape(2) == (2, channels, side, side)
+    if cfg.model._target_.endswith("AutoencoderModule"):  # the VAE stage: the latents its encoder really makes
+        from diffusion_lab.modules.autoencoder import encode
+
+        with torch.no_grad():
+            shape = tuple(encode(model.vae, torch.zeros(2, cfg.data.channels, cfg.data.resolution, cfg.data.resolution), sample=False)[0].shape)
+    else:
+        shape = model.latent_shape(2)
+    assert shape == (2, channels, side, side)
     unet = getattr(model, "backbone", None)
     family = getattr(model, "family", None)
     if unet is not None and (family is None or hasattr(family, "packing")):  # the network takes what the codec makes (Flux: 2x2 packed)
