@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-slow
+.PHONY: install demo test test-slow docs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,3 +32,7 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
+
+## The docs site (docs/, mkdocs.yml) into site/; `.venv/bin/mkdocs serve` serves it with live reload.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
