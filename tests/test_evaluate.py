@@ -191,7 +191,7 @@ def test_evaluate_pipeline_writes_json_logs_wandb_and_scores_its_own_folder(trai
 def test_more_sampler_steps_are_not_worse_than_very_few(trained_pipeline, digit_features):
     from diffusers import DDPMPipeline
 
-    from diffusion_lab.metrics.samplers import compare_samplers
+    from experiments.lib.samplers import compare_samplers
 
     pipe = DDPMPipeline.from_pretrained(trained_pipeline)
     real, _ = digit_features.extract(real_digits("all", 8)[0])

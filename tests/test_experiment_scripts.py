@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from diffusion_lab.train import train
-from diffusion_lab.utils.outputs import run_dir
+from experiments.lib.outputs import run_dir
 
 from tests.conftest import compose_cfg
 from tests.multiproc import REPO, tiny

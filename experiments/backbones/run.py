@@ -7,7 +7,7 @@ batch 64, AdamW 1e-3 with constant LR after 200 warm-up steps, EMA), equal train
     .venv/bin/python experiments/backbones/run.py score --out experiments/backbones   # refresh the committed results
     .venv/bin/python experiments/backbones/run.py speed --out experiments/backbones   # CPU s per training step only
 
-Training stops after ``--cpu-seconds`` of each process's CPU time (callbacks/cpu_budget.py), so a
+Training stops after ``--cpu-seconds`` of each process's CPU time (experiments/lib/cpu_budget.py), so a
 faster backbone gets more steps; a constant LR makes the stopping step not matter to the schedule.
 Scoring (diffusion_lab.metrics.digit_quality): 500 samples, labels 0..9 in turn, DPM-Solver++ 20
 steps from the checkpoint's EMA weights: FID in digit features vs all 1,797 real digits, the
@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a file (python experiments/<study>/<script>.py): the repo root, for experiments.lib
 COMMON = ["experiment=dit_digits", "logger=csv", "lr_scheduler@model.lr_scheduler=constant_with_warmup",
           "trainer.max_time=null", "trainer.max_steps=100000", "trainer.val_check_interval=500",
           "callbacks.sample_grid.every_n_steps=100000", "callbacks.model_checkpoint.every_n_train_steps=100000", "callbacks.progress_bar=null"]
@@ -47,9 +49,9 @@ def used_parameters(net) -> int:
 
 
 def train(args) -> None:
-    from diffusion_lab.utils.cpu_jobs import train_jobs
+    from experiments.lib.cpu_jobs import train_jobs
 
-    budget = f"+callbacks.cpu_budget={{_target_:diffusion_lab.callbacks.cpu_budget.CPUTimeBudget,seconds:{args.cpu_seconds}}}"
+    budget = f"+callbacks.cpu_budget={{_target_:experiments.lib.cpu_budget.CPUTimeBudget,seconds:{args.cpu_seconds}}}"
     jobs = {name: [*COMMON, *extra, budget] for name, extra in BACKBONES.items()}
     train_jobs(jobs, Path(args.runs), parallel=len(jobs), quiet=True, cwd=str(ROOT))
 
@@ -73,7 +75,7 @@ def score(args) -> None:
                          "train_steps": ckpt["global_step"], **cpu, **found})
             grids.append(images[:20])
             print(rows[-1], flush=True)
-    from diffusion_lab.utils.outputs import run_dir
+    from experiments.lib.outputs import run_dir
 
     out = run_dir(args.out, "backbones")
     (out / "results.json").write_text(json.dumps({"num_images": args.num_images, "steps": args.steps, "seed": args.seed, "cpu_seconds_budget": args.cpu_seconds, "rows": rows}, indent=2) + "\n")
@@ -132,7 +134,7 @@ def speed(args) -> None:
         seconds = (time.process_time() - t0) / args.speed_steps
         rows.append({"backbone": name, "parameters": used_parameters(module.base_backbone), "cpu_seconds_per_step": round(seconds, 4)})
         print(rows[-1], flush=True)
-    from diffusion_lab.utils.outputs import run_dir
+    from experiments.lib.outputs import run_dir
 
     out = run_dir(args.out, "backbones")
     (out / "speed.json").write_text(json.dumps({"batch_size": 64, "steps": args.speed_steps, "threads": 1, "rows": rows}, indent=2) + "\n")
@@ -157,7 +159,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    from diffusion_lab.utils.outputs import add_out_argument
+    from experiments.lib.outputs import add_out_argument
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["train", "score", "speed"])

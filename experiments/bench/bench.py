@@ -63,7 +63,8 @@ from diffusion_lab.metrics import profiling  # noqa: E402
 from diffusion_lab.modules import LatentDiffusion  # noqa: E402
 from diffusion_lab.modules.diffusion_module import batch_len  # noqa: E402
 from diffusion_lab.utils.instantiate import instantiate_callbacks, instantiate_loggers  # noqa: E402
-from diffusion_lab.utils.outputs import add_out_argument, run_dir  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file (python experiments/<study>/<script>.py): the repo root, for experiments.lib
+from experiments.lib.outputs import add_out_argument, run_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = str(REPO / "conf")

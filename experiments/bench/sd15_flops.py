@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from diffusion_lab.metrics import profiling
-from diffusion_lab.utils.outputs import add_out_argument, run_dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file (python experiments/<study>/<script>.py): the repo root, for experiments.lib
+from experiments.lib.outputs import add_out_argument, run_dir  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SD_VAE = dict(

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a file (python experiments/<study>/<script>.py): the repo root, for experiments.lib
 
 TEMPLATE = "a handwritten digit {name}"
 # method -> (train overrides, export folder under the runs dir, trigger)
@@ -118,7 +119,7 @@ def score(args) -> None:
     from diffusion_lab.data.transforms import image_grid
     from diffusion_lab.diffusion.sampling import load_sampler
     from diffusion_lab.metrics.digits import DigitClassifier
-    from diffusion_lab.utils.outputs import run_dir
+    from experiments.lib.outputs import run_dir
 
     runs = Path(args.runs)
     out = run_dir(args.out, "concepts")
@@ -200,7 +201,7 @@ def plot(r: dict, path: Path) -> None:
 
 
 def main() -> None:
-    from diffusion_lab.utils.outputs import add_out_argument
+    from experiments.lib.outputs import add_out_argument
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["train", "score"])

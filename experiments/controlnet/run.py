@@ -37,7 +37,8 @@ from diffusion_lab.data.control import control_image
 from diffusion_lab.data.sources import DIGIT_NAMES
 from diffusion_lab.data.transforms import image_grid
 from diffusion_lab.metrics.digits import DigitClassifier
-from diffusion_lab.utils.outputs import add_out_argument, run_dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file (python experiments/<study>/<script>.py): the repo root, for experiments.lib
+from experiments.lib.outputs import add_out_argument, run_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 

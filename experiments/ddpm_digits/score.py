@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -22,7 +24,8 @@ from diffusion_lab.diffusion.sampling import load_sampler
 from diffusion_lab.inference.checkpoints import load_module
 from diffusion_lab.inference.generate import load_pixel_model
 from diffusion_lab.metrics.digits import DIGIT_NAMES, score_digit_samples
-from diffusion_lab.utils.outputs import add_out_argument, run_dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file (python experiments/<study>/<script>.py): the repo root, for experiments.lib
+from experiments.lib.outputs import add_out_argument, run_dir  # noqa: E402
 
 
 def main() -> None:

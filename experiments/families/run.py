@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a file (python experiments/<study>/<script>.py): the repo root, for experiments.lib
 # family -> the VAE layout it shares (trained once, from the first family's tiny VAE)
 LAYOUTS = {
     "kl4": ["sd", "sdxl"],
@@ -59,6 +60,15 @@ VARIANTS = {
     "sana_long": ("sana", []),  # --cpu-seconds 600
     "sana_no_cache": ("sana", ["model.cache=false"]),  # text states encoded every step instead of cached once
     "sana_no_instruction_long": ("sana", ["text_encoder.complex_human_instruction=null"]),  # --cpu-seconds 600
+    "sana_posembed": ("sana", []),  # backbone below: is it the 64 latent tokens without positions?
+    "sana_one_token": ("sana", []),
+}
+# diagnostic pipelines: the family's pipeline (same trained VAE, same text encoder) with its backbone rebuilt from
+# these config changes. Sana's 8x8 latents are 64 tokens with no positional embedding; every other family's 16 px
+# latents are one token (packed 2x2, or patch 2) or a 2x2 UNet input.
+BACKBONES = {
+    "sana_posembed": {"interpolation_scale": 1},  # SanaTransformer2DModel's sin-cos positions (Sana 4K has them)
+    "sana_one_token": {"patch_size": 8},  # the whole 8x8 latent as one patch: a single token
 }
 COMMON = ["data.batch_size=32", "trainer.max_steps=100000", "trainer.max_time=null", "trainer.val_check_interval=100000",
           "trainer.limit_val_batches=null", "callbacks.model_checkpoint.every_n_train_steps=100000", "callbacks.progress_bar=null",
@@ -97,10 +107,10 @@ def edit_pairs(root: Path) -> None:
 
 
 def vaes(args) -> None:
-    from diffusion_lab.utils.cpu_jobs import train_jobs
+    from experiments.lib.cpu_jobs import train_jobs
 
     runs = Path(args.runs)
-    budget = f"+callbacks.cpu_budget={{_target_:diffusion_lab.callbacks.cpu_budget.CPUTimeBudget,seconds:{args.vae_cpu_seconds}}}"
+    budget = f"+callbacks.cpu_budget={{_target_:experiments.lib.cpu_budget.CPUTimeBudget,seconds:{args.vae_cpu_seconds}}}"
     jobs = {
         layout: ["experiment=vae_digits", "model=autoencoder_pretrained", f"model.vae.pretrained={runs / 'tiny' / fams[0]}", f"stack_dir={runs / 'vaes' / layout}",
                  f"data.resolution={RESOLUTION.get(layout, 16)}", "trainer.max_steps=800", "callbacks.progress_bar=null", budget]
@@ -115,6 +125,23 @@ def vaes(args) -> None:
             shutil.copytree(runs / "tiny" / family, target)
             shutil.rmtree(target / "vae")
             shutil.copytree(runs / "vaes" / layout / "vae", target / "vae")
+    backbone_variants(runs)
+
+
+def backbone_variants(runs: Path) -> None:
+    """``pipelines/<variant>``: the family's pipeline with its backbone rebuilt (seed 0) from ``BACKBONES``."""
+    import diffusers
+
+    for name, changes in BACKBONES.items():
+        family, target = VARIANTS[name][0], runs / "pipelines" / name
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(runs / "pipelines" / family, target)
+        folder = next(sub for sub in ("transformer", "unet") if (target / sub).exists())
+        config = json.loads((target / folder / "config.json").read_text())
+        torch.manual_seed(0)
+        backbone = getattr(diffusers, config["_class_name"]).from_config({**config, **changes})
+        shutil.rmtree(target / folder)
+        backbone.save_pretrained(target / folder)
 
 
 def overrides(name: str, runs: Path) -> list[str]:
@@ -122,14 +149,15 @@ def overrides(name: str, runs: Path) -> list[str]:
     extra = ["data=image_folder", f"data.root={runs / 'edit_pairs'}", "data.caption_column=text", "data.val_fraction=0.1",
              "data.paired_images={source_image: source_pixel_values}", *EDIT[family]] if family in EDIT else []
     resolution = RESOLUTION.get(LAYOUT_OF[family], 16)
-    return [f"experiment={family}_finetune_tiny", f"model.pretrained={runs / 'pipelines' / family}", f"data.resolution={resolution}", *COMMON, *extra, *variant]
+    pipeline = name if name in BACKBONES else family
+    return [f"experiment={family}_finetune_tiny", f"model.pretrained={runs / 'pipelines' / pipeline}", f"data.resolution={resolution}", *COMMON, *extra, *variant]
 
 
 def train(args) -> None:
-    from diffusion_lab.utils.cpu_jobs import train_jobs
+    from experiments.lib.cpu_jobs import train_jobs
 
     runs = Path(args.runs)
-    budget = f"+callbacks.cpu_budget={{_target_:diffusion_lab.callbacks.cpu_budget.CPUTimeBudget,seconds:{args.cpu_seconds}}}"
+    budget = f"+callbacks.cpu_budget={{_target_:experiments.lib.cpu_budget.CPUTimeBudget,seconds:{args.cpu_seconds}}}"
     families = args.families or FAMILIES
     jobs = {family: [*overrides(family, runs), budget] for family in families}
     train_jobs(jobs, runs / "runs", parallel=args.parallel, quiet=True, cwd=str(ROOT))
@@ -194,7 +222,7 @@ def score(args) -> None:
     from diffusion_lab.data.transforms import image_grid
     from diffusion_lab.inference.checkpoints import load_module
     from diffusion_lab.metrics.digits import DigitClassifier
-    from diffusion_lab.utils.outputs import run_dir
+    from experiments.lib.outputs import run_dir
 
     torch.set_num_threads(1)
     runs, classifier, rows, grids = Path(args.runs), DigitClassifier.load_or_train(), [], []
@@ -238,7 +266,7 @@ def score(args) -> None:
 
 
 def main() -> None:
-    from diffusion_lab.utils.outputs import add_out_argument
+    from experiments.lib.outputs import add_out_argument
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["build", "vaes", "train", "score"])

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a file (python experiments/<study>/<script>.py): the repo root, for experiments.lib
 PROCESSES = ("vp", "flow_matching", "edm")
 SEEDS = (42, 7)
 
@@ -30,7 +32,7 @@ def runs_of(args) -> dict[str, list[str]]:
 
 
 def train(args) -> None:
-    from diffusion_lab.utils.cpu_jobs import train_jobs
+    from experiments.lib.cpu_jobs import train_jobs
 
     train_jobs(runs_of(args), Path(args.runs), args.parallel, quiet=True, cwd=str(ROOT))
 
@@ -43,7 +45,7 @@ def score(args) -> None:
     from diffusion_lab.inference.checkpoints import load_module
     from diffusion_lab.metrics.digit_quality import digit_quality
     from diffusion_lab.metrics.features import DigitFeatures
-    from diffusion_lab.utils.outputs import run_dir
+    from experiments.lib.outputs import run_dir
 
     torch.set_num_threads(1)
     extractor, rows, grids = DigitFeatures(), [], []
@@ -71,7 +73,7 @@ def score(args) -> None:
 
 
 def main() -> None:
-    from diffusion_lab.utils.outputs import add_out_argument
+    from experiments.lib.outputs import add_out_argument
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["train", "score"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +34,8 @@ from diffusion_lab.export import build_pipeline
 from diffusion_lab.inference.checkpoints import load_module
 from diffusion_lab.inference.generate import generate_text_images
 from diffusion_lab.metrics.digits import DIGIT_NAMES, DigitClassifier, real_digits
-from diffusion_lab.utils.outputs import add_out_argument, run_dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file (python experiments/<study>/<script>.py): the repo root, for experiments.lib
+from experiments.lib.outputs import add_out_argument, run_dir  # noqa: E402
 
 
 def prompts_for(template: str) -> list[str]:

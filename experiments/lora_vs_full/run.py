@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a file (python experiments/<study>/<script>.py): the repo root, for experiments.lib
 RANKS = (4, 16, 64)
 TEMPLATE = "a handwritten digit {name}"
 TRIGGER = "thick"
@@ -153,7 +154,7 @@ def score(args) -> None:
     from diffusion_lab.data.transforms import image_grid
     from diffusion_lab.diffusion.sampling import load_sampler
     from diffusion_lab.metrics.digits import DigitClassifier
-    from diffusion_lab.utils.outputs import run_dir
+    from experiments.lib.outputs import run_dir
 
     c = concepts()
     ldm = c.ldm_score()
@@ -326,7 +327,7 @@ def plot(r: dict, path: Path) -> None:
 
 
 def main() -> None:
-    from diffusion_lab.utils.outputs import add_out_argument
+    from experiments.lib.outputs import add_out_argument
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["train", "extract", "score", "compare"])

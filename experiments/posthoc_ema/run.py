@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a file (python experiments/<study>/<script>.py): the repo root, for experiments.lib
 SIGMA_RELS = (0.02, 0.03, 0.05, 0.08, 0.12, 0.18, 0.25)
 
 
@@ -54,7 +55,7 @@ def score(args) -> None:
     from diffusion_lab.inference.checkpoints import load_module
     from diffusion_lab.metrics.digits import real_digits, score_digit_samples
     from diffusion_lab.metrics.features import DigitFeatures
-    from diffusion_lab.metrics.samplers import compare_samplers
+    from experiments.lib.samplers import compare_samplers
 
     torch.set_num_threads(1)
     run = Path(args.run)
@@ -87,7 +88,7 @@ def score(args) -> None:
 
 def write(rows: list[dict], grids: list[torch.Tensor], out: Path | None, args, info: dict, n_snapshots: int) -> None:
     from diffusion_lab.data.transforms import image_grid
-    from diffusion_lab.utils.outputs import run_dir
+    from experiments.lib.outputs import run_dir
 
     out = run_dir(out, "posthoc_ema")
     (out / "results.json").write_text(json.dumps({"num_images": args.num_images, "seed": args.seed, "sampler": args.sampler, "steps": args.steps,

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a file (python experiments/<study>/<script>.py): the repo root, for experiments.lib
 # name -> (train overrides, samplers to score: each process's own fast samplers)
 VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     "vp_epsilon": ([], ["ddim", "dpmpp"]),
@@ -73,7 +74,7 @@ def score(args) -> None:
 
     from diffusion_lab.metrics.digits import real_digits, score_digit_samples
     from diffusion_lab.metrics.features import DigitFeatures
-    from diffusion_lab.metrics.samplers import compare_samplers
+    from experiments.lib.samplers import compare_samplers
 
     extractor = DigitFeatures()
     rows, grids = [], []
@@ -94,7 +95,7 @@ def score(args) -> None:
                          "class_histogram": hist, "class_min": min(hist), "class_max": max(hist)})
         best = min((r for r in rows if r["process"] == name), key=lambda r: r["fid"])
         grids.append(images[f"{best['sampler']}-{best['steps']}"][:20])
-    from diffusion_lab.utils.outputs import run_dir
+    from experiments.lib.outputs import run_dir
 
     write(rows, grids, run_dir(args.out, "processes"), args)
 
@@ -151,7 +152,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    from diffusion_lab.utils.outputs import add_out_argument
+    from experiments.lib.outputs import add_out_argument
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["train", "score"])

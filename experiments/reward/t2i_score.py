@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -31,7 +33,8 @@ from diffusion_lab.inference.generate import generate_text_images
 from diffusion_lab.metrics.digits import DIGIT_NAMES, class_scores, real_digits
 from diffusion_lab.metrics.distribution import fid
 from diffusion_lab.metrics.features import DigitFeatures
-from diffusion_lab.utils.outputs import add_out_argument, run_dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file (python experiments/<study>/<script>.py): the repo root, for experiments.lib
+from experiments.lib.outputs import add_out_argument, run_dir  # noqa: E402
 
 TEMPLATE = "a handwritten digit {name}"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -24,8 +25,9 @@ import torch
 from diffusion_lab.data.transforms import image_grid
 from diffusion_lab.metrics.digits import real_digits, score_digit_samples
 from diffusion_lab.metrics.features import DigitFeatures
-from diffusion_lab.metrics.samplers import DEFAULT_SETTINGS, compare_samplers
-from diffusion_lab.utils.outputs import add_out_argument, run_dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file (python experiments/<study>/<script>.py): the repo root, for experiments.lib
+from experiments.lib.outputs import add_out_argument, run_dir  # noqa: E402
+from experiments.lib.samplers import DEFAULT_SETTINGS, compare_samplers  # noqa: E402
 
 NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp": "DPM-Solver++", "euler": "Euler", "heun": "Heun", "pndm": "PNDM"}
 

@@ -37,7 +37,7 @@ from diffusion_lab.inference.generate import load_pixel_model  # noqa: E402
 from diffusion_lab.metrics.digits import class_scores, real_digits  # noqa: E402
 from diffusion_lab.metrics.distribution import fid  # noqa: E402
 from diffusion_lab.metrics.features import DigitFeatures  # noqa: E402
-from diffusion_lab.utils.outputs import add_out_argument, run_dir  # noqa: E402
+from experiments.lib.outputs import add_out_argument, run_dir  # noqa: E402
 from tests.wandb_offline import find_offline_runs  # noqa: E402
 
 

@@ -1,7 +1,9 @@
 """Stop training after a budget of this process's CPU time (``time.process_time``): comparisons
 at equal compute on a shared machine, where wall time (``trainer.max_time``) depends on the load.
 
-    +callbacks.cpu_budget='{_target_: diffusion_lab.callbacks.cpu_budget.CPUTimeBudget, seconds: 240}'
+    +callbacks.cpu_budget='{_target_: experiments.lib.cpu_budget.CPUTimeBudget, seconds: 240}'
+
+from the repository root (``python -m diffusion_lab.train`` puts the current folder on ``sys.path``).
 """
 
 from __future__ import annotations
