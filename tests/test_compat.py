@@ -157,25 +157,28 @@ def test_litdata_allow_http_endpoints():
         assert "client_options=_OBSTORE_CLIENT_OPTIONS" in inspect.getsource(downloader), "litdata's stores no longer read the options dict"
 
 
-def test_litdata_whole_chunks_and_resume_state(tiny_litdata):
+def test_litdata_whole_chunks_and_public_resume_state(tiny_litdata):
     from litdata import StreamingDataLoader, StreamingDataset
 
-    from diffusion_lab.compat.litdata import loader_resume_state, read_whole_chunks
+    from diffusion_lab.compat.litdata import read_whole_chunks
 
     with adapter("litdata.read_whole_chunks", "litdata"):
         dataset = StreamingDataset(str(tiny_litdata), shuffle=False)
         assert hasattr(dataset, "_on_demand_bytes"), "StreamingDataset has no _on_demand_bytes"
         read_whole_chunks(dataset)
         assert dataset._on_demand_bytes is False and dataset[5]["i"] == 5
-    with adapter("litdata.loader_resume_state", "litdata"):
+    # public API, relied on by ShardLoader: state_dict() taken mid-epoch (a copy of its dicts, since
+    # litdata updates them in place), loaded into a fresh loader, continues after that batch
+    with adapter("litdata StreamingDataLoader.state_dict / load_state_dict mid-epoch", "litdata"):
         loader = StreamingDataLoader(StreamingDataset(str(tiny_litdata), shuffle=False), batch_size=2, num_workers=0)
-        state = loader.state_dict()
-        assert {"current_epoch", "num_samples_yielded", "latest_worker_idx", "dataset"} <= set(state), sorted(state)
-        assert {"current_epoch", "num_samples_yielded", "sample_in_epoch"} <= set(state["dataset"]), sorted(state["dataset"])
-        resumed = loader_resume_state(state, epoch=1, batches=1, batch_size=2, num_workers=0, world_size=1)
-        loader.load_state_dict(resumed)
-        rest = [int(i) for batch in loader for i in batch["i"]]
+        batches = iter(loader)
+        next(batches)
+        state = {k: dict(v) if isinstance(v, dict) else v for k, v in loader.state_dict().items()}
+        fresh = StreamingDataLoader(StreamingDataset(str(tiny_litdata), shuffle=False), batch_size=2, num_workers=0)
+        fresh.load_state_dict(state)
+        rest = [int(i) for batch in fresh for i in batch["i"]]
         assert rest == [2, 3, 4, 5, 6, 7], f"resumed after one batch of 2, litdata yielded {rest}"
+        assert fresh.restore is False, "litdata's restore flag is not cleared at the end of the resumed epoch"
 
 
 # ---- torchmetrics --------------------------------------------------------------------------------

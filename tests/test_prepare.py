@@ -15,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
+from diffusion_lab.data.caching import cache_latents, cacheable_text_fn
 from diffusion_lab.data.shards import (
     MANIFEST,
     ShardDataModule,
@@ -156,6 +157,12 @@ def test_encoded_shards_hold_the_modules_posteriors_and_text_states(tmp_path):
             states = module.text_states([src["caption"]])["encoder_hidden_states"][0]
         torch.testing.assert_close(item["latent_moments"], moments, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(item["encoder_hidden_states"], states, rtol=1e-5, atol=1e-5)
+    # model.cache=true precomputes the same tensors (one code path: data/caching.cache_latents)
+    cached = cache_latents(ref, module.codec.moments, cacheable_text_fn(module), "cpu", batch_size=4, progress=False)
+    for i in range(len(dm.dataset)):
+        item = dm.dataset[i]
+        for key in ("latent_moments", "encoder_hidden_states"):
+            torch.testing.assert_close(item[key], cached[int(item["index"])][key], rtol=0, atol=1e-6)
     with pytest.raises(ConfigError, match="prepare.encode=true stores VAE latents: it needs a latent model"):
         run_prepare(tmp_path / "pixel", *data, "prepare.encode=true")
 

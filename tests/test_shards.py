@@ -91,7 +91,7 @@ def test_a_folder_that_is_not_a_shard_set_is_a_clear_error(tmp_path, folder_shar
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_shuffled_epochs_and_replayed_resume(folder_shards, num_workers):
     """Each epoch is a new permutation of all 36 training items; a loader rebuilt from the saved
-    position (epoch, samples) yields exactly the batches the unbroken one had left."""
+    position (litdata's own loader state) yields exactly the batches the unbroken one had left."""
 
     def make(state: dict | None = None) -> ShardDataModule:
         dm = ShardDataModule(str(folder_shards), ImageTransform(8, random_flip=True), batch_size=4, num_workers=num_workers, resolution=8, shuffle_seed=3)
@@ -110,12 +110,23 @@ def test_shuffled_epochs_and_replayed_resume(folder_shards, num_workers):
                 break
         return out
 
+    def checkpoint(epoch: int, n: int) -> dict:
+        """What a checkpoint after ``n`` batches of ``epoch`` holds: the count, and litdata's
+        loader state at that batch (the loader has run ahead: Lightning prefetches a batch)."""
+        loader = make().train_dataloader()
+        for _ in range(epoch):
+            batches(loader)
+        ahead = iter(loader)
+        for _ in range(n + 1):
+            next(ahead)
+        return {"shuffle_seed": 3, "epoch": epoch, "samples": n * 4, "loader": loader.position(epoch, n)}
+
     loader = make().train_dataloader()
     epochs = [batches(loader) for _ in range(3)]
     orders = [[i for idx, _ in e for i in idx] for e in epochs]
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(36)) and orders[0] != orders[1]
     for epoch in (0, 1):
-        loader = make({"shuffle_seed": 3, "epoch": epoch, "samples": 12}).train_dataloader()
+        loader = make(checkpoint(epoch, 3)).train_dataloader()
         assert same(batches(loader, len(epochs[epoch]) - 3), epochs[epoch][3:])
         assert same(batches(loader, len(epochs[epoch + 1])), epochs[epoch + 1])  # the next epoch starts afresh
 

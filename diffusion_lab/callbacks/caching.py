@@ -12,7 +12,7 @@ import warnings
 
 import pytorch_lightning as pl
 
-from diffusion_lab.data.caching import CachedLatentDataset, cache_latents
+from diffusion_lab.data.caching import CachedLatentDataset, cache_latents, cacheable_text_fn
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -37,8 +37,7 @@ class LatentCacheCallback(pl.Callback):
                 "model.cache=true with data.buckets=true: the latent cache holds latents of one shape, and bucketed "
                 "images have several. Set model.cache=false (the VAE then runs every step) or data.buckets=false."
             )
-        frozen_text = hasattr(pl_module, "text_states") and pl_module.conditioner.frozen
-        text_fn = pl_module.text_states if frozen_text else None
+        text_fn = cacheable_text_fn(pl_module)
         # the module's per-image entries, and the data's paired images / loss masks (small: kept as they are)
         keep = (*getattr(pl_module, "cached_batch_keys", ()), *getattr(base, "paired_keys", ()))
         states_dir = getattr(pl_module, "cache_states_dir", None)  # SD3/Flux model.cache_text_dir: T5 states on disk

@@ -3,7 +3,21 @@ nothing here imports it until called. When one breaks, ``tests/test_compat.py`` 
 
 from __future__ import annotations
 
-from typing import Any
+from types import ModuleType
+
+from diffusion_lab.utils.errors import ConfigError
+
+
+def import_litdata() -> ModuleType:
+    """litdata, or a ``ConfigError`` saying how to install it (it is optional: shards only)."""
+    try:
+        import litdata
+    except ImportError as e:  # pragma: no cover - an install without it
+        raise ConfigError(
+            "data=shards and python -m diffusion_lab.prepare need litdata: pip install --no-deps 'litdata>=0.2.76,<0.3' "
+            "boto3 obstore tifffile (--no-deps: its torchvision requirement would pull a CUDA torchvision that breaks a CPU torch)."
+        ) from e
+    return litdata
 
 
 def allow_http_endpoints() -> None:
@@ -21,15 +35,3 @@ def read_whole_chunks(dataset) -> None:
     (its ``_on_demand_bytes`` flag, 0.2.76; the public ``on_demand_bytes`` property is switched back on
     by litdata after each epoch, so the caller also overrides that)."""
     dataset._on_demand_bytes = False
-
-
-def loader_resume_state(state: dict[str, Any], epoch: int, batches: int, batch_size: int, num_workers: int, world_size: int) -> dict[str, Any]:
-    """``StreamingDataLoader.state_dict()`` of a fresh loader -> the state that, loaded with
-    ``load_state_dict``, continues litdata epoch ``epoch`` (counted from 1) after this rank's first
-    ``batches`` batches: the keys ``current_epoch``, ``num_samples_yielded``, ``latest_worker_idx`` and
-    the dataset's ``current_epoch``, ``num_samples_yielded``, ``sample_in_epoch`` (all ranks), 0.2.76.
-    Returns a new dict; ``state`` is not changed."""
-    samples = batches * batch_size
-    out = {**state, "current_epoch": epoch, "num_samples_yielded": samples, "latest_worker_idx": (batches - 1) % max(num_workers, 1)}
-    out["dataset"] = {**state["dataset"], "current_epoch": epoch, "num_samples_yielded": samples, "sample_in_epoch": samples * world_size}
-    return out

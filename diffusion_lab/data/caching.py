@@ -52,25 +52,34 @@ class CachedLatentDataset(Dataset):
         return item
 
 
+def cacheable_text_fn(module: torch.nn.Module) -> Callable[[list[str]], TextStates] | None:
+    """``module.text_states`` when its text states can be computed once (every text encoder
+    frozen), else None (no text encoder, or one that trains)."""
+    return module.text_states if hasattr(module, "text_states") and module.conditioner.frozen else None
+
+
 @torch.no_grad()
 def cache_latents(
-    dataset: Dataset,
+    dataset: Dataset | Sequence[dict],
     moments_fn: Callable[[torch.Tensor], torch.Tensor],
     text_fn: Callable[[list[str]], TextStates] | None,
     device: torch.device | str,
     batch_size: int = 16,
     keep: Sequence[str] = (),
     states_dir: str | None = None,
+    progress: bool = True,
 ) -> CachedLatentDataset:
     """Run ``moments_fn`` (images ``[N, C, H, W]`` -> ``[N, 2c, h, w]``) over ``dataset`` and,
     if given, ``text_fn`` (captions -> ``[N, L, D]``, or a dict of ``[N, ...]``) over its distinct
     captions; the batch entries named in ``keep`` are carried along when present. Kept on CPU;
-    ``states_dir``: the text states in memory-mapped files there instead (``disk_states``)."""
+    ``states_dir``: the text states in memory-mapped files there instead (``disk_states``).
+    The one place latents and text states are precomputed: ``model.cache=true`` runs it over the
+    training set, ``prepare.encode=true`` over each batch it writes to shards."""
     moments, captions, extras = [], [], {}
     keep = tuple(dict.fromkeys(keep))  # a key named twice (module and data both ask for it) is kept once
     # own generator: creating a loader iterator draws a seed, which must not move the global RNG
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
-    for batch in tqdm(loader, desc="caching latents", leave=False):
+    for batch in tqdm(loader, desc="caching latents", leave=False, disable=not progress):
         moments.append(moments_fn(batch["pixel_values"].to(device)).cpu())
         if "caption" in batch:
             captions.extend(batch["caption"])
