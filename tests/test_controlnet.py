@@ -24,7 +24,7 @@ from diffusion_lab.data.control import (
     control_image,
     control_map,
 )
-from diffusion_lab.data.sources import DigitsDataset
+from diffusion_lab.data.digits import DigitsDataset
 from diffusion_lab.data.transforms import ImageTransform
 from diffusion_lab.export import build_controlnet_pipeline
 from diffusion_lab.components.controlnet import controlnet_from_backbone

@@ -108,7 +108,7 @@ def paired_folder(root):
     from PIL import Image, ImageOps
     from sklearn.datasets import load_digits
 
-    from diffusion_lab.data.sources import DIGIT_NAMES
+    from diffusion_lab.data.digits import DIGIT_NAMES
 
     digits = load_digits()
     (root / "sources").mkdir(parents=True)

@@ -138,7 +138,7 @@ def test_textual_inversion_on_sdxl_learns_both_encoders_and_loads_in_diffusers(t
 def test_textual_inversion_trains_from_an_uncaptioned_concept_folder_with_templates(diffusers_folder, tmp_path):
     """A few concept images without captions (the paper's and diffusers' textual_inversion.py setting): each
     gets an object template filled with the placeholder; the token trains; without templates it is refused."""
-    from diffusion_lab.data.sources import DigitsDataset
+    from diffusion_lab.data.digits import DigitsDataset
 
     root = tmp_path / "concept"
     root.mkdir()

@@ -125,7 +125,7 @@ def captioned_folder(root, convention):
     from sklearn.datasets import load_digits
     from PIL import Image
 
-    from diffusion_lab.data.sources import DIGIT_NAMES
+    from diffusion_lab.data.digits import DIGIT_NAMES
 
     digits = load_digits()
     root.mkdir(parents=True)

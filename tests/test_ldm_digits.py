@@ -124,7 +124,7 @@ def test_latent_stage_without_the_vae_stage_says_what_to_run(tmp_path):
 
 
 def test_thick_concept_data_is_a_bolder_copy_of_the_digits():
-    from diffusion_lab.data.sources import DigitsDataset
+    from diffusion_lab.data.digits import DigitsDataset
 
     plain, thick = DigitsDataset(transform=None), DigitsDataset(transform=None, thicken=True)
     assert (thick.labels == plain.labels).all()

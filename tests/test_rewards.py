@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 
 from diffusion_lab.metrics.digits import real_digits
-from diffusion_lab.data.sources import DIGIT_NAMES
+from diffusion_lab.data.digits import DIGIT_NAMES
 from diffusion_lab.utils.errors import ConfigError
 from tests.conftest import compose_cfg
 from tests.test_evaluate import tiny_clip  # noqa: F401  (fixture: a random CLIP folder, offline)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from diffusion_lab.data.sources import IMAGE_EXTENSIONS, ImageFolderDataset
+from diffusion_lab.data.image_folder import IMAGE_EXTENSIONS, ImageFolderDataset
 from diffusion_lab.data.transforms import ImageTransform, to_pil
 from diffusion_lab.utils.errors import ConfigError, DataError
 

@@ -1,11 +1,18 @@
-"""Loading Hugging Face data sets with errors a person can act on."""
+"""Hugging Face data sets (``data=hf``), loaded with errors a person can act on; and the one
+way a local file is read through a ``datasets`` builder (``load_file``: the image folder's metadata)."""
 
 from __future__ import annotations
 
 import glob
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from diffusion_lab.data.transforms import ImageTransform
 from diffusion_lab.utils.errors import DataError
 
 _BUILDER_BY_SUFFIX = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
@@ -100,3 +107,58 @@ def _cached_parquet_files(name: str, cache_dir: str | None) -> list[Path]:
     roots.append(Path(constants.HF_HUB_CACHE))
     repo = f"datasets--{name.replace('/', '--')}"
     return [f for root in roots for f in sorted((root / repo / "snapshots").glob("*/**/*.parquet")) if f.is_file()]
+
+
+def load_file(builder: str, path: Path):
+    """``datasets.load_dataset(builder)`` of one local file (``imagefolder`` for an image folder's
+    metadata.jsonl / metadata.csv, ``json``, ``csv``), the ``train`` split, in memory. Nothing is
+    downloaded, and the Arrow copy ``datasets`` writes goes to a temporary folder instead of
+    ~/.cache/huggingface: an edited file is always read afresh. Errors are the builder's own."""
+    import datasets
+
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # no "Generating train split" bar for a folder's metadata
+    try:
+        with tempfile.TemporaryDirectory(prefix="diffusion_lab-datasets-") as cache:
+            return datasets.load_dataset(builder, data_files={"train": [str(path)]}, split="train", cache_dir=cache, keep_in_memory=True)
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+
+
+class HFImageDataset(Dataset):
+    """A Hugging Face data set by hub name (``nelorth/oxford-flowers``) or local files
+    (``data_files`` with ``builder`` = parquet / arrow / imagefolder)."""
+
+    def __init__(
+        self,
+        transform: ImageTransform,
+        name: str | None = None,
+        data_files: str | Sequence[str] | None = None,
+        builder: str | None = None,
+        split: str = "train",
+        image_column: str = "image",
+        caption_column: str | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        self.ds = load_hf_dataset(name=name, data_files=data_files, builder=builder, split=split, cache_dir=cache_dir)
+        columns = list(self.ds.column_names)
+        for key, col in (("data.image_column", image_column), ("data.caption_column", caption_column)):
+            if col is not None and col not in columns:
+                raise DataError(f"{key}={col!r} is not a column of the data set {name or data_files} (columns: {columns}); set {key} to one of them.")
+        self.transform = transform
+        self.image_column = image_column
+        self.caption_column = caption_column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.ds[i]
+        image = row[self.image_column]
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image))
+        item = {"pixel_values": self.transform(image)}
+        if self.caption_column:
+            item["caption"] = str(row[self.caption_column])
+        return item

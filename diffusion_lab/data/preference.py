@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from PIL import Image
 from torch.utils.data import Dataset
 
-from diffusion_lab.data.sources import _metadata_rows
+from diffusion_lab.data.metadata import metadata_rows
 from diffusion_lab.data.transforms import ImageTransform
 from diffusion_lab.utils.errors import DataError
 
@@ -102,7 +102,7 @@ class PreferenceFolder(PreferencePairs):
     def __init__(self, root: str, transform: ImageTransform, caption_column: str | None = "caption") -> None:
         super().__init__(transform)
         self.root = Path(root).expanduser()
-        found = _metadata_rows(self.root) if self.root.is_dir() else None
+        found = metadata_rows(self.root) if self.root.is_dir() else None
         if found is None:
             raise DataError(
                 f"data.root={str(root)!r} has no metadata.jsonl (or metadata.csv): a preference folder needs one row per pair, "

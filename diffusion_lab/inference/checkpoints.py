@@ -16,6 +16,9 @@ from diffusion_lab.utils.safe_load import check_config, load_checkpoint
 MOVED = {
     "diffusion_lab.components.tiny.": "diffusion_lab.testing.tiny.",
     "diffusion_lab.components.vocab.": "diffusion_lab.testing.vocab.",
+    "diffusion_lab.data.sources.DigitsDataset": "diffusion_lab.data.digits.DigitsDataset",
+    "diffusion_lab.data.sources.ImageFolderDataset": "diffusion_lab.data.image_folder.ImageFolderDataset",
+    "diffusion_lab.data.sources.HFImageDataset": "diffusion_lab.data.hf.HFImageDataset",
 }
 
 

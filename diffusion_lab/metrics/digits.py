@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_lab.data.sources import DIGIT_NAMES, DigitsDataset
+from diffusion_lab.data.digits import DIGIT_NAMES, DigitsDataset
 from diffusion_lab.data.transforms import ImageTransform
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.io import atomic_write_bytes

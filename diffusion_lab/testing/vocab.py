@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from diffusion_lab.data.sources import DIGIT_NAMES
+from diffusion_lab.data.digits import DIGIT_NAMES
 
 
 def caption_words(templates: Sequence[str], extra: Sequence[str] = ()) -> list[str]:

@@ -94,7 +94,7 @@ def train(args) -> None:
 
 def ink_threshold(resolution: int) -> tuple[float, dict]:
     """Midpoint between the mean ink of real plain and real thick digits, and both means."""
-    from diffusion_lab.data.sources import DigitsDataset
+    from diffusion_lab.data.digits import DigitsDataset
     from diffusion_lab.data.transforms import ImageTransform
 
     means = {}

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from diffusion_lab.data.control import control_image
-from diffusion_lab.data.sources import DIGIT_NAMES
+from diffusion_lab.data.digits import DIGIT_NAMES
 from diffusion_lab.data.transforms import image_grid
 from diffusion_lab.metrics.digits import DigitClassifier
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file (python experiments/<study>/<script>.py): the repo root, for experiments.lib

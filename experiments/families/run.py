@@ -91,7 +91,7 @@ def edit_pairs(root: Path) -> None:
     each target a source: a random digit of another class (seeded)."""
     from PIL import Image
 
-    from diffusion_lab.data.sources import DigitsDataset
+    from diffusion_lab.data.digits import DigitsDataset
 
     digits = DigitsDataset(transform=None)
     labels = torch.as_tensor(digits.labels)

@@ -76,7 +76,7 @@ def make_images(root: Path, n: int, seed: int = 0, shapes: list[tuple[int, int]]
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from diffusion_lab.data.sources import DIGIT_NAMES
+    from diffusion_lab.data.digits import DIGIT_NAMES
 
     digits = load_digits()
     rng = np.random.default_rng(seed)
