@@ -23,7 +23,7 @@ from tests.conftest import CONF_DIR
 from tests.test_controlnet import diffusers_folder  # noqa: F401 (a fixture: the tiny SD pipeline folder)
 
 REPO = Path(__file__).resolve().parents[1]
-README = (REPO / "README.md").read_text()
+README = (REPO / "docs" / "guides" / "data.md").read_text()  # the paired-images and bucket-size text moved there from README.md (#28)
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 
 

@@ -1,6 +1,6 @@
 """The family x method table (#25): every pair either trains two steps and exports what its standard
-loader takes, or is refused before training with a ConfigError naming the family and the reason; README
-shows the table ``diffusion_lab.families.matrix`` generates. Training every pair is slow (11 tiny
+loader takes, or is refused before training with a ConfigError naming the family and the reason;
+docs/guides/methods.md shows the table ``diffusion_lab.families.matrix`` generates. Training every pair is slow (11 tiny
 families x 8 methods); the default suite trains the SD 1.x row and checks every refusal."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def paired(tmp_path_factory) -> str:
     """An image folder of edit pairs: each target digit with its source (the digit mirrored) and a caption."""
-    from diffusion_lab.data.sources import DigitsDataset
+    from diffusion_lab.data.digits import DigitsDataset
     from diffusion_lab.data.transforms import ImageTransform
 
     root = tmp_path_factory.mktemp("pairs")
@@ -82,8 +82,8 @@ def user_error(e: BaseException) -> BaseException | None:
     return e
 
 
-def test_readme_shows_the_generated_table():
-    assert table() in (ROOT / "README.md").read_text(), "README's family x method table is stale: paste `python -m diffusion_lab.families.matrix`"
+def test_methods_guide_shows_the_generated_table():
+    assert table() in (ROOT / "docs" / "guides" / "methods.md").read_text(), "docs/guides/methods.md's family x method table is stale: paste `python -m diffusion_lab.families.matrix`"
 
 
 def test_every_family_and_method_has_an_answer():
