@@ -20,35 +20,43 @@ from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-import diffusion_lab  # noqa: F401  (resolvers)
-from diffusion_lab.data.sources import DigitsDataset
-from diffusion_lab.inference import generate as G
-from diffusion_lab.metrics.evaluation import format_table, generated_images, log_results, reference_images, score
+import diffusion_lab  # noqa: F401  (resolvers, the typed configs)
+from diffusion_lab.data.digits import DigitsDataset
+from diffusion_lab.inference.config import EvaluateConfig
+from diffusion_lab.inference.generate import generate_from_config, save_images
+from diffusion_lab.metrics import evaluation as ev
 from diffusion_lab.metrics.features import FeatureExtractor
 from diffusion_lab.utils.cli import explain_unknown_keys, friendly_errors
 from diffusion_lab.utils.config_path import CONFIG_PATH
+from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.instantiate import instantiate_loggers
 from diffusion_lab.utils.io import atomic_write_bytes
 
 SCHEMA_VERSION = 1
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: EvaluateConfig) -> dict:
     """Generate (or read), embed, score; write ``<out_dir>/metrics.json``; return the result."""
     out = Path(cfg.out_dir)
-    configured = OmegaConf.select(cfg, "data.resolution", default=64)
-    fake = generated_images(cfg, lambda: reference_images(cfg, configured)[0].prompts)
-    real, ds = reference_images(cfg, fake.images.shape[-1])
+    ev.one_source(cfg.pipeline, cfg.ckpt_path, cfg.images_dir)
+    if cfg.digit_scores not in ("auto", True, False):
+        raise ConfigError(f"digit_scores={cfg.digit_scores!r}: give auto (when the reference is scikit-learn digits), true or false.")
+    reference = lambda resolution: ev.reference_dataset(cfg.reference_dir, cfg.get("data"), resolution)  # noqa: E731
+    if cfg.images_dir:
+        fake = ev.read_image_dir(cfg.images_dir)
+    else:  # a text-to-image model without prompts is prompted with the reference's captions
+        configured = OmegaConf.select(cfg, "data.resolution", default=64)
+        fake = generate_from_config(cfg, lambda: ev.prompts_from_reference(ev.reference_images(reference(configured), cfg.num_reference).prompts))
+    ds = reference(fake.images.shape[-1])
+    real = ev.reference_images(ds, cfg.num_reference, cfg.reference_dir or OmegaConf.select(cfg, "data.datamodule.dataset._target_"))
     extractor: FeatureExtractor = instantiate(cfg.features)
     is_digits = cfg.digit_scores is True or (cfg.digit_scores == "auto" and not cfg.reference_dir and isinstance(ds, DigitsDataset))
     t0 = time.perf_counter()
-    result = score(cfg, fake, real, extractor, is_digits)
-    grid = None
-    if cfg.save_images and not cfg.images_dir:
-        grid = G.save_images(fake.images, str(out / "samples"))
-        if fake.prompts:
-            (out / "samples" / "prompts.txt").write_text("".join(f"{i:06d}.png\t{p}\n" for i, p in enumerate(fake.prompts)))
+    template = OmegaConf.select(cfg, "data.caption_template", default="a handwritten digit {name}")
+    result = ev.score(fake, real, extractor, is_digits, cfg.kid_subsets, cfg.kid_subset_size, cfg.is_splits, cfg.clip_model, template)
+    grid = save_images(fake.images, out / "samples", fake.prompts) if cfg.save_images and not cfg.images_dir else None
     result.update(
         {
             "schema_version": SCHEMA_VERSION,
@@ -62,14 +70,14 @@ def run(cfg: DictConfig) -> dict:
         }
     )
     atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=2) + "\n").encode())
-    log_results(cfg, result, grid)
-    print(format_table(result))
+    ev.log_results(instantiate_loggers(cfg.get("logger")), result, grid)
+    print(ev.format_table(result))
     print(f"wrote {out / 'metrics.json'}")
     return result
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="evaluate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: EvaluateConfig) -> None:
     with friendly_errors():
         run(cfg)
 

@@ -104,16 +104,10 @@ def test_pixel_fast_dev_run_and_export(tmp_path):
     pipe = DiffusionPipeline.from_pretrained(pipe_dir, vae=None)
     assert type(pipe).__name__ == "DiTPipeline" and pipe.labels == {str(i): i for i in range(10)}
     # diffusion_lab.sample's loader samples it (labels 0..9 in turn) with the saved scheduler
-    model = load_pixel_model(_cfg(pipeline=str(pipe_dir)))
+    model = load_pixel_model(str(pipe_dir), local_files_only=True)
     assert model.num_classes == 10 and model.sample_shape == (1, 8, 8)
     images = model.generate(3, 3, 2, seed=0, progress=False)
     assert images.shape == (3, 1, 8, 8) and images.abs().max() <= 1
-
-
-def _cfg(**kw):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.create({"local_files_only": True, "sampler": None, **kw})
 
 
 def test_latent_fast_dev_run(tmp_path):

@@ -22,7 +22,7 @@ def test_fast_dev_run(train_cfg):
 
 
 def test_train_logs_and_writes_pictures(train_cfg):
-    cfg = train_cfg()
+    cfg = train_cfg("callbacks.throughput.window_size=2")  # images/s from the second batch on
     metric, objs = train(cfg)
     out = Path(cfg.paths.output_dir)
     assert objs["trainer"].global_step == 4
@@ -30,8 +30,13 @@ def test_train_logs_and_writes_pictures(train_cfg):
     assert (out / "config.yaml").exists()
     assert (out / "noising.png").exists() and (out / "samples" / "step_000004.png").exists()
     metrics = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    for key in ("train/loss", "val/loss", "train/grad_norm", "train/images_per_sec", "train/peak_memory_mb", "lr-AdamW"):
+    for key in ("train/loss", "val/loss", "train/grad_norm", "train/device/samples_per_sec", "train/peak_memory_mb", "lr-AdamW"):
         assert key in metrics, key
+    import pandas as pd
+
+    rows = pd.read_csv(out / "csv" / "metrics.csv").dropna(subset=["train/samples"])  # Lightning's ThroughputMonitor
+    assert rows["train/samples"].tolist() == [8.0 * k for k in range(1, 5)]  # data.batch_size=8 images per step
+    assert (rows["train/device/samples_per_sec"].dropna() > 0).sum() == 3  # a rate once the window (2 batches) is full
 
 
 def test_resume_continues_step_and_ema(train_cfg, tmp_path):

@@ -1,26 +1,8 @@
 """Inference: load what training wrote (a pipeline folder or a checkpoint), pick its sampler,
-draw images. ``diffusion_lab.sample``, ``diffusion_lab.evaluate`` and ``experiments/`` use this."""
+draw images. ``diffusion_lab.sample``, ``diffusion_lab.evaluate`` and ``experiments/`` use this.
 
-from diffusion_lab.inference.checkpoints import load_module
-from diffusion_lab.inference.generate import (
-    PixelModel,
-    generate_text_images,
-    load_pixel_model,
-    load_text_pipeline,
-    pick_device,
-    prepare_pipeline,
-    read_prompts,
-    save_images,
-)
-
-__all__ = [
-    "PixelModel",
-    "generate_text_images",
-    "load_module",
-    "load_pixel_model",
-    "load_text_pipeline",
-    "pick_device",
-    "prepare_pipeline",
-    "read_prompts",
-    "save_images",
-]
+- ``config.py``: the typed configs of ``sample`` and ``evaluate`` (Hydra's ConfigStore).
+- ``checkpoints.py``: a trained module rebuilt from a Lightning checkpoint.
+- ``generate.py``: pixel models, and ``generate_images``: the one generation helper.
+- ``text.py``: text-to-image pipelines (prompts, LoRA, memory savers, the SDXL refiner).
+"""

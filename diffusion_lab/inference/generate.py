@@ -1,38 +1,32 @@
-"""Load a trained model for sampling and draw images from it (pixel and text-to-image).
+"""Draw images from a trained model: ``generate_images`` is the one generation helper that
+``diffusion_lab.sample`` and ``diffusion_lab.evaluate`` share (pixel models here, text-to-image
+pipelines through ``inference/text.py``); ``generate_from_config`` reads their typed config.
 
-The sampler is ``cfg.sampler`` (a ``conf/sampler`` option, e.g. ``sampler=dpmpp``) or, when it is
-null, the one the model was trained with: the scheduler saved in the pipeline folder, or the
-``sampler`` of the checkpoint's config. Either way it is built fresh from the trained schedule.
+The sampler is a ``conf/sampler`` option (``sampler=dpmpp``) or, when none is given, the one the
+model was trained with: the scheduler saved in the pipeline folder, or the ``sampler`` of the
+checkpoint's config. Either way it is built fresh from the trained schedule.
 """
 
 from __future__ import annotations
 
-import inspect
-
-from dataclasses import dataclass
+import json
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from diffusion_lab.components.shapes import sample_size
 from diffusion_lab.data.transforms import image_grid, to_pil
-from diffusion_lab.diffusion.sampling import Sampler, process_kind, sample_batches
-from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.diffusion.sampling import Sampler, class_labels, process_kind, sample_batches
+from diffusion_lab.inference.config import SampleConfig
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def chosen_sampler(cfg: DictConfig) -> Sampler | None:
-    """``cfg.sampler`` built, or None (= the trained one)."""
-    return instantiate(cfg.sampler) if cfg.get("sampler") else None
 
 
 @dataclass
@@ -65,19 +59,18 @@ class PixelModel:
         return sample_batches(denoise, self.make_scheduler, self.sample_shape, num_images, batch_size, num_inference_steps, seed, device, self.num_classes, noise, progress)
 
 
-def load_pixel_model(cfg: DictConfig, module=None, sampler: Sampler | None = None) -> PixelModel:
-    """The UNet and sampler of ``cfg.pipeline`` (a DDPMPipeline folder) or of ``module`` (loaded
-    from a checkpoint). ``sampler`` (else ``cfg.sampler``) replaces the trained one."""
-    sampler = sampler or chosen_sampler(cfg)
+def load_pixel_model(pipeline: str | None = None, module=None, sampler: Sampler | None = None, local_files_only: bool = False) -> PixelModel:
+    """The network and sampler of ``pipeline`` (a DDPMPipeline / pixel DiTPipeline folder) or of
+    ``module`` (loaded from a checkpoint). ``sampler`` (else the trained one) draws the images."""
     if module is not None:
         make = lambda: module.sampling_scheduler(sampler)  # noqa: E731
         module.sampling_scheduler(sampler)  # a sampler that cannot run the process fails here
         return PixelModel(module.base_backbone.eval(), make, module.process.kind, getattr(module.conditioner, "num_classes", None))
     from diffusers import DiffusionPipeline
 
-    index = DiffusionPipeline.load_config(cfg.pipeline, local_files_only=cfg.local_files_only)
+    index = DiffusionPipeline.load_config(pipeline, local_files_only=local_files_only)
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v[:1] == [None]}  # a pixel DiTPipeline's vae
-    pipe = DiffusionPipeline.from_pretrained(cfg.pipeline, local_files_only=cfg.local_files_only, **absent)
+    pipe = DiffusionPipeline.from_pretrained(pipeline, local_files_only=local_files_only, **absent)
     saved = pipe.scheduler
     kind = process_kind(saved)
     if sampler is not None:
@@ -88,124 +81,102 @@ def load_pixel_model(cfg: DictConfig, module=None, sampler: Sampler | None = Non
     return PixelModel(pipe.unet.eval(), make, kind)
 
 
-def save_images(images: torch.Tensor, out_dir: str) -> Path:
-    """One PNG per image (``000000.png`` ...) and ``grid.png`` into ``out_dir``; returns the grid."""
+def save_images(images: torch.Tensor, out_dir: str | Path, prompts: list[str] | None = None) -> Path:
+    """One PNG per image (``000000.png`` ...) and ``grid.png`` into ``out_dir``, and with ``prompts``
+    ``prompts.txt`` (``file<TAB>prompt`` per line, what ``images_dir=`` scoring reads); returns the grid."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(to_pil(images)):
         im.save(out / f"{i:06d}.png")
     grid = out / "grid.png"
     image_grid(images).save(grid)
+    if prompts:
+        (out / "prompts.txt").write_text("".join(f"{i:06d}.png\t{p}\n" for i, p in enumerate(prompts)))
     return grid
 
 
-# ---- text-to-image ----------------------------------------------------------------------------
-def load_text_pipeline(cfg: DictConfig, module=None):
-    """The text-to-image pipeline of ``cfg.pipeline`` (a folder whose ``model_index.json`` has a
-    text encoder) or of a ``LatentDiffusion`` loaded from a checkpoint; None for pixel models."""
-    from diffusers import DiffusionPipeline
+@dataclass
+class ImageSet:
+    """Images ``[N, C, H, W]`` in [-1, 1] with what is known about each: the prompt it was drawn
+    for, or its class label (class-conditional models, digits); ``info`` says how they were made."""
 
-    from diffusion_lab.components.pretrained import resolve, torch_dtype
-    from diffusion_lab.export import build_pipeline
-    from diffusion_lab.modules import LatentDiffusion
-
-    if module is not None:
-        return build_pipeline(module) if isinstance(module, LatentDiffusion) else None
-    source = resolve(cfg.pipeline, None, key="pipeline")
-    try:
-        index = DiffusionPipeline.load_config(source, local_files_only=cfg.local_files_only)
-    except (OSError, ValueError) as e:
-        raise _load_error(source, "pipeline", e) from e
-    if "text_encoder" not in index and "text_encoder_2" not in index:
-        return None
-    kwargs = {"torch_dtype": torch_dtype(cfg.dtype), "local_files_only": cfg.local_files_only}
-    if "safety_checker" in index and not cfg.safety_checker:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    return DiffusionPipeline.from_pretrained(source, **kwargs)
+    images: torch.Tensor
+    prompts: list[str] | None = None
+    labels: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
 
 
-def read_prompts(cfg: DictConfig) -> list[str]:
-    """``prompt`` (a string or list) or ``prompts_file`` (one prompt per line, # comments)."""
-    if cfg.prompts_file:
-        path = Path(cfg.prompts_file)
-        if not path.is_file():
-            raise ConfigError(f"prompts_file={cfg.prompts_file!r} does not exist; give a text file with one prompt per line.")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-        if not prompts:
-            raise ConfigError(f"prompts_file={cfg.prompts_file!r} has no prompts (one per line; lines starting with # are skipped).")
-        return prompts
-    if cfg.prompt is None:
-        raise ConfigError("a text-to-image pipeline needs prompt='...' (or a list) or prompts_file=FILE (one prompt per line).")
-    return [cfg.prompt] if isinstance(cfg.prompt, str) else [str(p) for p in cfg.prompt]
-
-
-def prepare_pipeline(pipe, cfg: DictConfig, device: torch.device):
-    """Sampler override, LoRA with a scale, memory savers, device."""
-    sampler = chosen_sampler(cfg)
-    if sampler is not None:
-        pipe.scheduler = sampler.scheduler(pipe.scheduler)
-    if cfg.get("lora"):
-        pipe.load_lora_weights(cfg.lora, adapter_name="lora", local_files_only=cfg.local_files_only)
-        pipe.set_adapters(["lora"], adapter_weights=[cfg.lora_scale])
-    memory = cfg.memory
-    if memory.attention_slicing:
-        pipe.enable_attention_slicing()
-    if memory.vae_slicing:
-        pipe.vae.enable_slicing()
-    if memory.vae_tiling:
-        pipe.vae.enable_tiling()
-    if memory.cpu_offload:
-        if device.type != "cuda":
-            raise ConfigError("memory.cpu_offload=true moves each model to the GPU only while it runs: it needs device=cuda (or auto with a GPU).")
-        pipe.enable_model_cpu_offload()
+def generate_images(
+    model,
+    num_images: int,
+    batch_size: int,
+    num_inference_steps: int,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    prompts: list[str] | None = None,
+    guidance_scale: float = 7.5,
+    **text_options,
+) -> ImageSet:
+    """``num_images`` images from one generator seeded with ``seed``, ``batch_size`` at a time.
+    ``model`` is a ``PixelModel`` (class-conditional ones get the classes 0..K-1 in turn) or a
+    prepared text-to-image pipeline, given ``prompts`` in turn with ``guidance_scale`` and
+    ``text_options`` (``negative_prompt``, ``guidance_rescale``, ``height``, ``width``, ``refiner``,
+    ``refiner_start``: ``inference.text.generate_text_images``)."""
+    t0 = time.perf_counter()
+    if isinstance(model, PixelModel):
+        images = model.generate(num_images, batch_size, num_inference_steps, seed, device)
+        labels = class_labels(0, len(images), model.num_classes) if model.num_classes else None  # the order generate draws them in
+        out = ImageSet(images, labels=labels, info={"kind": "pixel", "process": model.kind, "scheduler": model.scheduler_name})
     else:
-        pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        from diffusion_lab.inference.text import generate_text_images
+
+        images, used = generate_text_images(model, prompts, num_images, batch_size, num_inference_steps, guidance_scale, seed, **text_options)
+        out = ImageSet(images, prompts=used, info={"kind": "text-to-image", "scheduler": type(model.scheduler).__name__, "guidance_scale": guidance_scale})
+    out.info.update(num_inference_steps=num_inference_steps, seed=seed, sampling_seconds=round(time.perf_counter() - t0, 2))
+    return out
 
 
-def generate_text_images(pipe, prompts: list[str], cfg: DictConfig, refiner=None) -> tuple[torch.Tensor, list[str]]:
-    """``[num_images, 3, H, W]`` in [-1, 1] for prompts taken in turn, with one seeded generator.
-    With a ``refiner`` (SDXL) the base denoises until ``refiner_start`` and hands its latents over."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    wanted = [prompts[i % len(prompts)] for i in range(cfg.num_images)]
-    images = []
-    common = dict(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, generator=g)
-    if cfg.get("guidance_rescale"):
-        common["guidance_rescale"] = cfg.guidance_rescale
-    for b in tqdm(range(0, len(wanted), cfg.batch_size), desc="batches", disable=len(wanted) <= cfg.batch_size):
-        batch = wanted[b : b + cfg.batch_size]
-        negative = [cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None
-        kw = dict(prompt=batch, **({"negative_prompt": negative} if negative else {}), **common)
-        if "use_resolution_binning" in inspect.signature(pipe.__call__).parameters:
-            kw["use_resolution_binning"] = False  # Sana / PixArt: exactly the height and width asked for
-        if refiner is None:
-            out = pipe(**kw, height=cfg.height, width=cfg.width, output_type="pt").images
-        else:
-            latents = pipe(**kw, height=cfg.height, width=cfg.width, denoising_end=cfg.refiner_start, output_type="latent").images
-            out = refiner(**kw, image=latents, denoising_start=cfg.refiner_start, output_type="pt").images
-        images.append(out.float().cpu() * 2 - 1)
-    return torch.cat(images), wanted
+TRAINED_KEYS = {"num_inference_steps": "sample_steps", "guidance_scale": "sample_guidance"}  # export key -> method attribute
 
 
-def load_refiner(cfg: DictConfig, device: torch.device):
-    """The SDXL refiner of ``cfg.refiner`` (a folder or hub id), prepared like the base (no LoRA)."""
-    from diffusers import DiffusionPipeline
-
-    from diffusion_lab.components.pretrained import resolve, torch_dtype
-
-    source = resolve(cfg.refiner, None, key="refiner")
-    try:
-        refiner = DiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype(cfg.dtype), local_files_only=cfg.local_files_only)
-    except (OSError, ValueError) as e:
-        raise _load_error(source, "refiner", e) from e
-    return prepare_pipeline(refiner, OmegaConf.merge(cfg, {"lora": None}), device)
+def trained_value(key: Literal["num_inference_steps", "guidance_scale"], module=None, folders: tuple[str | None, ...] = ()):
+    """What the model was trained to sample with: a method's ``sample_steps`` / ``sample_guidance``
+    (distillation), read from the checkpoint's ``module.method`` or from ``diffusion_lab.json`` in the
+    first of ``folders`` (the pipeline, the LoRA) that has one (``export/pipelines.py`` writes it); else None."""
+    value = getattr(getattr(module, "method", None), TRAINED_KEYS[key], None)
+    for folder in folders:
+        record = Path(folder) / "diffusion_lab.json" if folder else None
+        if value is None and record is not None and record.is_file():
+            value = json.loads(record.read_text()).get(key)
+    return value
 
 
-def _load_error(source: str, key: str, err: Exception) -> ConfigError:
-    """A folder without a readable ``model_index.json``, or a hub id that cannot be had offline."""
-    from diffusion_lab.components.pretrained import offline_error
+def generate_from_config(cfg: SampleConfig, reference_prompts: Callable[[], list[str]] | None = None) -> ImageSet:
+    """``generate_images`` on the model of ``cfg.pipeline`` / ``cfg.ckpt_path`` with the settings of
+    ``cfg`` (``conf/sample.yaml``); no ``num_inference_steps`` / ``guidance_scale``: the trained ones,
+    else 50 / 7.5. A text-to-image model given no ``prompt`` / ``prompts_file`` is prompted with
+    ``reference_prompts()`` (evaluate: the reference set's captions) where given."""
+    from hydra.utils import instantiate
 
-    if Path(source).expanduser().is_dir():
-        return ConfigError(f"{key}={source!r} has no readable model_index.json ({err}); point it at a diffusers pipeline folder (e.g. <run dir>/pipeline).")
-    return offline_error(source, None, key, err)
+    from diffusion_lab.inference import text
+
+    device = pick_device(cfg.device)
+    module = None
+    if cfg.ckpt_path:
+        from diffusion_lab.inference.checkpoints import load_module
+
+        module = load_module(cfg.ckpt_path, use_ema=cfg.use_ema, trust=cfg.trust_checkpoint)
+    sampler = instantiate(cfg.sampler) if cfg.sampler else None
+    folders = (cfg.pipeline, cfg.lora)
+    steps = cfg.num_inference_steps if cfg.num_inference_steps is not None else int(trained_value("num_inference_steps", module, folders) or 50)
+    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else float(trained_value("guidance_scale", module, folders) or 7.5)
+    pipe = text.load_text_pipeline(cfg.pipeline, module, cfg.dtype, cfg.local_files_only, cfg.safety_checker)
+    if pipe is None:
+        model = load_pixel_model(cfg.pipeline, module, sampler, cfg.local_files_only)
+        return generate_images(model, cfg.num_images, cfg.batch_size, steps, cfg.seed, device)
+    given = bool(cfg.prompt or cfg.prompts_file) or reference_prompts is None
+    prompts = text.read_prompts(cfg.prompt, cfg.prompts_file) if given else reference_prompts()
+    pipe = text.prepare_pipeline(pipe, device, sampler, cfg.lora, cfg.lora_scale, cfg.memory, cfg.local_files_only)
+    refiner = text.load_refiner(cfg.refiner, device, sampler, cfg.dtype, cfg.memory, cfg.local_files_only) if cfg.refiner else None
+    options = dict(negative_prompt=cfg.negative_prompt, guidance_rescale=cfg.guidance_rescale, height=cfg.height, width=cfg.width, refiner=refiner, refiner_start=cfg.refiner_start)
+    return generate_images(pipe, cfg.num_images, cfg.batch_size, steps, cfg.seed, device, prompts, guidance, **options)

@@ -1,80 +1,39 @@
-"""Evaluation as a library: the images to score (generated, or a folder), the reference set, and
-every metric (FID / KID / IS in a feature space, CLIP score, digit-classifier scores), plus their
-logging. ``python -m diffusion_lab.evaluate`` is the command-line wiring of these functions."""
+"""Evaluation as a library: the images to score (a folder; generated ones come from
+``inference.generate``), the reference set, and every metric (FID / KID / IS in a feature space,
+CLIP score, digit-classifier scores), plus their logging. ``python -m diffusion_lab.evaluate`` is
+the command-line wiring of these functions."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
-from diffusion_lab.data.sources import IMAGE_EXTENSIONS, ImageFolderDataset
+from diffusion_lab.data.image_folder import IMAGE_EXTENSIONS, ImageFolderDataset
 from diffusion_lab.data.transforms import ImageTransform
-from diffusion_lab.diffusion.sampling import class_labels
-from diffusion_lab.inference import generate as G
+from diffusion_lab.inference.generate import ImageSet
 from diffusion_lab.metrics.distribution import distribution_metrics
 from diffusion_lab.metrics.features import FeatureExtractor
 from diffusion_lab.utils.errors import ConfigError, DataError
-from diffusion_lab.utils.instantiate import instantiate_loggers
 from diffusion_lab.utils.results import finish_loggers
 
 
-@dataclass
-class ImageSet:
-    """Images ``[N, C, H, W]`` in [-1, 1] with what is known about each: the prompt it was drawn
-    for, or its class label (class-conditional models, digits)."""
-
-    images: torch.Tensor
-    prompts: list[str] | None = None
-    labels: torch.Tensor | None = None
-    info: dict = field(default_factory=dict)
-
-
-# ---- generated images -------------------------------------------------------------------------
-def generated_images(cfg: DictConfig, reference_captions: Callable[[], list[str] | None] = lambda: None) -> ImageSet:
-    """Samples from ``pipeline`` / ``ckpt_path`` (``diffusion_lab.inference``) or
-    the images in ``images_dir``. A text-to-image model without ``prompt``/``prompts_file`` is
-    prompted with the distinct ``reference_captions()``."""
-    sources = [k for k in ("pipeline", "ckpt_path", "images_dir") if cfg.get(k)]
+# ---- the images to score ----------------------------------------------------------------------
+def one_source(pipeline: str | None, ckpt_path: str | None, images_dir: str | None) -> None:
+    """Refuse anything but exactly one of the three places images can come from."""
+    sources = [k for k, v in (("pipeline", pipeline), ("ckpt_path", ckpt_path), ("images_dir", images_dir)) if v]
     if len(sources) != 1:
         raise ConfigError(
             f"give exactly one of pipeline=<diffusers folder>, ckpt_path=<Lightning checkpoint> or images_dir=<folder of images> "
             f"(got {sources or 'none'})."
         )
-    if cfg.images_dir:
-        return read_image_dir(cfg.images_dir)
-    device = G.pick_device(cfg.device)
-    module = None
-    if cfg.ckpt_path:
-        from diffusion_lab.inference.checkpoints import load_module
-
-        module = load_module(cfg.ckpt_path, use_ema=cfg.use_ema, trust=cfg.trust_checkpoint)
-    t0 = time.perf_counter()
-    pipe = G.load_text_pipeline(cfg, module)
-    if pipe is not None:
-        prompts = G.read_prompts(cfg) if (cfg.prompt or cfg.prompts_file) else _prompts_from_reference(reference_captions())
-        pipe = G.prepare_pipeline(pipe, cfg, device)
-        images, used = G.generate_text_images(pipe, prompts, cfg)
-        info = {"kind": "text-to-image", "scheduler": type(pipe.scheduler).__name__, "guidance_scale": cfg.guidance_scale}
-        return ImageSet(images, prompts=used, info=info | _timing(t0, cfg))
-    model = G.load_pixel_model(cfg, module)
-    images = model.generate(cfg.num_images, cfg.batch_size, cfg.num_inference_steps, cfg.seed, device)
-    labels = class_labels(0, len(images), model.num_classes) if model.num_classes else None  # the order generate draws them in
-    info = {"kind": "pixel", "process": model.kind, "scheduler": model.scheduler_name}
-    return ImageSet(images, labels=labels, info=info | _timing(t0, cfg))
 
 
-def _timing(t0: float, cfg: DictConfig) -> dict:
-    return {"num_inference_steps": cfg.num_inference_steps, "seed": cfg.seed, "sampling_seconds": round(time.perf_counter() - t0, 2)}
-
-
-def _prompts_from_reference(captions: list[str] | None) -> list[str]:
+def prompts_from_reference(captions: list[str] | None) -> list[str]:
+    """The distinct captions of the reference set, sorted: the prompts of a text-to-image model given none."""
     if not captions:
         raise ConfigError(
             "a text-to-image pipeline needs prompts: give prompt='...' or prompts_file=FILE, or a captioned reference "
@@ -107,47 +66,61 @@ def read_image_dir(root: str) -> ImageSet:
 
 
 # ---- reference images -------------------------------------------------------------------------
-def reference_images(cfg: DictConfig, resolution: int) -> tuple[ImageSet, object]:
-    """The reference set at the samples' ``resolution``: ``reference_dir`` (a folder) or the data
-    set of the ``data`` config (its ``resolution`` set to the samples'). Returns (set, data set)."""
-    if cfg.reference_dir:
-        ds = ImageFolderDataset(cfg.reference_dir, ImageTransform(resolution, mode="RGB", warn_upscale=False))
-    else:
-        data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=False))
-        with open_dict(data):
-            if "resolution" in data:
-                data.resolution = resolution
-        root = OmegaConf.create({"data": data})  # resolve ${data.*} links against the edited copy
-        ds = instantiate(root.data.datamodule.dataset)
-    n = len(ds) if cfg.num_reference is None else min(int(cfg.num_reference), len(ds))
+def reference_dataset(reference_dir: str | None, data: DictConfig | None, resolution: int):
+    """The reference data set at the samples' ``resolution``: the folder ``reference_dir``, or the
+    data set that the ``data`` group's config builds, with its ``resolution`` set to the samples'."""
+    if reference_dir:
+        return ImageFolderDataset(reference_dir, ImageTransform(resolution, mode="RGB", warn_upscale=False))
+    data = OmegaConf.create(OmegaConf.to_container(data, resolve=False))
+    with open_dict(data):
+        if "resolution" in data:
+            data.resolution = resolution
+    root = OmegaConf.create({"data": data})  # resolve ${data.*} links against the edited copy
+    return instantiate(root.data.datamodule.dataset)
+
+
+def reference_images(ds, num_reference: int | None = None, source: str = "") -> ImageSet:
+    """``num_reference`` items of ``ds`` (a fixed random subset; None: all of them) as an image set
+    with their captions and labels where the data set has them."""
+    n = len(ds) if num_reference is None else min(int(num_reference), len(ds))
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].sort().values.tolist()
     items = [ds[i] for i in order]
     images = torch.stack([it["pixel_values"] for it in items])
     prompts = [it["caption"] for it in items] if items and "caption" in items[0] else None
     labels = torch.tensor([it["label"] for it in items]) if items and "label" in items[0] else None
-    source = cfg.reference_dir or OmegaConf.select(cfg, "data.datamodule.dataset._target_")
-    return ImageSet(images, prompts=prompts, labels=labels, info={"source": str(source), "num_images": n}), ds
+    return ImageSet(images, prompts=prompts, labels=labels, info={"source": str(source), "num_images": n})
 
 
 # ---- scoring ----------------------------------------------------------------------------------
-def score(cfg: DictConfig, fake: ImageSet, real: ImageSet, extractor: FeatureExtractor, is_digits: bool) -> dict:
-    """All metrics of ``fake`` against ``real`` as a flat dict of numbers, plus ``digits``."""
+def score(
+    fake: ImageSet,
+    real: ImageSet,
+    extractor: FeatureExtractor,
+    is_digits: bool = False,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    is_splits: int = 10,
+    clip_model: str | None = None,
+    caption_template: str = "a handwritten digit {name}",
+) -> dict:
+    """All metrics of ``fake`` against ``real`` in ``extractor``'s features, as ``{"metrics": {name:
+    number}}``; CLIP score with a ``clip_model`` folder and prompts; with ``is_digits`` the digit
+    classifier's scores too (``"digits"``; prompts read back to labels with ``caption_template``)."""
     real_f, _ = extractor.extract(real.images, desc="reference features")
     fake_f, fake_logits = extractor.extract(fake.images, desc="sample features")
-    metrics = distribution_metrics(real_f, fake_f, fake_logits, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size, is_splits=cfg.is_splits)
-    if cfg.clip_model and fake.prompts:
+    metrics = distribution_metrics(real_f, fake_f, fake_logits, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, is_splits=is_splits)
+    if clip_model and fake.prompts:
         from diffusion_lab.metrics.clip import clip_score
 
-        metrics["clip_score"] = clip_score(fake.images, fake.prompts, cfg.clip_model)
+        metrics["clip_score"] = clip_score(fake.images, fake.prompts, clip_model)
     out = {"metrics": metrics}
     if is_digits:
         from diffusion_lab.metrics.digits import DigitClassifier, labels_from_captions, score_digit_samples
 
         labels = fake.labels
         if labels is None and fake.prompts:
-            template = OmegaConf.select(cfg, "data.caption_template", default="a handwritten digit {name}")
             try:
-                labels = torch.tensor(labels_from_captions(fake.prompts, template))
+                labels = torch.tensor(labels_from_captions(fake.prompts, caption_template))
             except ConfigError:
                 labels = None  # prompts that name no digit: no prompt accuracy
         classifier = extractor.classifier if hasattr(extractor, "classifier") else DigitClassifier.load_or_train()
@@ -160,9 +133,9 @@ def score(cfg: DictConfig, fake: ImageSet, real: ImageSet, extractor: FeatureExt
     return out
 
 
-def log_results(cfg: DictConfig, result: dict, grid: Path | None) -> None:
-    """Scalars to every logger; a W&B table (metric, value) and the sample grid where W&B logs."""
-    loggers = instantiate_loggers(cfg.get("logger"))
+def log_results(loggers: list, result: dict, grid: Path | None) -> None:
+    """Scalars to every logger; a W&B table (metric, value) and the sample grid where W&B logs;
+    the loggers are finished afterwards (marked failed if logging raised)."""
     try:
         for logger in loggers:
             logger.log_metrics({f"eval/{k}": v for k, v in result["metrics"].items()}, step=0)

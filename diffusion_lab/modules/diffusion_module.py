@@ -9,14 +9,12 @@ the codec (``vae=``) how images become the diffused tensor (pixel models: ``vae=
 conditioner what else the network sees (``conditioning=none|class_labels``). A pixel model is this
 class with the identity codec; every text-to-image family is ``LatentDiffusion`` (``modules/latent.py``)
 with a ``Family`` (``diffusion_lab/families/``) saying what differs.
-The module holds the training step and the optimisers only: export is ``diffusion_lab/export``,
-latent caching ``callbacks/caching.py``.
+The module holds the training step and the optimisers only: sampling is ``Generation``
+(``modules/generation.py``), export ``diffusion_lab/export``, latent caching ``callbacks/caching.py``.
 """
 
 from __future__ import annotations
 
-import time
-from contextlib import nullcontext
 from typing import Any, Callable
 
 import pytorch_lightning as pl
@@ -25,13 +23,13 @@ import torch
 from diffusion_lab.compat.diffusers import supports_gradient_checkpointing
 from diffusion_lab.compat.lightning import attached_trainer
 from diffusion_lab.components.conditioning import Unconditional
-from diffusion_lab.components.shapes import sample_size
 from diffusion_lab.components.speed import AttentionBackend, apply_speed_switches, clip_fused_gradients
 from diffusion_lab.components.vae import IdentityCodec
 from diffusion_lab.diffusion.objectives import downsample_mask
 from diffusion_lab.diffusion.processes import Process
-from diffusion_lab.diffusion.sampling import Sampler, sample
+from diffusion_lab.diffusion.sampling import Sampler
 from diffusion_lab.metrics.stratified import LossByLevel
+from diffusion_lab.modules.generation import Generation
 from diffusion_lab.utils.errors import ConfigError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -51,8 +49,8 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-class DiffusionModule(pl.LightningModule):
-    """Shared diffusion training.
+class DiffusionModule(Generation, pl.LightningModule):
+    """Shared diffusion training (sampling: ``Generation``, ``modules/generation.py``).
 
     Args:
         backbone: the denoiser (``backbone=``: ``UNet2DModel`` / ``UNet2DConditionModel`` / a transformer).
@@ -129,7 +127,6 @@ class DiffusionModule(pl.LightningModule):
         self.method = method
         self.lr_scheduler_factory = lr_scheduler
         self.val_loss_by_level = LossByLevel(val_buckets) if val_buckets > 0 else None
-        self._t_batch_start: float | None = None
         self.run_config: dict | None = None  # set by train.py; stored in checkpoints
 
     def configure_model(self) -> None:
@@ -214,9 +211,6 @@ class DiffusionModule(pl.LightningModule):
         """The process's loss on this batch (the mean of ``per_sample_losses``)."""
         return self.per_sample_losses(batch, train=train, generator=generator)[0].mean()
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._t_batch_start = time.perf_counter()
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.method is not None:
             return self.method.training_step(self, batch, batch_idx)
@@ -227,16 +221,12 @@ class DiffusionModule(pl.LightningModule):
 
     def _logging_step(self, step: int) -> bool:
         """Lightning writes step metrics every ``trainer.log_every_n_steps``: the extra diagnostics
-        (grad norm, images/s, memory) are only computed on those steps, off the hot path."""
+        (grad norm, memory) are only computed on those steps, off the hot path (images/s: callbacks.throughput)."""
         return step % max(1, self.trainer.log_every_n_steps) == 0
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._t_batch_start is not None and self._logging_step(self.global_step):
-            dt = time.perf_counter() - self._t_batch_start
-            bs = batch_len(batch)
-            world = self.trainer.world_size if attached_trainer(self) is not None else 1
-            self.log("train/images_per_sec", bs * world / max(dt, 1e-9), batch_size=bs)
-            self.log("train/peak_memory_mb", peak_memory_mb(self.device), batch_size=bs)
+        if self._logging_step(self.global_step):
+            self.log("train/peak_memory_mb", peak_memory_mb(self.device), batch_size=batch_len(batch))
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Fixed noise and timesteps per batch: val/loss is comparable across epochs and runs.
@@ -281,67 +271,3 @@ class DiffusionModule(pl.LightningModule):
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer=optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    # ---- sampling ---------------------------------------------------------------------------
-    # the pipeline's guidance rule ``(cond, uncond, w) -> prediction`` (None: classifier-free guidance, ``u + w (c - u)``)
-    guide = None
-
-    def sampling_scheduler(self, sampler: Sampler | None = None):
-        """A fresh diffusers scheduler (they hold state) running ``sampler`` (default: the
-        configured one) on the trained schedule."""
-        return self.process.sampling_scheduler(sampler or self.sampler)
-
-    def latent_shape(self, n: int) -> tuple[int, ...]:
-        """``(n, c, H/f, W/f)``: what the network samples (``resolution`` / the codec's factor; else
-        the UNet's ``sample_size``)."""
-        if self.hparams.resolution:
-            size = self.hparams.resolution // self.codec.downsample_factor
-        else:
-            size = sample_size(self.base_backbone.config)
-        return (n, self.codec.latent_channels, size, size)
-
-    def sampling_schedule(self, scheduler, shape: tuple[int, ...], num_inference_steps: int) -> dict | None:
-        """Extra ``set_timesteps`` arguments the family's pipeline passes (None: none; SD3/Flux: ``mu``, ``sigmas``)."""
-        return None
-
-    @torch.no_grad()
-    def generate(
-        self,
-        n: int,
-        num_inference_steps: int | None = None,
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-        scheduler=None,
-        cond_batch: dict | None = None,
-        guidance_scale: float = 1.0,
-    ) -> torch.Tensor:
-        """Images in [-1, 1], ``[n, C, H, W]``. ``cond_batch`` is a batch dict for conditioning."""
-        was_training = self.training
-        self.eval()
-        cond, uncond = self.sampling_conditioning(cond_batch, n)
-        scheduler = scheduler or self.sampling_scheduler()
-        shape, steps = self.latent_shape(n), num_inference_steps or self.hparams.preview_steps
-        # bf16 on GPUs, and wherever training runs bf16-mixed (trainer=fsdp gathers bf16 weights, CPU too)
-        trainer = attached_trainer(self)
-        bf16 = self.device.type == "cuda" or (trainer is not None and trainer.precision == "bf16-mixed")
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-        with autocast:
-            x0 = sample(
-                self.denoise,
-                scheduler,
-                shape,
-                steps,
-                generator=generator,
-                device=self.device,
-                cond=cond,
-                uncond=uncond,
-                guidance_scale=guidance_scale,
-                guidance_rescale=self.hparams.guidance_rescale,
-                noise=noise,
-                schedule=self.sampling_schedule(scheduler, shape, steps),
-                guide=self.guide,
-            )
-            images = self.decode(x0)
-        self.train(was_training)
-        return images.float().clamp(-1, 1)
-

@@ -47,6 +47,8 @@ _WARNING_NOISE = (
     # codec's VAE, the conditioner's text encoders, ControlNet's base UNet), kept in eval mode on purpose by their
     # train() overrides and holding no trainable parameter (tests/test_issue29_smaller.py checks that)
     (r"Found \d+ module\(s\) in eval mode at the start of training", Warning),
+    # callbacks.throughput (Lightning's ThroughputMonitor) asks for flops_per_batch to log FLOP/s; images/s does not need it
+    (r"When using the `ThroughputMonitor`, you need to define a `flops_per_batch`", Warning),
 )
 
 # text in a line that a library print()s to stdout (no logger to filter): dropped inside without_printed_noise()

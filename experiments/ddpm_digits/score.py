@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
 
 from diffusion_lab.data.transforms import image_grid
 from diffusion_lab.diffusion.sampling import load_sampler
@@ -43,7 +42,7 @@ def main() -> None:
 
     sampler = load_sampler(args.sampler) if args.sampler else None
     module = load_module(args.ckpt, use_ema=True) if args.ckpt else None
-    model = load_pixel_model(OmegaConf.create({"pipeline": args.pipeline, "local_files_only": True}), module=module, sampler=sampler)
+    model = load_pixel_model(args.pipeline, module=module, sampler=sampler, local_files_only=True)
     t0 = time.perf_counter()
     images = model.generate(args.num_images, args.batch_size, args.steps, args.seed, "cpu")
     seconds = time.perf_counter() - t0

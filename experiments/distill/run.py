@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from diffusion_lab.data.transforms import image_grid
 from diffusion_lab.diffusion.sampling import load_sampler
@@ -54,8 +53,7 @@ def main() -> None:
     noise = torch.randn(args.num_images, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     rows, grids = [], []
     for who, sampler, steps in SETTINGS:
-        cfg = OmegaConf.create({"pipeline": getattr(args, who), "local_files_only": True, "sampler": None})
-        model = load_pixel_model(cfg, sampler=load_sampler(sampler) if sampler else None)
+        model = load_pixel_model(getattr(args, who), sampler=load_sampler(sampler) if sampler else None, local_files_only=True)
         model.generate(2, 2, steps, progress=False)  # warm-up: first-call costs are not sampling speed
         t0 = time.perf_counter()
         images = model.generate(args.num_images, 250, steps, noise=noise, progress=False)

@@ -20,7 +20,7 @@ holds more numbers than the attention weights it adapts, and extracted_r64 is ea
 rank (``extract --energy 1.0``; ``--rank 64`` is refused above the smallest layer).
 
 Per variant: parameters (trainable, or held by the LoRA file), step time (median of batch /
-``train/images_per_sec`` over the logged steps), peak memory (max ``train/peak_memory_mb``: the
+``train/device/samples_per_sec`` over the logged steps), peak memory (max ``train/peak_memory_mb``: the
 process's max RSS on CPU), the run's CPU and wall seconds (``os.wait4``), sizes on disk (the last
 checkpoint; the export: the LoRA file, or the full UNet's weights), and, scored like
 experiments/concepts/run.py (``--per-class`` samples per digit, 20 DPM-Solver++ steps, guidance 3,
@@ -135,8 +135,9 @@ def run_costs(run: Path) -> dict:
     speed, memory = [], []
     with open(run / "csv" / "metrics.csv") as f:
         for row in csv.DictReader(f):
-            if row.get("train/images_per_sec"):
-                speed.append(batch / float(row["train/images_per_sec"]))
+            ips = row.get("train/device/samples_per_sec") or row.get("train/images_per_sec")  # the name before #28
+            if ips:
+                speed.append(batch / float(ips))
             if row.get("train/peak_memory_mb"):
                 memory.append(float(row["train/peak_memory_mb"]))
     out = {"s_per_step": statistics.median(speed) if speed else None, "peak_memory_mb": max(memory, default=None), "checkpoint_mb": (run / "checkpoints" / "last.ckpt").stat().st_size / 2**20}

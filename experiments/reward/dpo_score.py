@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
 
 from diffusion_lab.data.transforms import image_grid
 from diffusion_lab.inference.generate import load_pixel_model
@@ -32,7 +31,7 @@ from experiments.lib.outputs import add_out_argument, run_dir  # noqa: E402
 
 
 def score_pipeline(pipeline: str, extractor: DigitFeatures, real_features, num_images: int, steps: int, seed: int) -> tuple[dict, object]:
-    model = load_pixel_model(OmegaConf.create({"pipeline": pipeline, "local_files_only": True}))
+    model = load_pixel_model(pipeline, local_files_only=True)
     t0 = time.perf_counter()
     images = model.generate(num_images, 250, steps, seed, "cpu", progress=False)
     seconds = time.perf_counter() - t0

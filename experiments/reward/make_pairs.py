@@ -29,7 +29,6 @@ import json
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from diffusion_lab.data.transforms import to_pil
 from diffusion_lab.inference.generate import load_pixel_model
@@ -96,15 +95,14 @@ def sample_text_pairs(pipeline: str, pairs: int, steps: int, guidance: float, se
     prompt, the prompts the ten digit captions in turn; and the prompt of each image ``[2P]``."""
     from diffusers import DiffusionPipeline
 
-    from diffusion_lab.inference.generate import generate_text_images
+    from diffusion_lab.inference.generate import generate_images
 
     pipe = DiffusionPipeline.from_pretrained(pipeline, local_files_only=True, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     captions = [template.format(name=DIGIT_NAMES[p % 10]) for p in range(pairs)]
     prompts = [c for c in captions for _ in range(2)]
-    cfg = OmegaConf.create(dict(num_images=len(prompts), seed=seed, batch_size=batch_size, num_inference_steps=steps, guidance_scale=guidance, negative_prompt=None, height=None, width=None))
-    images, used = generate_text_images(pipe, prompts, cfg)
-    return images, used
+    drawn = generate_images(pipe, len(prompts), batch_size, steps, seed, prompts=prompts, guidance_scale=guidance)
+    return drawn.images, drawn.prompts
 
 
 def main() -> None:
@@ -126,7 +124,7 @@ def main() -> None:
         stats = make_pairs(images, Path(args.out), classifier, prompts=prompts, template=args.template)
         stats.update(guidance=args.guidance, template=args.template)
     else:
-        model = load_pixel_model(OmegaConf.create({"pipeline": args.pipeline, "local_files_only": True}))
+        model = load_pixel_model(args.pipeline, local_files_only=True)
         images = model.generate(2 * args.pairs, args.batch_size, args.steps, args.seed, "cpu")
         stats = make_pairs(images, Path(args.out), classifier, same_digit=args.pairing == "same_digit")
     stats.update(source=args.pipeline, steps=args.steps, seed=args.seed, pairing=args.pairing)

@@ -25,11 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from diffusion_lab.data.transforms import image_grid
 from diffusion_lab.diffusion.sampling import load_sampler
-from diffusion_lab.inference.generate import generate_text_images
+from diffusion_lab.inference.generate import generate_images
 from diffusion_lab.metrics.digits import DIGIT_NAMES, class_scores, real_digits
 from diffusion_lab.metrics.distribution import fid
 from diffusion_lab.metrics.features import DigitFeatures
@@ -53,8 +52,7 @@ def load_t2i(pipeline: str, sampler: str | None = None):
 def sample_digits(pipe, per_class: int, steps: int, guidance: float, seed: int = 0, batch_size: int = 250) -> torch.Tensor:
     """``[10 * per_class, 3, H, W]`` in [-1, 1]: digit k's prompt at rows ``k * per_class ...``."""
     prompts = [TEMPLATE.format(name=name) for name in DIGIT_NAMES for _ in range(per_class)]
-    cfg = OmegaConf.create(dict(num_images=len(prompts), seed=seed, batch_size=batch_size, num_inference_steps=steps, guidance_scale=guidance, negative_prompt=None, height=None, width=None))
-    return generate_text_images(pipe, prompts, cfg)[0]
+    return generate_images(pipe, len(prompts), batch_size, steps, seed, prompts=prompts, guidance_scale=guidance).images
 
 
 def score_samples(images: torch.Tensor, per_class: int, extractor: DigitFeatures, real_features: torch.Tensor) -> dict:

@@ -29,7 +29,6 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from diffusion_lab.data.transforms import image_grid  # noqa: E402
 from diffusion_lab.diffusion.sampling import Sampler, load_sampler  # noqa: E402
@@ -42,7 +41,7 @@ from tests.wandb_offline import find_offline_runs  # noqa: E402
 
 
 def score(pipeline: Path, sampler: Sampler, features: DigitFeatures, real_feats: torch.Tensor, n: int, steps: int, seed: int) -> tuple[dict, torch.Tensor]:
-    model = load_pixel_model(OmegaConf.create({"pipeline": str(pipeline), "local_files_only": True}), sampler=sampler)
+    model = load_pixel_model(str(pipeline), sampler=sampler, local_files_only=True)
     images = model.generate(n, 256, steps, seed, "cpu", progress=False)
     feats, logits = features.extract(images)
     scores = class_scores(logits.softmax(-1))
@@ -78,7 +77,7 @@ def main() -> None:
         process = run.config["process"]
         prediction_type, beta_schedule = process["prediction_type"], process["scheduler"]["beta_schedule"]
         val = run.metric("val/loss")
-        ips = [v for _, v in run.metric("train/images_per_sec")]
+        ips = [v for _, v in run.metric("train/device/samples_per_sec") or run.metric("train/images_per_sec")]  # the name before #28
         sample_scores, images = score(job_dir / "pipeline", sampler, features, real_feats, args.num_images, args.steps, args.seed)
         rows.append({
             "job": job_dir.name,
