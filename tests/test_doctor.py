@@ -39,7 +39,7 @@ def test_doctor_checks_that_the_hub_answers_and_says_how_to_go_offline(monkeypat
     import time
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from diffusion_lab import doctor
+    from diffusion_lab.utils import doctor
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "ALL_PROXY", "all_proxy"):

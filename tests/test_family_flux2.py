@@ -206,7 +206,7 @@ def build_module(tmp_path, pretrained, *overrides):
 def test_a_folder_of_another_family_and_unsupported_methods_are_config_errors(folder, tmp_path):
     """A FLUX.1 folder given to model=latent_flux2 names its class and the option that trains it; FLUX.2 [dev]
     is named as not covered; a text-encoder LoRA and a resolution off the 2x2-patch grid are refused by key."""
-    from diffusion_lab.testing import tiny as tiny_flux1
+    from diffusion_lab.testing import tiny_mmdit as tiny_flux1
 
     flux1 = tmp_path / "tiny_flux"
     tiny_flux1.tiny_flux_pipeline().save_pretrained(flux1)

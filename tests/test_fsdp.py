@@ -172,7 +172,7 @@ def test_lora_trains_under_fsdp_and_its_export_loads_in_plain_diffusers(tmp_path
 
 # ---- every backbone family is wrapped block by block -----------------------------------------------------
 def _backbones() -> dict[str, torch.nn.Module]:
-    from diffusion_lab.testing import tiny
+    from diffusion_lab.testing import tiny, tiny_mmdit
     from diffusion_lab.components.backbones import dit_transformer
     from diffusers import UNet2DModel
 
@@ -182,8 +182,8 @@ def _backbones() -> dict[str, torch.nn.Module]:
         "UNet2DConditionModel": tiny.tiny_unet(),
         "DiT": dit_transformer(num_class_embeds=10, sample_size=8, in_channels=1, out_channels=1, patch_size=2, num_layers=2,
                                num_attention_heads=2, attention_head_dim=8, norm_num_groups=8),
-        "SD3Transformer2DModel": tiny.tiny_sd3_transformer(),
-        "FluxTransformer2DModel": tiny.tiny_flux_transformer(),
+        "SD3Transformer2DModel": tiny_mmdit.tiny_sd3_transformer(),
+        "FluxTransformer2DModel": tiny_mmdit.tiny_flux_transformer(),
     }
 
 

@@ -11,9 +11,10 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
-from diffusion_lab.testing import tiny
+from diffusion_lab.testing import tiny, tiny_mmdit
 from diffusion_lab.components.adapters import KOHYA_FILE, add_lora, lora_config
-from diffusion_lab.export.kohya import flux_kohya, lora_layers, save_lora_files
+from diffusion_lab.export.kohya import save_lora_files
+from diffusion_lab.export.kohya_layout import flux_kohya, lora_layers
 from diffusion_lab.families.flux import Flux
 from diffusion_lab.families.sdxl import StableDiffusionXL
 
@@ -85,7 +86,7 @@ FLUX_TARGETS = (
 
 def test_flux_kohya_file_loads_in_diffusers_like_the_diffusers_file(tmp_path):
     """FLUX.1 transformer in BFL names (q, k, v fused into one qkv LoRA) + the CLIP encoder (lora_te1)."""
-    trained = tiny.tiny_flux_pipeline()
+    trained = tiny_mmdit.tiny_flux_pipeline()
     add_lora(trained.transformer, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=FLUX_TARGETS))
     add_lora(trained.text_encoder, lora_config(rank=2, alpha=2, init=False, target_modules=("q_proj", "k_proj", "v_proj", "out_proj")))
     save_lora_files(Flux(), str(tmp_path), trained.transformer, {"text_encoder": trained.text_encoder})
@@ -104,13 +105,13 @@ def test_flux_kohya_file_loads_in_diffusers_like_the_diffusers_file(tmp_path):
     trained_layers = len(lora_layers(trained.transformer)) + len(lora_layers(trained.text_encoder))
     assert len(read) == 2 * trained_layers
 
-    from_diffusers, from_kohya = tiny.tiny_flux_pipeline(), tiny.tiny_flux_pipeline()
+    from_diffusers, from_kohya = tiny_mmdit.tiny_flux_pipeline(), tiny_mmdit.tiny_flux_pipeline()
     from_diffusers.load_lora_weights(tmp_path)
     from_kohya.load_lora_weights(tmp_path, weight_name=KOHYA_FILE)
     for part in ("transformer", "text_encoder"):
         check_same_updates(getattr(trained, part), getattr(from_diffusers, part))
         check_same_updates(getattr(trained, part), getattr(from_kohya, part))
-    base, want = images(tiny.tiny_flux_pipeline()), images(trained)
+    base, want = images(tiny_mmdit.tiny_flux_pipeline()), images(trained)
     a, b = images(from_diffusers), images(from_kohya)
     assert np.abs(want - base).max() > 1e-3
     np.testing.assert_allclose(a, want, atol=ATOL, rtol=0)

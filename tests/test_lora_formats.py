@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_lab.testing import tiny
+from diffusion_lab.testing import tiny, tiny_mmdit
 from diffusion_lab.components.adapters import KOHYA_FILE, add_lora, lora_config
 from diffusion_lab.export.kohya import save_lora_files
 from diffusion_lab.export.lora_tools import LORA_FILE
@@ -208,7 +208,7 @@ def test_lokr_lycoris_file_loads_in_diffusers_like_the_trained_lokr(kind, rank, 
 
     from safetensors.torch import load_file
 
-    from diffusion_lab.export.kohya import save_lycoris
+    from diffusion_lab.export.lycoris import save_lycoris
 
     build = importlib.import_module(f"diffusion_lab.testing.{kind}").tiny_pipeline
     targets = ("to_q", "to_k", "to_v", "to_out.0")
@@ -266,7 +266,7 @@ def test_init_lora_from_a_kohya_file_of_each_family(kind, tmp_path):
     from tests.test_kohya import FLUX_TARGETS
 
     if kind in ("sdxl", "flux"):
-        build = {"sdxl": tiny.tiny_sdxl_pipeline, "flux": tiny.tiny_flux_pipeline}[kind]
+        build = {"sdxl": tiny.tiny_sdxl_pipeline, "flux": tiny_mmdit.tiny_flux_pipeline}[kind]
         family = {"sdxl": StableDiffusionXL, "flux": Flux}[kind]()
         run = (lambda pipe: images(pipe)) if kind == "sdxl" else _family_images("chroma")  # chroma's call = FLUX.1's
     else:

@@ -46,3 +46,15 @@ def test_a_checkpoint_naming_the_old_builder_paths_loads_and_samples(tmp_path):
 
     grid = run_sample(compose_cfg("sample", [f"ckpt_path={ckpt}", "num_images=1", "num_inference_steps=1", "prompt=seven"], tmp_path / "s"))
     assert grid.is_file()
+
+
+def test_the_tiny_mmdit_backbones_old_paths_build_from_their_new_module():
+    """backbone=sd3_tiny|flux_tiny moved again (``testing/tiny.py`` -> ``testing/tiny_mmdit.py``): a stored
+    config naming either older path builds the same transformer from the new one."""
+    for k in ("sd3", "flux"):
+        want = OmegaConf.to_container(compose_cfg("train", [f"backbone={k}_tiny"], "/tmp/unused").backbone, resolve=True)
+        assert want["_target_"] == f"diffusion_lab.testing.tiny_mmdit.tiny_{k}_transformer"
+        for old in ("diffusion_lab.components.tiny.", "diffusion_lab.testing.tiny."):
+            assert moved_paths({**want, "_target_": f"{old}tiny_{k}_transformer"}) == want
+        torch.manual_seed(0)
+        assert isinstance(instantiate(want), torch.nn.Module)

@@ -133,7 +133,7 @@ def plan_cfg(tmp_path, *overrides):
 
 
 def test_cli_shipped_architecture_with_budget(tmp_path, capsys):
-    from diffusion_lab.plan import plan as run
+    from diffusion_lab.memory.report import plan as run
 
     run(plan_cfg(tmp_path, "model=latent_flux", "plan/architecture=flux1_dev", "adapter=lora", "trainer=gpu", "data.resolution=1024",
                  "data.batch_size=1", "plan.budget_gb=24"))
@@ -158,7 +158,7 @@ def test_cli_tiny_folder(tmp_path, tiny_flux):
 
 
 def test_cli_impossible_budget_is_one_paragraph(tmp_path, capsys):
-    from diffusion_lab.plan import plan as run
+    from diffusion_lab.memory.report import plan as run
     from diffusion_lab.utils.cli import friendly_errors
 
     cfg = plan_cfg(tmp_path, "model=latent_sd", "plan/architecture=sd15", "trainer=gpu", "data.resolution=512", "plan.budget_gb=0.3")

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from diffusion_lab.callbacks.ema import ema_weights
-from diffusion_lab.testing import tiny
+from diffusion_lab.testing import tiny, tiny_mmdit
 from diffusion_lab.components.mmdit import load_flow_scheduler
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError
@@ -238,11 +238,11 @@ def _diffusers_written(path, kind):
     SD3 without T5 (4 latent channels, VAE factor 4); Flux in schnell's layout (no guidance embedding)."""
     vae = tiny.tiny_vae(latent_channels=4, block_out_channels=(16, 16, 32), seed=3, scaling_factor=0.5, shift_factor=0.1)
     if kind == "sd3":
-        pipe = tiny.tiny_sd3_pipeline(t5=False)
-        pipe = StableDiffusion3Pipeline(**{**pipe.components, "vae": vae, "transformer": tiny.tiny_sd3_transformer(sample_size=8, in_channels=4, joint_attention_dim=48, seed=3)})
+        pipe = tiny_mmdit.tiny_sd3_pipeline(t5=False)
+        pipe = StableDiffusion3Pipeline(**{**pipe.components, "vae": vae, "transformer": tiny_mmdit.tiny_sd3_transformer(sample_size=8, in_channels=4, joint_attention_dim=48, seed=3)})
     else:
-        pipe = tiny.tiny_flux_pipeline(guidance_embeds=False)
-        pipe = FluxPipeline(**{**pipe.components, "vae": vae, "transformer": tiny.tiny_flux_transformer(in_channels=16, guidance_embeds=False, seed=3)})
+        pipe = tiny_mmdit.tiny_flux_pipeline(guidance_embeds=False)
+        pipe = FluxPipeline(**{**pipe.components, "vae": vae, "transformer": tiny_mmdit.tiny_flux_transformer(in_channels=16, guidance_embeds=False, seed=3)})
     pipe.save_pretrained(path)
     return path
 

@@ -174,7 +174,7 @@ def test_sd3_transformer_single_file_reads_back_in_diffusers(tmp_path):
     SAI-named file -> SD3Transformer2DModel.from_single_file pops every key and gives equal weights."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from diffusion_lab.testing.tiny import tiny_sd3_transformer
+    from diffusion_lab.testing.tiny_mmdit import tiny_sd3_transformer
 
     model = tiny_sd3_transformer().eval()
     model.save_config(tmp_path / "sd3" / "transformer")

@@ -159,14 +159,36 @@ def init_lora_from(path: str, pipe, parts: dict[str, torch.nn.Module]) -> int:
     moved into ``default`` (``B`` rescaled by the file's alpha / r over the run's), the scratch adapter deleted.
     Returns the number of layers set. ConfigError naming the file: not a file / not a LoRA this pipeline
     reads / no layer of this backbone (another family or base), a layer the run does not target, another rank."""
-    from pathlib import Path
-
     from peft.tuners.lora import LoraLayer
+
+    where = f"adapter.init_from={path}"
+    _load_scratch_adapter(path, pipe, where)
+    moved, bad_rank, untargeted = 0, [], []
+    with torch.no_grad():
+        for part, model in parts.items():
+            for name, m in model.named_modules():
+                if not isinstance(m, LoraLayer) or INIT_ADAPTER not in m.lora_A:
+                    continue
+                if "default" not in m.lora_A:
+                    untargeted.append(f"{part}.{name}")
+                    continue
+                ranks = _move_scratch_layer(m, where)
+                if ranks is not None:
+                    bad_rank.append((f"{part}.{name}", *ranks))
+                else:
+                    moved += 1
+            _delete_adapter(model, INIT_ADAPTER)
+    _check_moved(where, moved, bad_rank, untargeted)
+    return moved
+
+
+def _load_scratch_adapter(path: str, pipe, where: str) -> None:
+    """The LoRA file ``path`` loaded by ``pipe``'s own loader as adapter ``INIT_ADAPTER``; ConfigError naming it otherwise."""
+    from pathlib import Path
 
     from diffusion_lab.utils.errors import ConfigError
 
     file = Path(path)
-    where = f"adapter.init_from={path}"
     if not file.is_file():
         raise ConfigError(f"{where}: no such file; pass a LoRA .safetensors file (diffusers' pytorch_lora_weights.safetensors or a kohya / A1111 file).")
     try:
@@ -177,32 +199,34 @@ def init_lora_from(path: str, pipe, parts: dict[str, torch.nn.Module]) -> int:
             f"{where} is not a LoRA {type(pipe).__name__} can load onto this model ({first}). Pass a LoRA trained on the "
             f"same family and base (model.pretrained), as diffusers' pytorch_lora_weights.safetensors or a kohya / A1111 file."
         ) from e
-    moved, bad_rank, untargeted = 0, [], []
-    with torch.no_grad():
-        for part, model in parts.items():
-            for name, m in model.named_modules():
-                if not isinstance(m, LoraLayer) or INIT_ADAPTER not in m.lora_A:
-                    continue
-                if "default" not in m.lora_A:
-                    untargeted.append(f"{part}.{name}")
-                    continue
-                a, b = m.lora_A[INIT_ADAPTER].weight, m.lora_B[INIT_ADAPTER].weight
-                if a.shape != m.lora_A["default"].weight.shape:
-                    bad_rank.append((f"{part}.{name}", a.shape[0], m.lora_A["default"].weight.shape[0]))
-                    continue
-                dora = {k: bool(m.use_dora.get(k)) for k in (INIT_ADAPTER, "default")}
-                if dora[INIT_ADAPTER] != dora["default"]:
-                    kinds = {True: "DoRA", False: "LoRA"}
-                    raise ConfigError(
-                        f"{where} is a {kinds[dora[INIT_ADAPTER]]} file but the run trains adapter={kinds[dora['default']].lower()}; "
-                        f"use adapter={kinds[dora[INIT_ADAPTER]].lower()} to continue from it."
-                    )
-                m.lora_A["default"].weight.copy_(a)
-                m.lora_B["default"].weight.copy_(b * (m.scaling[INIT_ADAPTER] / m.scaling["default"]))
-                if dora["default"]:  # DoRA: the magnitude of each output row too
-                    m.lora_magnitude_vector["default"].weight.copy_(m.lora_magnitude_vector[INIT_ADAPTER].weight)
-                moved += 1
-            _delete_adapter(model, INIT_ADAPTER)
+
+
+def _move_scratch_layer(m, where: str) -> tuple[int, int] | None:
+    """Copy one LoRA layer's scratch adapter into ``default`` (``B`` rescaled to the run's alpha / r; DoRA: the
+    magnitudes too). Returns (the file's rank, the run's) when they differ, copying nothing."""
+    from diffusion_lab.utils.errors import ConfigError
+
+    a, b = m.lora_A[INIT_ADAPTER].weight, m.lora_B[INIT_ADAPTER].weight
+    if a.shape != m.lora_A["default"].weight.shape:
+        return a.shape[0], m.lora_A["default"].weight.shape[0]
+    dora = {k: bool(m.use_dora.get(k)) for k in (INIT_ADAPTER, "default")}
+    if dora[INIT_ADAPTER] != dora["default"]:
+        kinds = {True: "DoRA", False: "LoRA"}
+        raise ConfigError(
+            f"{where} is a {kinds[dora[INIT_ADAPTER]]} file but the run trains adapter={kinds[dora['default']].lower()}; "
+            f"use adapter={kinds[dora[INIT_ADAPTER]].lower()} to continue from it."
+        )
+    m.lora_A["default"].weight.copy_(a)
+    m.lora_B["default"].weight.copy_(b * (m.scaling[INIT_ADAPTER] / m.scaling["default"]))
+    if dora["default"]:  # DoRA: the magnitude of each output row too
+        m.lora_magnitude_vector["default"].weight.copy_(m.lora_magnitude_vector[INIT_ADAPTER].weight)
+    return None
+
+
+def _check_moved(where: str, moved: int, bad_rank: list[tuple[str, int, int]], untargeted: list[str]) -> None:
+    """ConfigError when a layer had another rank, a layer of the file is not one the run targets, or none moved."""
+    from diffusion_lab.utils.errors import ConfigError
+
     if bad_rank:
         layer, r_file, r_run = bad_rank[0]
         raise ConfigError(f"{where} has rank {r_file} at {layer} but adapter.rank={r_run}; set adapter.rank={r_file} to continue from this file.")
@@ -216,7 +240,6 @@ def init_lora_from(path: str, pipe, parts: dict[str, torch.nn.Module]) -> int:
             f"{where}: none of its layers is a layer of this model's LoRA (a LoRA for another family or base?). Pass a LoRA "
             f"trained on the same model (model.pretrained)."
         )
-    return moved
 
 
 def _delete_adapter(model: torch.nn.Module, name: str) -> None:

@@ -47,7 +47,7 @@ def save_peft_folder(model: torch.nn.Module, out_dir: str | Path) -> None:
 
 def save_adapter_variant(module, out_dir: str | Path, lora_format: str = "both") -> None:
     """A LoKr/LoHa run's adapter into ``out_dir`` in ``lora_format`` (table above; ``fused/`` is the caller's)."""
-    from diffusion_lab.export.kohya import save_lycoris
+    from diffusion_lab.export.lycoris import save_lycoris
 
     lycoris = None
     if lora_format != "diffusers" and adapter_variant(module.base_backbone) == "lokr":

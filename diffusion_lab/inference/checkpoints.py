@@ -14,6 +14,11 @@ from diffusion_lab.utils.safe_load import check_config, load_checkpoint
 # Modules that moved after checkpoints were written: a stored config naming the old path is read as
 # naming the new one (#28: the tiny test/demo builders left ``components/`` for ``testing/``).
 MOVED = {
+    # the tiny MMDiT backbones (backbone=sd3_tiny|flux_tiny) left testing/tiny.py: before the prefixes below (first match wins)
+    "diffusion_lab.components.tiny.tiny_sd3_transformer": "diffusion_lab.testing.tiny_mmdit.tiny_sd3_transformer",
+    "diffusion_lab.components.tiny.tiny_flux_transformer": "diffusion_lab.testing.tiny_mmdit.tiny_flux_transformer",
+    "diffusion_lab.testing.tiny.tiny_sd3_transformer": "diffusion_lab.testing.tiny_mmdit.tiny_sd3_transformer",
+    "diffusion_lab.testing.tiny.tiny_flux_transformer": "diffusion_lab.testing.tiny_mmdit.tiny_flux_transformer",
     "diffusion_lab.components.tiny.": "diffusion_lab.testing.tiny.",
     "diffusion_lab.components.vocab.": "diffusion_lab.testing.vocab.",
     "diffusion_lab.data.sources.DigitsDataset": "diffusion_lab.data.digits.DigitsDataset",

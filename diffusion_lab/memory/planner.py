@@ -11,7 +11,8 @@ import functools
 
 import torch
 
-from diffusion_lab.memory.architecture import Architecture, backbone_counts, backbone_model, trace_activations
+from diffusion_lab.memory.architecture import Architecture, backbone_counts, backbone_model
+from diffusion_lab.memory.trace import trace_activations
 from diffusion_lab.memory.budget import K_SAVED, Breakdown, Counts, Settings, Trace, breakdown, compute_mode
 
 

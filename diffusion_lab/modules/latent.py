@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from diffusion_lab.components.adapters import add_lora, config_variant, init_adapter_from
+from diffusion_lab.components.adapters import init_adapter_from
 from diffusion_lab.components.controlnet import Controlled, ControlNetPart
 from diffusion_lab.components.embeddings import TokenEmbedding
-from diffusion_lab.components.pretrained import Dtype, torch_dtype
-from diffusion_lab.components.quantization import check_quantized_training, is_quantized
+from diffusion_lab.components.pretrained import Dtype
 from diffusion_lab.components.vae import VAECodec
 from diffusion_lab.data.control import CONTROL_KEY
 from diffusion_lab.families.base import Family
 from diffusion_lab.modules.diffusion_module import DiffusionModule, batch_len
+from diffusion_lab.modules.latent_setup import attach_trained_parts, check_offload_frozen, check_parts, check_placeholder_in_captions
 from diffusion_lab.utils.errors import ConfigError, DataError
 
 
@@ -49,7 +49,7 @@ class LatentDiffusion(DiffusionModule):
             with (``components/quantization.py``); anything but ``none`` trains an adapter only (QLoRA).
         offload_frozen: the frozen VAE and text encoders stay on the CPU whatever device trains: they
             encode there and only their outputs move (with ``cache``: once, before training).
-        group_offload: diffusers' group offloading of the frozen backbone (refused: see ``check_group_offload``).
+        group_offload: diffusers' group offloading of the frozen backbone (refused: see ``latent_setup.check_group_offload``).
         export_fused: adapter runs also write ``<export dir>/fused``, a pipeline with the adapter merged.
         safety_checker: folder/hub id with ``safety_checker/`` + ``feature_extractor/`` for SD exports (None = off).
         pretrained, local_files_only: where the parts came from (recorded; Hydra loads the parts).
@@ -91,49 +91,15 @@ class LatentDiffusion(DiffusionModule):
         adapter_init_from: str | None = None,
         **kwargs,
     ) -> None:
-        family.check_process(process.kind)  # before the parts: a wrong process is the first thing to fix
-        sampler.check(process.kind)
-        family.check_parts(backbone, codec, conditioner, resolution, image_channels)
-        if not 0.0 <= caption_dropout < 1.0:
-            raise ConfigError(f"model.caption_dropout={caption_dropout} must be in [0, 1).")
-        if prior_loss_weight < 0:
-            raise ConfigError(f"model.prior_loss_weight={prior_loss_weight} must be >= 0.")
-        if safety_checker and family.pipeline_class != "StableDiffusionPipeline":
-            raise ConfigError(f"model.safety_checker: {family.pipeline_class} has no safety checker; leave it null for model={family.name}.")
-        check_quantized_training(family.name, quantization, backbone, backbone_lora, export_fused)
-        check_group_offload(group_offload)
-        if text_lora is None and not conditioner.frozen and any(is_quantized(e) for e in conditioner.encoders):
-            raise ConfigError(
-                f"text_encoder.trainable=true with quantization={quantization}: the text encoders were quantized while loaded "
-                f"(quantization.text_encoders=true) and cannot be fine-tuned in full. Set quantization.text_encoders=false, or "
-                f"train a LoRA on them instead (adapter.train_text_encoder=true, text_encoder.trainable=false)."
-            )
-        variant = config_variant(backbone_lora or text_lora)
-        if variant is not None and family.supports(variant):
-            raise ConfigError(f"adapter={variant} cannot be used with model={family.name}: {family.supports(variant).rstrip('.')}.")
-        if backbone_lora is not None:
-            add_lora(backbone if is_quantized(backbone) else backbone.to(torch_dtype(backbone_base_dtype)), backbone_lora)
-        elif backbone_base_dtype != "float32":
-            raise ConfigError(
-                f"adapter.base_dtype={backbone_base_dtype} holds the frozen backbone of an adapter in half precision, but "
-                f"adapter=none trains the whole backbone, whose weights must stay float32; use trainer.precision=bf16-mixed instead."
-            )
-        if text_lora is not None:
-            for encoder in family.lora_text_encoders(conditioner):
-                add_lora(encoder, text_lora)
-        if gradient_checkpointing and not conditioner.frozen:
-            for encoder in conditioner.encoders:
-                encoder.gradient_checkpointing_enable()
-        if text_embedding is not None:
-            if family.supports("textual_inversion"):
-                raise ConfigError(f"adapter=textual_inversion cannot be used with model={family.name}: {family.supports('textual_inversion').rstrip('.')}.")
-            text_embedding.attach(zip(family.encoder_names, conditioner.tokenizers, conditioner.encoders))
-            backbone.requires_grad_(False)
-        net = None
-        if controlnet is not None:
-            check_controlnet(family, backbone_lora, text_lora, conditioner)
-            net = controlnet.build(backbone=backbone, downsample_factor=codec.downsample_factor)
-            backbone.requires_grad_(False)
+        check_parts(
+            family, process, sampler, backbone, codec, conditioner, resolution, image_channels, caption_dropout=caption_dropout,
+            prior_loss_weight=prior_loss_weight, safety_checker=safety_checker, quantization=quantization, backbone_lora=backbone_lora,
+            text_lora=text_lora, backbone_base_dtype=backbone_base_dtype, export_fused=export_fused, group_offload=group_offload,
+        )
+        net = attach_trained_parts(
+            family, backbone, codec, conditioner, backbone_lora=backbone_lora, text_lora=text_lora, backbone_base_dtype=backbone_base_dtype,
+            text_embedding=text_embedding, controlnet=controlnet, gradient_checkpointing=gradient_checkpointing,
+        )
         super().__init__(backbone, process, sampler, optimizer, codec=codec, conditioner=conditioner, resolution=resolution, gradient_checkpointing=gradient_checkpointing, **kwargs)
         self.family = family
         if adapter_init_from:  # adapter.init_from: the LoRA starts from a file's (before any checkpoint is restored)
@@ -144,11 +110,7 @@ class LatentDiffusion(DiffusionModule):
         self._preview: dict | None = None
         if net is not None and gradient_checkpointing:
             net.enable_gradient_checkpointing()
-        if offload_frozen and not conditioner.frozen:
-            raise ConfigError(
-                "model.offload_frozen=true keeps the frozen text encoders and VAE on the CPU, but the text encoder trains "
-                "(text_encoder.trainable or adapter.train_text_encoder); set model.offload_frozen=false or freeze it."
-            )
+        check_offload_frozen(offload_frozen, conditioner)
         self.train()  # from_pretrained returns eval-mode models; Lightning keeps the mode it finds
 
     @classmethod
@@ -343,47 +305,3 @@ def select(batch: dict, keep: torch.Tensor) -> dict:
     """The examples of ``batch`` where ``keep`` (``[N]`` bool) is true: tensors and lists alike."""
     idx = keep.nonzero().flatten().tolist()
     return {k: v[keep.to(v.device)] if torch.is_tensor(v) else [v[i] for i in idx] for k, v in batch.items()}
-
-
-def check_placeholder_in_captions(dm, token: str) -> None:
-    """DataError before training when no training caption among the first 64 has the placeholder."""
-    ds = getattr(dm, "train_set", None)
-    if ds is None:
-        return
-    captions = [ds[i].get("caption", "") for i in range(min(64, len(ds)))]
-    if not any(token in c for c in captions):
-        raise DataError(
-            f"None of the first {len(captions)} training captions contains adapter.placeholder_token={token!r} "
-            f"(e.g. {captions[0]!r}), so its embedding would never train. Put the token in the captions "
-            f"(data=digits_concept: data.trigger={token!r}; a folder: its metadata captions)."
-        )
-
-
-def check_controlnet(family: Family, backbone_lora, text_lora, conditioner) -> None:
-    """ConfigError before training: a family without a ControlNet, or an adapter / trained text encoder beside it."""
-    reason = family.supports("controlnet")
-    if reason:
-        from diffusion_lab.families.matrix import families, support
-
-        able = ", ".join(option for option, cls in families().items() if support(cls, "controlnet") is None)
-        raise ConfigError(f"controlnet=from_backbone cannot be used with model={family.name}: {reason}. Use controlnet=none, or a family with one ({able}).")
-    if backbone_lora is not None or text_lora is not None:
-        raise ConfigError("controlnet=from_backbone trains only the ControlNet (backbone and text encoder stay frozen, as in diffusers' train_controlnet.py); use adapter=none.")
-    if not conditioner.frozen:
-        raise ConfigError("text_encoder.trainable=true: controlnet=from_backbone trains only the ControlNet, the text encoder stays frozen (as in diffusers' train_controlnet.py); set text_encoder.trainable=false.")
-
-
-def check_group_offload(group_offload: str | None) -> None:
-    """``model.group_offload`` is refused: diffusers' group offloading swaps each block's parameters
-    between devices with forward hooks (``param.data = ...``), while a LoRA trains inside those
-    blocks: the backward pass needs the frozen weights the hooks have already moved away, and the
-    optimizer would hold parameters whose storage the hooks replace. diffusers supports it for
-    inference only."""
-    if group_offload is None:
-        return
-    raise ConfigError(
-        f"model.group_offload={group_offload}: diffusers' group offloading moves the backbone's blocks off the device after "
-        f"their forward pass, but training needs them again in backward and the LoRA's parameters live in the same blocks, so "
-        f"it does not train (diffusers supports it for inference). Set model.group_offload=null; to save memory use "
-        f"quantization=nf4|int8|float8, model.gradient_checkpointing=true and model.offload_frozen=true."
-    )

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from diffusion_lab.testing.tiny import FLUX_VAE, flux_scheduler, tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae
+from diffusion_lab.testing.tiny import tiny_vae
+from diffusion_lab.testing.tiny_mmdit import FLUX_VAE, flux_scheduler, tiny_t5_encoder, tiny_t5_tokenizer
 
 
 def tiny_transformer(in_channels: int = 64, joint_attention_dim: int = 64, seed: int = 0, **kwargs):

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from diffusion_lab.testing.tiny import FLUX_VAE, tiny_vae
+from diffusion_lab.testing.tiny import tiny_vae
+from diffusion_lab.testing.tiny_mmdit import FLUX_VAE
 
 
 def tiny_qwen_tokenizer():

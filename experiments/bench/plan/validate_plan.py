@@ -140,7 +140,7 @@ def _quantize_int8(model) -> None:
 def _step(arch, model, opt, settings: dict, resolution: int) -> None:
     import torch
 
-    from diffusion_lab.memory.architecture import backbone_inputs
+    from diffusion_lab.memory.trace import backbone_inputs
 
     mixed = settings.get("precision", "32-true").endswith("-mixed")
     dtype = torch.bfloat16 if settings.get("precision") == "bf16-true" else torch.float32
