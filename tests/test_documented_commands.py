@@ -51,6 +51,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -392,8 +393,6 @@ def _config_dir(name: str, overrides: list[str], root: Path | None = None) -> Pa
 
 @functools.cache
 def _scratch() -> str:
-    import tempfile
-
     return tempfile.mkdtemp(prefix="documented_commands_")
 
 
@@ -741,8 +740,7 @@ class Store:
     def produce(self, text: str) -> Path:
         key = _normal(text)
         if key not in self.done:
-            ws = self.root / f"p{len(self.done)}"
-            ws.mkdir(parents=True)
+            ws = Path(tempfile.mkdtemp(prefix="made_", dir=self.root))
             run_command(Command("store", 0, text, None), ws, self)
             self.done[key] = ws
         return self.done[key]
@@ -955,6 +953,11 @@ def _run_segment(seg: Segment, cmd: Command, ws: Path, store: Store, index: int)
     proc = subprocess.run(argv, cwd=ws, env=env, capture_output=True, text=True, timeout=900)
     (ws / f"cmd_{index}.log").write_text(" ".join(map(shlex.quote, argv)) + "\n" + proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"{cmd.id}: {' '.join(map(shlex.quote, argv))} failed (rc {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
+    for key in _outputs_of(seg, text) if (ws / "outputs").is_dir() else ():  # what it made, for later commands
+        producer = PRODUCERS.get(key) or (TINY_PIPELINE.fullmatch(key) and f"python -m diffusion_lab.tiny_sd {key}"
+                                          + ("" if key == "outputs/tiny_sd" else f" --kind {key.split('tiny_', 1)[1]}"))
+        if producer and (ws / key).exists() and _normal(producer) == _normal(documented):
+            store.done.setdefault(_normal(producer), ws)
     if seg.what == "hydra:train" and not seg.multirun:  # later commands may read this run (<run>, <demo run>)
         store.run_dirs.setdefault(_normal(documented), run_dir)
         store.done.setdefault(_normal(documented), ws)
