@@ -129,6 +129,8 @@ def test_shuffled_epochs_and_replayed_resume(folder_shards, num_workers):
         loader = make(checkpoint(epoch, 3)).train_dataloader()
         assert same(batches(loader, len(epochs[epoch]) - 3), epochs[epoch][3:])
         assert same(batches(loader, len(epochs[epoch + 1])), epochs[epoch + 1])  # the next epoch starts afresh
+    with pytest.raises(ConfigError, match=r"3 batches into epoch 0 .* holds no litdata loader state"):  # an older checkpoint
+        make({"shuffle_seed": 3, "epoch": 0, "samples": 12}).train_dataloader()
 
 
 # ---- training -------------------------------------------------------------------------------------

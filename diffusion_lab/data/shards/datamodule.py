@@ -193,7 +193,11 @@ class ShardDataModule(pl.LightningDataModule):
         state = DiffusionDataModule.state_dict(self)
         batches = state.get("samples", 0) // self.batch_size
         if self._bucketed is None and batches and self._train_loader is not None:
-            state["loader"] = self._train_loader.position(state["epoch"], batches)
+            position = self._train_loader.position(state["epoch"], batches)
+            if position is None:  # fit ended; Lightning counts the next epoch, not begun
+                state["samples"] = 0
+            else:
+                state["loader"] = position
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:

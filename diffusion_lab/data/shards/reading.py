@@ -163,16 +163,13 @@ def loader_class():
                     del self._positions[next(iter(self._positions))]
                 yield batch
 
-        def position(self, epoch: int, batches: int) -> dict:
+        def position(self, epoch: int, batches: int) -> dict | None:
             """litdata's loader state after this rank's first ``batches`` batches of Lightning epoch
-            ``epoch`` (litdata counts epochs from 1)."""
-            try:
-                return self._positions[(epoch + 1, batches)]
-            except KeyError:
-                raise RuntimeError(
-                    f"the shard loader has no state for batch {batches} of epoch {epoch} (it keeps the last {self.KEEP}, "
-                    f"of epochs/batches {sorted(self._positions)})"
-                ) from None
+            ``epoch`` (litdata counts epochs from 1). None when the loader has not begun that epoch:
+            at the end of fit Lightning counts the next epoch, which a resumed run starts afresh."""
+            if self.current_epoch == epoch:
+                return None
+            return self._positions[(epoch + 1, batches)]  # a KeyError if it is not among the last KEEP
 
         def resume(self, epoch: int, batches: int, position: dict | None) -> None:
             """Continue Lightning epoch ``epoch`` after this rank's first ``batches`` batches, from
