@@ -425,9 +425,14 @@ def _single(overrides: list[str]) -> list[str]:
     out = []
     for text, o in zip(overrides, _parsed(overrides)):
         if o.is_sweep_override():
-            first = next(iter(o.sweep_iterator()))
+            try:
+                first = next(iter(o.sweep_iterator()))
+            except Exception:  # noqa: BLE001 - interval(a, b) (Optuna's search space): its lower end
+                first = getattr(o.value(), "start", None)
+                if first is None:
+                    continue
             prefix = {"ADD": "+", "FORCE_ADD": "++", "DEL": "~"}.get(o.type.name, "")
-            out.append(f"{prefix}{o.get_key_element()}={o.get_value_element_as_str() if False else _element(first)}")
+            out.append(f"{prefix}{o.get_key_element()}={_element(first)}")
         else:
             out.append(text)
     return out
@@ -452,12 +457,13 @@ def _why_compose(seg: Segment) -> str:
     text = seg.text
     if re.search(r"\bhydra/launcher=(slurm|submitit)", text):
         return "a SLURM launch"
+    unknown = re.findall(r"<[^<>]+>|\$\(.*?\)|\$\{?\w+\}?", _known_placeholders_removed(text))
+    if unknown:
+        return f"a placeholder no documented command makes ({', '.join(unknown)})"
     for a in seg.args:
         value = a.split("=", 1)[1] if "=" in a else ""
         if CLUSTER_PATH.match(value):
             return f"data or weights on a cluster / in the cloud ({a})"
-        if "PLACEHOLDER" in value and re.search(r"<[^<>]+>|\$", _known_placeholders_removed(text)):
-            return f"a placeholder no documented command makes ({a})"
         if a in ("device=cuda", "prepare.device=cuda", "memory.cpu_offload=true"):
             return f"a GPU ({a})"
         if a in NEEDS_WEIGHTS:
@@ -531,6 +537,14 @@ def check_composes(entry: str, overrides: list[str]) -> None:
         cfg = _compose_cached(entry, tuple(single))
     except Exception as e:
         raise AssertionError(f"hydra.compose('{entry}', {single}) failed:\n{type(e).__name__}: {e}") from None
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    if params:  # a named grid (sweep=...): its first job's overrides must compose too
+        grid = _single([f"{k}={v}" for k, v in params.items()])
+        try:
+            _compose_cached(entry, tuple(single + grid))
+        except Exception as e:
+            raise AssertionError(f"the first job of the grid in hydra.sweeper.params ({grid}) does not compose with {single}:\n"
+                                 f"{type(e).__name__}: {e}") from None
     tree = OmegaConf.to_container(cfg, resolve=False)
     choices = dict(cfg.hydra.runtime.choices)
     wrong = []
