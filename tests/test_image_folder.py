@@ -100,3 +100,21 @@ def test_an_image_without_a_metadata_row_is_named(tmp_path):
     (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "x"}) + "\n" for n in IMAGES if n != "b.png"))
     with pytest.raises(DataError, match=r"b\.png has no row in .*metadata\.\* \(file_name column\)"):
         ImageFolderDataset(str(root), ImageTransform(resolution=8), caption_column="text")
+
+
+def test_metadata_is_read_offline_and_leaves_the_hf_cache_alone(tmp_path, monkeypatch):
+    """``datasets`` offline (HF_HUB_OFFLINE=1 read at import, set here on its config) still reads a
+    local folder's metadata, and writes nothing to its cache: an edited metadata file is read afresh."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    for name in ("HF_DATASETS_CACHE", "HF_MODULES_CACHE"):
+        monkeypatch.setattr(datasets.config, name, tmp_path / "hf" / name)
+    root = _folder(tmp_path / "data")
+    for source in (root / "sources").iterdir():
+        source.unlink()
+    for text in ("first", "edited"):
+        (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": f"{text} {n}"}) + "\n" for n in IMAGES))
+        assert ImageFolderDataset(str(root), ImageTransform(resolution=8), caption_column="auto").captions == [f"{text} {n}" for n in SORTED]
+    assert not (tmp_path / "hf").exists()
