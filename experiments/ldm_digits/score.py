@@ -26,13 +26,12 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from diffusion_lab.data.transforms import image_grid
 from diffusion_lab.diffusion.sampling import load_sampler
 from diffusion_lab.export import build_pipeline
 from diffusion_lab.inference.checkpoints import load_module
-from diffusion_lab.inference.generate import generate_text_images
+from diffusion_lab.inference.generate import generate_images
 from diffusion_lab.metrics.digits import DIGIT_NAMES, DigitClassifier, real_digits
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file (python experiments/<study>/<script>.py): the repo root, for experiments.lib
 from experiments.lib.outputs import add_out_argument, run_dir  # noqa: E402
@@ -44,11 +43,8 @@ def prompts_for(template: str) -> list[str]:
 
 def generate(pipe, prompts: list[str], per_class: int, steps: int, guidance: float, seed: int, batch_size: int) -> torch.Tensor:
     """``[10 * per_class, 3, H, W]`` in [-1, 1]: digit k at rows ``k * per_class ...``."""
-    cfg = OmegaConf.create(
-        dict(num_images=len(prompts) * per_class, seed=seed, batch_size=batch_size, num_inference_steps=steps, guidance_scale=guidance, negative_prompt=None, height=None, width=None)
-    )
-    images, used = generate_text_images(pipe, [p for p in prompts for _ in range(per_class)], cfg)
-    return images
+    wanted = [p for p in prompts for _ in range(per_class)]
+    return generate_images(pipe, len(wanted), batch_size, steps, seed, prompts=wanted, guidance_scale=guidance).images
 
 
 def accuracy_table(classifier: DigitClassifier, images: torch.Tensor, per_class: int) -> dict:
@@ -67,7 +63,7 @@ def grid(images: torch.Tensor, per_class: int, path: Path, cols: int = 10) -> No
 
 def real_thick_reference(classifier: DigitClassifier, resolution: int) -> dict:
     """Classifier accuracy and mean brightness on all real digits drawn thick (the LoRA's data)."""
-    from diffusion_lab.data.sources import DigitsDataset
+    from diffusion_lab.data.digits import DigitsDataset
     from diffusion_lab.data.transforms import ImageTransform
 
     ds = DigitsDataset(ImageTransform(resolution, mode="RGB", warn_upscale=False), thicken=True)
