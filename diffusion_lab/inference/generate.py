@@ -59,6 +59,32 @@ class PixelModel:
         return sample_batches(denoise, self.make_scheduler, self.sample_shape, num_images, batch_size, num_inference_steps, seed, device, self.num_classes, noise, progress)
 
 
+@dataclass
+class ModuleModel:
+    """A ``DiffusionModule`` in memory (training, a loaded checkpoint) drawn through its own
+    ``generate``: its codec, conditioning and guidance, with ``sampler`` (None: the configured one)."""
+
+    module: torch.nn.Module
+    sampler: Sampler | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.module.conditioner, "num_classes", None)
+
+    @torch.no_grad()
+    def generate(self, num_images: int, batch_size: int, num_inference_steps: int, seed: int = 0, guidance_scale: float = 1.0) -> torch.Tensor:
+        """``[num_images, C, H, W]`` in [-1, 1] from one generator (classes 0..K-1 in turn, guided
+        by ``guidance_scale`` where the network has a null label)."""
+        g = torch.Generator().manual_seed(seed)
+        images = []
+        for start in range(0, num_images, batch_size):
+            n = min(batch_size, num_images - start)
+            cond_batch = {"label": class_labels(start, n, self.num_classes)} if self.num_classes else None
+            scheduler = self.module.sampling_scheduler(self.sampler)
+            images.append(self.module.generate(n, num_inference_steps, generator=g, scheduler=scheduler, cond_batch=cond_batch, guidance_scale=guidance_scale).cpu())
+        return torch.cat(images)
+
+
 def load_pixel_model(pipeline: str | None = None, module=None, sampler: Sampler | None = None, local_files_only: bool = False) -> PixelModel:
     """The network and sampler of ``pipeline`` (a DDPMPipeline / pixel DiTPipeline folder) or of
     ``module`` (loaded from a checkpoint). ``sampler`` (else the trained one) draws the images."""
@@ -118,15 +144,21 @@ def generate_images(
     **text_options,
 ) -> ImageSet:
     """``num_images`` images from one generator seeded with ``seed``, ``batch_size`` at a time.
-    ``model`` is a ``PixelModel`` (class-conditional ones get the classes 0..K-1 in turn) or a
-    prepared text-to-image pipeline, given ``prompts`` in turn with ``guidance_scale`` and
+    ``model`` is a ``PixelModel`` or a ``ModuleModel`` (class-conditional ones get the classes
+    0..K-1 in turn; a ``ModuleModel`` is guided by ``guidance_scale``; ``device``: the module's own)
+    or a prepared text-to-image pipeline, given ``prompts`` in turn with ``guidance_scale`` and
     ``text_options`` (``negative_prompt``, ``guidance_rescale``, ``height``, ``width``, ``refiner``,
     ``refiner_start``: ``inference.text.generate_text_images``)."""
     t0 = time.perf_counter()
-    if isinstance(model, PixelModel):
-        images = model.generate(num_images, batch_size, num_inference_steps, seed, device)
+    if isinstance(model, (PixelModel, ModuleModel)):
+        if isinstance(model, PixelModel):
+            images = model.generate(num_images, batch_size, num_inference_steps, seed, device)
+            info = {"kind": "pixel", "process": model.kind, "scheduler": model.scheduler_name}
+        else:
+            images = model.generate(num_images, batch_size, num_inference_steps, seed, guidance_scale)
+            info = {"kind": "module", "process": model.module.process.kind, "guidance_scale": guidance_scale}
         labels = class_labels(0, len(images), model.num_classes) if model.num_classes else None  # the order generate draws them in
-        out = ImageSet(images, labels=labels, info={"kind": "pixel", "process": model.kind, "scheduler": model.scheduler_name})
+        out = ImageSet(images, labels=labels, info=info)
     else:
         from diffusion_lab.inference.text import generate_text_images
 

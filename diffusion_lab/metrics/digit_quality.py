@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from diffusion_lab.diffusion.sampling import Sampler, class_labels
+from diffusion_lab.diffusion.sampling import Sampler
+from diffusion_lab.inference.generate import ModuleModel, generate_images
 from diffusion_lab.metrics.digits import real_digits, score_digit_samples
 from diffusion_lab.metrics.distribution import fid
 from diffusion_lab.metrics.features import DigitFeatures
@@ -30,22 +31,12 @@ def digit_quality(
     ``guidance_scale`` where the network has a null label. Returns (``{"fid", "confidence",
     "accuracy" (class-conditional only), "class_histogram"}``, images ``[N, C, H, W]`` in [-1, 1])."""
     extractor = extractor or DigitFeatures()
-    num_classes = getattr(module.conditioner, "num_classes", None)
-    g = torch.Generator().manual_seed(seed)
-    images, labels = [], []
-    for start in range(0, num_images, batch_size):
-        n = min(batch_size, num_images - start)
-        wanted = class_labels(start, n, num_classes) if num_classes else None
-        cond_batch = {"label": wanted} if wanted is not None else None
-        scheduler = module.sampling_scheduler(sampler)
-        images.append(module.generate(n, num_inference_steps, generator=g, scheduler=scheduler, cond_batch=cond_batch, guidance_scale=guidance_scale).cpu())
-        if wanted is not None:
-            labels.append(wanted)
-    images = torch.cat(images)
+    drawn = generate_images(ModuleModel(module, sampler), num_images, batch_size, num_inference_steps, seed, guidance_scale=guidance_scale)
+    images = drawn.images
     real, _ = real_digits("all", images.shape[-1])
     real_features, _ = extractor.extract(real, desc="real digit features")
     fake_features, _ = extractor.extract(images, desc="sample features")
-    scores = score_digit_samples(images, labels=torch.cat(labels) if labels else None, classifier=extractor.classifier, reference=False)
+    scores = score_digit_samples(images, labels=drawn.labels, classifier=extractor.classifier, reference=False)
     out = {"fid": fid(real_features, fake_features), "confidence": scores["confidence"], "class_histogram": scores["class_histogram"]}
     if "accuracy" in scores:
         out["accuracy"] = scores["accuracy"]
