@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 
 from diffusion_lab.data.shards import MANIFEST, check_shards_fit_model
-from diffusion_lab.prepare import prepare, train_command
+from diffusion_lab.data.shards.prepare import prepare, train_command
 from diffusion_lab.utils.errors import ConfigError
 from tests.conftest import compose_cfg
 

@@ -183,7 +183,7 @@ def test_frozen_parts_in_eval_mode_are_not_reported_and_hold_no_trainable_parame
 
 
 def test_prepare_prints_no_litdata_account_banner(tmp_path, capfd):
-    from diffusion_lab.prepare import prepare
+    from diffusion_lab.data.shards.prepare import prepare
 
     out = tmp_path / "shards"
     cfg = compose_cfg("prepare", ["data.resolution=8", "data.val_fraction=0.9", f"out_dir={out}", "prepare.num_workers=1", "prepare.batch_size=64"], tmp_path / "run")

@@ -22,7 +22,7 @@ from diffusion_lab.data.shards import (
     read_manifest,
     write_shards,
 )
-from diffusion_lab.prepare import prepare
+from diffusion_lab.data.shards.prepare import prepare
 from diffusion_lab.utils.errors import ConfigError, DataError
 from tests.conftest import compose_cfg
 

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 
 from diffusion_lab.data import ImageTransform
 from diffusion_lab.data.shards import MANIFEST, ShardDataModule
-from diffusion_lab.prepare import prepare
+from diffusion_lab.data.shards.prepare import prepare
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError, DataError
 from tests.conftest import compose_cfg

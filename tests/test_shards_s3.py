@@ -20,7 +20,7 @@ import torch
 
 from diffusion_lab.data import ImageTransform
 from diffusion_lab.data.shards import ShardDataModule, check_out_dir, read_manifest
-from diffusion_lab.prepare import prepare
+from diffusion_lab.data.shards.prepare import prepare
 from diffusion_lab.train import train
 from diffusion_lab.utils.errors import ConfigError, DataError
 from tests.conftest import compose_cfg
