@@ -119,7 +119,7 @@ SCRIPT_SHRINK = {
     "experiments/reward/make_pairs.py": {"--pairs": "8", "--steps": "2", "--batch-size": "8"},
     "experiments/reward/t2i_score.py": {"--per-class": "1", "--steps": "2"},
     "experiments/ldm_digits/score.py": {"--per-class": "1", "--steps": "2", "--batch-size": "10"},
-    "experiments/samplers/run.py": {"--num-images": "4", "--batch-size": "4", "--settings": "ddim:2"},
+    "experiments/samplers/run.py": {"--num-images": "4", "--batch-size": "4", "--settings": "<its default samplers at 2 steps>"},
 }
 WEIGHT_KEYS = r"pretrained|pipeline|refiner|clip|repo|name|tokenizer|model_id|path|lora"  # keys whose hub-id values download
 NEEDS_WEIGHTS = {"features=inception": "the FID Inception weights file (never downloaded)"}
@@ -916,6 +916,8 @@ def _shrunk(entry: str, overrides: list[str], cfg: DictConfig) -> list[str]:
     extra = list(SHRINK.get(entry, []))
     if entry == "train" and any(o.startswith("callbacks.posthoc_ema.every_n_steps=") for o in overrides):
         extra = [e for e in extra if not e.startswith("trainer.max_steps")] + ["trainer.max_steps=4", "callbacks.posthoc_ema.every_n_steps=1"]
+    if entry == "train" and any(o.startswith("ckpt_path=") for o in overrides):  # a resume: train past the checkpoint's step 2
+        extra = [e for e in extra if not e.startswith("trainer.max_steps")] + ["trainer.max_steps=4"]
     if entry == "posthoc_ema" and any(o.startswith("step=") for o in overrides):
         extra.append("step=2")  # an earlier snapshot of the shrunk run
     merged = {o.split("=", 1)[0]: o for o in overrides}
@@ -959,6 +961,10 @@ def _run_segment(seg: Segment, cmd: Command, ws: Path, store: Store, index: int)
             args = ["--help"]
         else:
             for flag, value in shrink.items():
+                if value == "<its default samplers at 2 steps>":  # the samplers it compares, each in 2 steps
+                    from experiments.lib.samplers import DEFAULT_SETTINGS
+
+                    value = ",".join(dict.fromkeys(f"{name}:2" for name, _ in DEFAULT_SETTINGS))
                 if flag in args:
                     args[args.index(flag) + 1] = value
                 else:
