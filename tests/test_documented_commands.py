@@ -582,6 +582,8 @@ def _plain(value):
 # ---------------------------------------------------------------- classifying whole commands
 
 def segments(cmd: Command) -> list[Segment]:
+    if cmd.mark not in (None, "run", "compose", "static"):
+        return [Segment("unknown", "", [], {}, text=cmd.text, why=f"the block's mark <!-- test: {cmd.mark} --> is none of run, compose, static")]
     segs = [parse_segment(p) for p in _split_chain(cmd.text)] if not re.match(r"^(for|while|until)\b", cmd.text) else [parse_segment(cmd.text)]
     if cmd.mark:
         for s in segs:
@@ -1013,4 +1015,5 @@ def test_the_harness_fails_what_is_wrong():
     with pytest.raises(AssertionError, match="not in the Makefile"):
         check_static(parse_segment("make dmeo"), Command("x.md", 1, "", None))
     assert command_class(Command("x.md", 1, "frobnicate --all", None)) == "unknown"
+    assert command_class(Command("x.md", 1, "python -m diffusion_lab.noising", "skip")) == "unknown"  # no skip mark
     assert "<!-- test: compose -->" in _explain_unknown(Command("x.md", 1, "frobnicate --all", None))
