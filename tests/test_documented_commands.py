@@ -963,10 +963,11 @@ def _run_segment(seg: Segment, cmd: Command, ws: Path, store: Store, index: int)
             args = ["--help"]
         else:
             for flag, value in shrink.items():
-                if value == "<its default samplers at 2 steps>":  # the samplers it compares, each in 2 steps
+                if value == "<its default samplers at 2 steps>":  # the samplers it compares (given or its own), each in 2 steps
                     from experiments.lib.samplers import DEFAULT_SETTINGS
 
-                    value = ",".join(dict.fromkeys(f"{name}:2" for name, _ in DEFAULT_SETTINGS))
+                    names = [s.split(":")[0] for s in args[args.index(flag) + 1].split(",")] if flag in args else [n for n, _ in DEFAULT_SETTINGS]
+                    value = ",".join(dict.fromkeys(f"{name}:2" for name in names))
                 if flag in args:
                     args[args.index(flag) + 1] = value
                 else:
