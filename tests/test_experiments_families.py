@@ -3,9 +3,11 @@ overrides (the resolution its pipeline accepts, edit pairs for the edit families
 working as configs change."""
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import compose_cfg
 
@@ -30,3 +32,29 @@ def test_each_family_run_composes(family, tmp_path):
         assert cfg.data.paired_images == {"source_image": "source_pixel_values"} and cfg.model.family.source_key == "source_pixel_values"
     else:
         assert cfg.data.datamodule.dataset._target_.endswith("DigitsDataset")
+
+
+def test_sana_diagnostic_pipelines(tmp_path):
+    """The Sana diagnostics train what their names say: ``sana_f32`` a DC-AE as deep as Sana's (32x: 1x1 latents at
+    32 px) under a transformer for them; the backbone variants the family's pipeline with only the backbone changed."""
+    import json
+
+    from diffusers import AutoencoderDC, SanaTransformer2DModel
+
+    from diffusion_lab.testing.sana import tiny_pipeline
+
+    tiny_pipeline().save_pretrained(tmp_path / "tiny" / "sana")
+    study.sana_f32(tmp_path / "tiny" / "sana", tmp_path / "tiny" / "sana_f32")
+    vae = AutoencoderDC.from_pretrained(tmp_path / "tiny" / "sana_f32" / "vae")
+    assert vae.spatial_compression_ratio == 32 and tuple(vae.encode(torch.zeros(1, 3, 32, 32)).latent.shape) == (1, 32, 1, 1)
+    assert SanaTransformer2DModel.from_pretrained(tmp_path / "tiny" / "sana_f32" / "transformer").config.sample_size == 1
+    cfg = compose_cfg("train", study.overrides("sana_f32", tmp_path), tmp_path / "run")
+    assert cfg.model.pretrained == str(tmp_path / "pipelines" / "sana_f32") and cfg.data.resolution == 32
+
+    shutil.copytree(tmp_path / "tiny" / "sana", tmp_path / "pipelines" / "sana")
+    study.backbone_variants(tmp_path)
+    base = json.loads((tmp_path / "pipelines" / "sana" / "transformer" / "config.json").read_text())
+    for name, changes in study.BACKBONES.items():
+        config = json.loads((tmp_path / "pipelines" / name / "transformer" / "config.json").read_text())
+        assert {k: v for k, v in config.items() if base.get(k) != v and not k.startswith("_")} == changes
+        assert (tmp_path / "pipelines" / name / "vae").exists()

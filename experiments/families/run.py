@@ -44,10 +44,10 @@ LAYOUTS = {
     "qwen": ["qwen_image", "qwen_image_edit"],
     "dc": ["sana"],
     "flux2": ["flux2"],
+    "dc32": ["sana_f32"],  # a diagnostic variant's own first stage (DEEPER below)
 }
-FAMILIES = [f for fams in LAYOUTS.values() for f in fams]
 LAYOUT_OF = {f: layout for layout, fams in LAYOUTS.items() for f in fams}
-RESOLUTION = {"dc": 32}  # SanaPipeline takes sizes divisible by 32; every other layout trains at 16 px
+RESOLUTION = {"dc": 32, "dc32": 32}  # SanaPipeline takes sizes divisible by 32; every other layout trains at 16 px
 EDIT = {
     "qwen_image_edit": ["model.family.source_key=source_pixel_values"],
     "flux_kontext": ["model.family.source_key=source_pixel_values", "data.control=null"],
@@ -61,13 +61,17 @@ VARIANTS = {
     "sana_no_cache": ("sana", ["model.cache=false"]),  # text states encoded every step instead of cached once
     "sana_no_instruction_long": ("sana", ["text_encoder.complex_human_instruction=null"]),  # --cpu-seconds 600
     "sana_posembed": ("sana", []),  # backbone below: is it the 64 latent tokens without positions?
+    "sana_patch2": ("sana", []),  # ... or their number?
     "sana_one_token": ("sana", []),
+    "sana_f32": ("sana", []),  # Sana's real 32x DC-AE depth: 1x1 latents at 32 px
 }
+FAMILIES = [f for fams in LAYOUTS.values() for f in fams if f not in VARIANTS]
 # diagnostic pipelines: the family's pipeline (same trained VAE, same text encoder) with its backbone rebuilt from
-# these config changes. Sana's 8x8 latents are 64 tokens with no positional embedding; every other family's 16 px
-# latents are one token (packed 2x2, or patch 2) or a 2x2 UNet input.
+# these config changes. Sana's 8x8 latents (patch 1) are 64 tokens with no positional embedding; the other
+# transformers see 16 (8x8 latents packed 2x2, or patch 2), with positions.
 BACKBONES = {
     "sana_posembed": {"interpolation_scale": 1},  # SanaTransformer2DModel's sin-cos positions (Sana 4K has them)
+    "sana_patch2": {"patch_size": 2},  # 16 tokens, as the other transformers here
     "sana_one_token": {"patch_size": 8},  # the whole 8x8 latent as one patch: a single token
 }
 COMMON = ["data.batch_size=32", "trainer.max_steps=100000", "trainer.max_time=null", "trainer.val_check_interval=100000",
@@ -83,7 +87,28 @@ def build(args) -> None:
         if not out.exists():
             size = str(RESOLUTION.get(LAYOUT_OF[family], 16))
             subprocess.run([sys.executable, "-m", "diffusion_lab.tiny_sd", str(out), "--kind", family, "--resolution", size], check=True, cwd=ROOT)
+    for name, deeper in DEEPER.items():
+        if not (runs / "tiny" / name).exists():
+            deeper(runs / "tiny" / VARIANTS[name][0], runs / "tiny" / name)
     edit_pairs(runs / "edit_pairs")
+
+
+def sana_f32(tiny: Path, out: Path) -> None:
+    """The tiny Sana pipeline with a DC-AE as deep as Sana's (6 stages: 32x; the tiny pipeline's has 3: 4x) and a
+    transformer for its 1x1 latents at 32 px: one token."""
+    from diffusion_lab.testing.sana import tiny_dc_ae, tiny_sana_transformer
+
+    shutil.copytree(tiny, out)
+    for part in ("vae", "transformer"):
+        shutil.rmtree(out / part)
+    six = dict(encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3, encoder_block_out_channels=(8, 16, 32, 32, 32, 32),
+               encoder_layers_per_block=(1,) * 6, encoder_qkv_multiscales=((),) * 3 + ((5,),) * 3)
+    tiny_dc_ae(**six, **{k.replace("encoder", "decoder"): v for k, v in six.items()}).save_pretrained(out / "vae")
+    tiny_sana_transformer(sample_size=1).save_pretrained(out / "transformer")
+
+
+# variants whose tiny pipeline is the family's rebuilt with another first stage: name -> builder(family tiny, out)
+DEEPER = {"sana_f32": sana_f32}
 
 
 def edit_pairs(root: Path) -> None:
@@ -148,8 +173,8 @@ def overrides(name: str, runs: Path) -> list[str]:
     family, variant = VARIANTS.get(name, (name, []))
     extra = ["data=image_folder", f"data.root={runs / 'edit_pairs'}", "data.caption_column=text", "data.val_fraction=0.1",
              "data.paired_images={source_image: source_pixel_values}", *EDIT[family]] if family in EDIT else []
-    resolution = RESOLUTION.get(LAYOUT_OF[family], 16)
-    pipeline = name if name in BACKBONES else family
+    resolution = RESOLUTION.get(LAYOUT_OF.get(name, LAYOUT_OF[family]), 16)
+    pipeline = name if name in BACKBONES or name in DEEPER else family
     return [f"experiment={family}_finetune_tiny", f"model.pretrained={runs / 'pipelines' / pipeline}", f"data.resolution={resolution}", *COMMON, *extra, *variant]
 
 
